@@ -1,0 +1,29 @@
+"""The one exception type a user mistake raises.
+
+The CLI prints its message (no traceback unless --debug) and exits non-zero; library users can
+catch it. Anything else escaping is a bug in qdpo.
+"""
+
+from __future__ import annotations
+
+
+class QdpoError(Exception):
+    """A problem the user can fix: the message names it and says how."""
+
+    exit_code = 2
+
+
+class RecipeError(QdpoError):
+    """The recipe (YAML or an override) is invalid."""
+
+
+class DataError(QdpoError):
+    """The data cannot be read or holds no usable pair."""
+
+
+class ModelError(QdpoError):
+    """The model or adapter cannot be loaded."""
+
+
+class RunDirError(QdpoError):
+    """The run / output directory is not what the command expects."""

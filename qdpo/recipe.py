@@ -1,0 +1,551 @@
+"""The recipe: a typed, validated description of one run.
+
+Every key has a default and help text here, so `qdpo init`, the README's reference and the
+error messages all come from one place. This module never imports torch: validating a recipe
+must be instant and work on a machine without a GPU stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from qdpo.errors import RecipeError
+
+# Kept here (not imported from losses.py) so that recipe validation needs no torch; a test
+# checks it matches the registry in qdpo.losses.
+LOSS_TYPES = (
+    "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+    "apo_zero", "apo_down", "aot", "aot_unpaired", "discopop", "sigmoid_norm", "dpop", "sft",
+    "simpo", "orpo",
+)
+REFERENCE_FREE_LOSSES = ("simpo", "orpo", "sft")
+# Names other tools use, for the "did you mean" hint.
+_LOSS_ALIASES = {"dpo": "sigmoid", "cdpo": "sigmoid", "slic": "hinge", "rso": "hinge",
+                 "nll": "sft", "rpo": "sigmoid", "exo": "exo_pair", "nca": "nca_pair",
+                 "bco": "bco_pair", "sppo": "sppo_hard", "smaug": "dpop", "dpo_positive": "dpop"}
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None, **kw: Any) -> Any:
+    meta = {"help": help}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataSource:
+    """One data source: a local file (or glob, or directory) or a hub dataset id."""
+
+    path: str = _f(help="Local .jsonl/.json/.parquet/.csv file (or glob), or a Hugging Face hub "
+                        "dataset id")
+    split: str = _f("train", help="Split to read (hub datasets and local files alike)")
+    name: str | None = _f(None, help="Hub dataset configuration name")
+    revision: str | None = _f(None, help="Hub dataset revision")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("", help="Hub model id or local directory of a causal LM")
+    revision: str | None = _f(None, help="Hub revision (branch, tag or commit)")
+    tokenizer: str | None = _f(None, help="Tokenizer id/dir if not the model's own")
+    trust_remote_code: bool = _f(False, help="Allow the model repo's own Python code to run")
+    quantization: Literal["nf4", "fp4", "none"] = _f(
+        "nf4", help="4-bit quantization of the frozen base (bitsandbytes), or none")
+    double_quant: bool = _f(True, help="Quantize the quantization constants too (saves ~0.4 "
+                                       "bit/param)")
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f(
+        "auto", help="auto = bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2",
+                                 "flex_attention"] = _f(
+        "auto", help="Attention kernel; auto = what the layout needs (sdpa on CPU)")
+    gradient_checkpointing: bool = _f(True, help="Recompute activations in backward "
+                                                 "(non-reentrant); needed for 7-8B in 24 GB")
+    random_init: bool = _f(False, help="Build the model from its config with random weights "
+                                       "(seeded by train.seed): for tests, demos and benchmarks")
+
+
+@dataclass
+class LoraConfig:
+    r: int = _f(16, help="LoRA rank")
+    alpha: float = _f(32, help="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) "
+                               "with rslora)")
+    dropout: float = _f(0.05, help="Dropout on the LoRA input")
+    target_modules: str | list[str] = _f(
+        "all-linear", help="'all-linear' (every linear layer but the output head) or a list of "
+                           "module names")
+    use_rslora: bool = _f(False, help="Rank-stabilised LoRA scaling alpha / sqrt(r)")
+    init_adapter: str | None = _f(
+        None, help="Start from this existing adapter (e.g. an SFT adapter); it also becomes the "
+                   "frozen reference")
+
+
+@dataclass
+class DataConfig:
+    train: list[DataSource] = _f(factory=list, help="Training sources: a path/id, or a list of "
+                                                    "them, or mappings with path/split/name")
+    format: Literal["auto", "standard", "conversational"] = _f(
+        "auto", help="standard = prompt/chosen/rejected strings; conversational = message lists; "
+                     "auto = detect per data set")
+    columns: dict[str, str] = _f(factory=dict, help="Map qdpo's fields (prompt, chosen, "
+                                                    "rejected) to your column names")
+    chat_template: str = _f(
+        "auto", help="auto = the tokenizer's template (required for conversational data, used "
+                     "for standard data when present); none; chatml; llama3; zephyr; or a Jinja "
+                     "template string")
+    system_prompt: str | None = _f(None, help="System message put before every prompt (chat "
+                                              "templates only)")
+    max_length: int = _f(1024, help="Max tokens of prompt + one response")
+    max_prompt_length: int = _f(512, help="Max prompt tokens; longer prompts keep their end")
+    max_pairs: int | None = _f(None, help="Use at most this many training pairs (after "
+                                          "shuffling with train.seed)")
+
+
+@dataclass
+class LossConfig:
+    type: str | list[str] = _f("sigmoid", help="Loss name, or a list combined with weights: "
+                                               + ", ".join(LOSS_TYPES))
+    weights: list[float] | None = _f(None, help="Weight of each loss when type is a list")
+    beta: float = _f(0.1, help="Temperature of the implicit reward (DPO beta)")
+    label_smoothing: float = _f(0.0, help="cDPO / robust label noise epsilon, in [0, 0.5)")
+    simpo_gamma: float = _f(0.5, help="SimPO target reward margin")
+    orpo_lambda: float = _f(0.1, help="ORPO weight of the odds-ratio term")
+    dpop_lambda: float = _f(50.0, help="DPO-Positive penalty weight")
+    ld_alpha: float | None = _f(None, help="LD-DPO length-desensitisation alpha in [0, 1]")
+    discopop_tau: float = _f(0.05, help="DiscoPOP temperature")
+
+
+@dataclass
+class TrainConfig:
+    pairs_per_step: int = _f(8, help="Preference pairs per optimizer step (the batch size)")
+    micro_batch_pairs: int = _f(2, help="Pairs per forward/backward (gradient accumulation "
+                                        "fills the step)")
+    epochs: float = _f(1.0, help="Passes over the training pairs (ignored when max_steps is set)")
+    max_steps: int | None = _f(None, help="Stop after this many optimizer steps")
+    learning_rate: float = _f(5e-6, help="Peak learning rate")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = _f(
+        "cosine", help="Decay after warmup")
+    warmup_ratio: float = _f(0.1, help="Fraction of steps spent warming up linearly")
+    warmup_steps: int | None = _f(None, help="Warmup steps (overrides warmup_ratio)")
+    optimizer: Literal["adamw", "paged_adamw_8bit", "adamw_8bit"] = _f(
+        "adamw", help="torch AdamW, or bitsandbytes 8-bit AdamW (paged on CUDA)")
+    weight_decay: float = _f(0.0, help="AdamW weight decay")
+    adam_beta1: float = _f(0.9, help="AdamW beta1")
+    adam_beta2: float = _f(0.999, help="AdamW beta2")
+    max_grad_norm: float = _f(1.0, help="Clip the gradient norm to this (0 = off)")
+    seed: int = _f(42, help="Seed for data order, LoRA init and random_init models")
+    log_every_steps: int = _f(1, help="Write metrics every N optimizer steps")
+
+
+@dataclass
+class EvalConfig:
+    data: list[DataSource] = _f(factory=list, help="Held-out sources (same forms as data.train)")
+    split_fraction: float = _f(0.0, help="Hold out this fraction of the training pairs when no "
+                                         "eval data is given")
+    every_steps: int = _f(0, help="Evaluate every N optimizer steps (0 = only at the end)")
+    max_pairs: int | None = _f(None, help="Evaluate on at most this many pairs")
+    micro_batch_pairs: int | None = _f(None, help="Pairs per eval forward (default: 2x train)")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("", help="Run directory (default runs/<recipe file name>)")
+    save_every_steps: int = _f(0, help="Save a checkpoint every N optimizer steps (0 = only at "
+                                       "the end)")
+    keep_last: int = _f(2, help="Checkpoints to keep on disk")
+    tensorboard: bool = _f(False, help="Also write TensorBoard event files (needs tensorboard)")
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    # Where the recipe came from: relative input paths are looked up next to it first.
+    base_dir: str = field(default="", metadata={"help": "", "internal": True})
+
+    # -- conveniences used by the rest of qdpo -------------------------------------------
+    @property
+    def loss_types(self) -> list[str]:
+        return [self.loss.type] if isinstance(self.loss.type, str) else list(self.loss.type)
+
+    @property
+    def needs_reference(self) -> bool:
+        return any(t not in REFERENCE_FREE_LOSSES for t in self.loss_types)
+
+    def resolve_path(self, p: str) -> str:
+        """A relative input path, looked up next to the recipe file first, then in the cwd."""
+        path = Path(p).expanduser()
+        if path.is_absolute():
+            return str(path)
+        if self.base_dir:
+            cand = Path(self.base_dir) / path
+            if cand.exists() or any(ch in p for ch in "*?[") and cand.parent.exists():
+                return str(cand)
+        return str(path)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("base_dir", None)
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe) if f.name != "base_dir"}
+
+
+# ---------------------------------------------------------------------------------------
+# Coercion: plain YAML values -> the declared types, with messages that name the key.
+# ---------------------------------------------------------------------------------------
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=False)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping" if tp is not DataSource else "a path/id or a mapping with path"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+class _Bad(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _Bad
+        # Try the more specific alternatives first (a string stays a string for str | list).
+        for a in sorted((a for a in args if a is not type(None)),
+                        key=lambda a: 0 if a is str and isinstance(value, str) else 1):
+            try:
+                return _coerce(value, a, key)
+            except _Bad:
+                continue
+            except RecipeError:
+                continue
+        raise _Bad
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        if isinstance(value, str) and value.lower() in allowed:
+            return value.lower()
+        raise _Bad
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        items = value if isinstance(value, list) else [value]
+        if inner is DataSource or not isinstance(value, list):
+            if not isinstance(value, list) and inner is not DataSource:
+                raise _Bad
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(items)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Bad
+        return {str(k): str(v) for k, v in value.items()}
+    if tp is DataSource:
+        if isinstance(value, str):
+            return DataSource(path=value)
+        if isinstance(value, dict):
+            return _build(DataSource, value, key)
+        raise _Bad
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _Bad
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no",
+                                                        "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise _Bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise _Bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value.replace("_", ""))
+            except ValueError:
+                raise _Bad from None
+            if f.is_integer():
+                return int(f)
+        raise _Bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise _Bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise _Bad from None
+        raise _Bad
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _Bad
+    raise _Bad
+
+
+def _unknown_key(key: str, name: str, allowed: list[str]) -> RecipeError:
+    close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+    hint = f" Did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}'?" \
+        if close else ""
+    return RecipeError(f"Unknown recipe key '{key}'.{hint} Allowed here: {', '.join(allowed)}.")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            raise _unknown_key(key, str(name), list(fields))
+        tp = hints[name]
+        try:
+            kwargs[name] = _coerce(value, tp, key)
+        except _Bad:
+            raise RecipeError(
+                f"Recipe key '{key}' has the value {value!r}, but it must be {_type_name(tp)}."
+            ) from None
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field without default (DataSource.path)
+        missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and n not in kwargs]
+        raise RecipeError(f"Recipe key '{prefix}' needs {', '.join(missing) or str(e)}.") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Overrides and validation
+# ---------------------------------------------------------------------------------------
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"Override '{text}' is not of the form key.sub=value "
+                          "(e.g. train.learning_rate=1e-5).")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key:
+        raise RecipeError(f"Override '{text}' has no key before '='.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(raw: dict[str, Any], text: str) -> None:
+    parts, value = parse_override(text)
+    node: dict[str, Any] = raw
+    cls: Any = Recipe
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+        dotted = ".".join(parts[: i + 1])
+        if part not in fields:
+            raise _unknown_key(dotted, part, list(fields))
+        tp = _hints(cls)[part]
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        if not dataclasses.is_dataclass(tp):
+            if typing.get_origin(tp) is dict:  # data.columns.prompt=question
+                sub = node.setdefault(part, {}) or {}
+                node[part] = sub
+                sub[".".join(parts[i + 1:])] = value
+                return
+            raise RecipeError(f"Override key '{'.'.join(parts)}': '{dotted}' is not a section.")
+        sub = node.get(part)
+        if not isinstance(sub, dict):
+            sub = {}
+            node[part] = sub
+        node, cls = sub, tp
+
+
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise RecipeError(f"Recipe key '{key}' has the value {value!r}; {allowed}.")
+
+
+def validate(r: Recipe) -> Recipe:
+    """Checks that need more than a type: ranges and combinations."""
+    _check(bool(r.model.name_or_path), "model.name_or_path", r.model.name_or_path,
+           "set it to a hub model id or a local model directory")
+    _check(r.lora.r >= 1, "lora.r", r.lora.r, "it must be a positive integer")
+    _check(r.lora.alpha > 0, "lora.alpha", r.lora.alpha, "it must be > 0")
+    _check(0 <= r.lora.dropout < 1, "lora.dropout", r.lora.dropout, "it must be in [0, 1)")
+    _check(bool(r.data.train), "data.train", r.data.train,
+           "give at least one training source (a file path or a hub dataset id)")
+    for k in r.data.columns:
+        _check(k in ("prompt", "chosen", "rejected", "weight"), f"data.columns.{k}", k,
+               "the fields that can be mapped are prompt, chosen, rejected, weight")
+    _check(r.data.max_length >= 2, "data.max_length", r.data.max_length, "it must be >= 2")
+    _check(1 <= r.data.max_prompt_length < r.data.max_length, "data.max_prompt_length",
+           r.data.max_prompt_length, f"it must be >= 1 and below data.max_length "
+                                     f"({r.data.max_length}) to leave room for the response")
+    _check(r.data.max_pairs is None or r.data.max_pairs >= 1, "data.max_pairs",
+           r.data.max_pairs, "it must be >= 1 or null")
+    types_ = r.loss_types
+    _check(len(types_) >= 1, "loss.type", r.loss.type, "give at least one loss name")
+    for t in types_:
+        if t not in LOSS_TYPES:
+            close = [_LOSS_ALIASES[t.lower()]] if t.lower() in _LOSS_ALIASES else \
+                difflib.get_close_matches(t, LOSS_TYPES, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise RecipeError(f"Recipe key 'loss.type' has the value {t!r}{hint}; allowed: "
+                              f"{', '.join(LOSS_TYPES)}.")
+    if r.loss.weights is not None:
+        _check(len(r.loss.weights) == len(types_), "loss.weights", r.loss.weights,
+               f"it needs one weight per loss in loss.type ({len(types_)})")
+    _check(r.loss.beta > 0, "loss.beta", r.loss.beta, "it must be > 0")
+    _check(0 <= r.loss.label_smoothing < 0.5, "loss.label_smoothing", r.loss.label_smoothing,
+           "it must be in [0, 0.5)")
+    _check(r.loss.ld_alpha is None or 0 <= r.loss.ld_alpha <= 1, "loss.ld_alpha",
+           r.loss.ld_alpha, "it must be in [0, 1] or null")
+    t = r.train
+    _check(t.pairs_per_step >= 1, "train.pairs_per_step", t.pairs_per_step, "it must be >= 1")
+    _check(1 <= t.micro_batch_pairs <= t.pairs_per_step, "train.micro_batch_pairs",
+           t.micro_batch_pairs, f"it must be between 1 and train.pairs_per_step "
+                                f"({t.pairs_per_step})")
+    _check(t.epochs > 0, "train.epochs", t.epochs, "it must be > 0")
+    _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps,
+           "it must be >= 1 or null")
+    _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "it must be > 0")
+    _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, "it must be in [0, 1)")
+    _check(t.warmup_steps is None or t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps,
+           "it must be >= 0")
+    _check(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "it must be >= 0")
+    _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, "it must be >= 1")
+    _check(0 <= r.eval.split_fraction < 1, "eval.split_fraction", r.eval.split_fraction,
+           "it must be in [0, 1)")
+    _check(r.eval.every_steps >= 0, "eval.every_steps", r.eval.every_steps, "it must be >= 0")
+    _check(r.output.save_every_steps >= 0, "output.save_every_steps", r.output.save_every_steps,
+           "it must be >= 0")
+    _check(r.output.keep_last >= 1, "output.keep_last", r.output.keep_last, "it must be >= 1")
+    return r
+
+
+def recipe_from_dict(raw: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = (),
+                     base_dir: str = "") -> Recipe:
+    raw = dict(raw or {})
+    if not isinstance(raw, dict):
+        raise RecipeError("A recipe must be a YAML mapping with sections such as model:, data:.")
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for o in overrides:
+        apply_override(raw, o)
+    for section, value in raw.items():
+        if section not in SECTIONS:
+            raise _unknown_key(str(section), str(section), list(SECTIONS))
+        if value is not None and not isinstance(value, dict):
+            raise RecipeError(f"Recipe section '{section}' must be a mapping of keys, "
+                              f"not {value!r}.")
+    r = _build(Recipe, {k: v or {} for k, v in raw.items()}, "")
+    r.base_dir = base_dir
+    return validate(r)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe, apply `key.sub=value` overrides, validate."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"Recipe file '{path}' does not exist. Write one with `qdpo init "
+                          f"{path}` or pass the path of an existing YAML recipe.")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"Recipe file '{path}' is not valid YAML{where}: "
+                          f"{getattr(e, 'problem', e)}.") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise RecipeError(f"Recipe file '{path}' cannot be read: {e}.") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"Recipe file '{path}' must hold a YAML mapping with sections such as "
+                          "model:, data:, train: (it holds a "
+                          f"{type(raw).__name__}).")
+    r = recipe_from_dict(raw, overrides, base_dir=str(p.resolve().parent))
+    if not r.output.dir:
+        r.output.dir = str(Path("runs") / p.stem)
+    return r
+
+
+# ---------------------------------------------------------------------------------------
+# Documentation generated from the schema: `qdpo init` and the README's reference.
+# ---------------------------------------------------------------------------------------
+
+def _yaml_value(v: Any) -> str:
+    if dataclasses.is_dataclass(v):
+        v = dataclasses.asdict(v)
+    if isinstance(v, list) and v and isinstance(v[0], dict):
+        return yaml.safe_dump(v, default_flow_style=True, width=10**6).strip()
+    return yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix(
+        "\n...").removesuffix("...").strip()
+
+
+def reference_rows() -> list[tuple[str, str, str]]:
+    """(key, default, help) for every key, in schema order."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        cls = _hints(Recipe)[section]
+        inst = cls()
+        for f in dataclasses.fields(cls):
+            rows.append((f"{section}.{f.name}", _yaml_value(getattr(inst, f.name)),
+                         f.metadata.get("help", "")))
+    return rows
+
+
+def starter_yaml(values: dict[str, dict[str, Any]] | None = None) -> str:
+    """A commented recipe with every key, its default (or the given value) and its help."""
+    values = values or {}
+    lines = ["# qdpo recipe. Every key is optional except model.name_or_path and data.train;",
+             "# the value shown is the default. Override any key on the command line:",
+             "#   qdpo train this.yaml train.learning_rate=1e-5 lora.r=32", ""]
+    for section in SECTIONS:
+        cls = _hints(Recipe)[section]
+        inst = cls()
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            v = values.get(section, {}).get(f.name, getattr(inst, f.name))
+            lines.append(f"  # {f.metadata.get('help', '')}")
+            lines.append(f"  {f.name}: {_yaml_value(v)}")
+        lines.append("")
+    return "\n".join(lines)
