@@ -106,6 +106,7 @@ class DataConfig:
     max_prompt_length: int = _f(512, help="Max prompt tokens; longer prompts keep their end")
     max_pairs: int | None = _f(None, help="Use at most this many training pairs (after "
                                           "shuffling with train.seed)")
+    strict: bool = _f(False, help="Stop at the first bad row instead of skipping and counting it")
 
 
 @dataclass

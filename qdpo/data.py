@@ -1,0 +1,482 @@
+"""Preference data: read rows, normalise them to (prompt, chosen, rejected), tokenize.
+
+Whatever the source looks like, what leaves this module is a list of `PairTokens` whose
+`prompt_ids` are exactly the prefix of both training sequences (the completion is tokenized on
+its own and appended, so no BPE merge can cross the boundary) and whose completions end with the
+end-of-turn token the chat format expects. Nothing here knows about the model.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qdpo.errors import DataError
+from qdpo.recipe import DataSource, Recipe
+
+# ---------------------------------------------------------------------------------------
+# Built-in chat templates, for tokenizers that have none (base models) or on request.
+# ---------------------------------------------------------------------------------------
+
+CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+        "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] "
+        "+ '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+        "{% endif %}"
+    ),
+    "zephyr": (
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + "
+        "eos_token + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}"
+        "{% endif %}"
+    ),
+}
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class PairTokens:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    weight: float = 1.0
+
+    @property
+    def num_tokens(self) -> int:
+        """Real tokens as the field counts them: prompt+chosen plus prompt+rejected."""
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+@dataclass
+class Pair:
+    """A normalised row: a message list for the prompt, one assistant reply per side."""
+
+    prompt: list[dict[str, str]] | str
+    chosen: str
+    rejected: str
+    weight: float = 1.0
+    row: int = 0
+    source: str = ""
+
+
+@dataclass
+class DataReport:
+    rows: int = 0
+    pairs: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    prompt_truncated: int = 0
+    response_truncated: int = 0
+    dropped_too_long: int = 0
+    formats: Counter = field(default_factory=Counter)
+    strict: bool = False
+
+    def skip(self, reason: str, where: str) -> None:
+        if self.strict:
+            raise DataError(f"Bad row ({where}): {reason}. Fix the row, or set data.strict: "
+                            "false to skip bad rows and count them.")
+        self.skipped[reason] += 1
+        if len(self.examples) < 5:
+            self.examples.append(f"{where}: {reason}")
+
+    def summary(self) -> str:
+        parts = [f"{self.pairs} pairs from {self.rows} rows"]
+        if self.formats:
+            parts.append("format " + ", ".join(f"{k}" for k in self.formats))
+        if self.skipped:
+            parts.append(f"{sum(self.skipped.values())} skipped ("
+                         + ", ".join(f"{n} {r}" for r, n in self.skipped.most_common()) + ")")
+        if self.prompt_truncated:
+            parts.append(f"{self.prompt_truncated} prompts cut from the left")
+        if self.response_truncated:
+            parts.append(f"{self.response_truncated} responses cut")
+        if self.dropped_too_long:
+            parts.append(f"{self.dropped_too_long} dropped (no room for a response)")
+        return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading rows
+# ---------------------------------------------------------------------------------------
+
+_EXT = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _local_files(path: str) -> list[Path] | None:
+    p = Path(path)
+    if any(ch in path for ch in "*?["):
+        files = sorted(Path(f) for f in glob.glob(path))
+        if not files:
+            raise DataError(f"Data path '{path}' matches no file.")
+        return files
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix in _EXT)
+        if not files:
+            raise DataError(f"Data directory '{path}' holds no .jsonl/.json/.parquet/.csv file.")
+        return files
+    if p.is_file():
+        return [p]
+    if p.suffix in _EXT or path.startswith((".", "/", "~")):
+        raise DataError(f"Data file '{path}' does not exist. Check data.train / eval.data "
+                        "(relative paths are looked up next to the recipe, then in the current "
+                        "directory).")
+    return None
+
+
+def _read_json_file(f: Path) -> list[dict[str, Any]]:
+    text = f.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if f.suffix == ".json" and stripped.startswith(("[", "{")):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            if not stripped.startswith("{"):
+                raise DataError(f"'{f}' is not valid JSON: {e}.") from None
+            obj = None
+        if isinstance(obj, list):
+            return obj
+        if isinstance(obj, dict):
+            for v in obj.values():  # {"data": [...]} style
+                if isinstance(v, list) and (not v or isinstance(v[0], dict)):
+                    return v
+            return [obj]
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"'{f}' line {i} is not valid JSON ({e.msg}). Fix or remove that "
+                            "line.") from None
+    return rows
+
+
+def read_rows(source: DataSource, recipe: Recipe | None = None) -> list[dict[str, Any]]:
+    """All rows of one source as plain dicts (local files read directly, hub via datasets)."""
+    path = recipe.resolve_path(source.path) if recipe else source.path
+    files = _local_files(path)
+    rows: list[dict[str, Any]] = []
+    if files is not None:
+        for f in files:
+            kind = _EXT.get(f.suffix)
+            if kind is None:
+                raise DataError(f"Data file '{f}' has an unknown extension; use .jsonl, .json, "
+                                ".parquet or .csv.")
+            try:
+                if kind == "json":
+                    rows.extend(_read_json_file(f))
+                else:
+                    import datasets
+
+                    ds = datasets.load_dataset(kind, data_files=str(f), split="train")
+                    rows.extend(ds.to_list())
+            except DataError:
+                raise
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise DataError(f"Data file '{f}' cannot be read: {e}") from None
+            except Exception as e:  # arrow / parser errors come in many types
+                raise DataError(f"Data file '{f}' cannot be read as {kind}: "
+                                f"{type(e).__name__}: {e}") from None
+        return rows
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(path, source.name, split=source.split,
+                                   revision=source.revision)
+    except Exception as e:
+        raise DataError(
+            f"Data source '{source.path}' is neither a local file nor a loadable hub dataset "
+            f"(split '{source.split}'{', config ' + source.name if source.name else ''}): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return ds.to_list()
+
+
+# ---------------------------------------------------------------------------------------
+# Normalising rows to Pair
+# ---------------------------------------------------------------------------------------
+
+def _is_messages(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(m, dict) for m in v) and len(v) > 0
+
+
+def _check_messages(msgs: list[dict[str, Any]], name: str) -> str | None:
+    for m in msgs:
+        if "role" not in m or "content" not in m:
+            return f"{name} has a message without role/content"
+        if m["role"] not in ROLES:
+            return f"{name} has unknown role {m['role']!r}"
+        if not isinstance(m["content"], str):
+            return f"{name} has non-string message content"
+    return None
+
+
+def _completion_text(v: Any, prompt: Any, name: str) -> tuple[str | None, str | None, Any]:
+    """The reply text of one side, plus (for implicit prompts) the prompt it carries."""
+    if isinstance(v, str):
+        return v, None, None
+    if _is_messages(v):
+        err = _check_messages(v, name)
+        if err:
+            return None, err, None
+        if v[-1]["role"] != "assistant":
+            return None, f"{name} does not end with an assistant message", None
+        return v[-1]["content"], None, v[:-1] or None
+    if v is None:
+        return None, f"missing {name}", None
+    return None, f"{name} is a {type(v).__name__}, not text or messages", None
+
+
+def normalise_rows(rows: list[dict[str, Any]], recipe: Recipe, report: DataReport,
+                   source: str = "") -> list[Pair]:
+    cols = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "weight": "weight"}
+    cols.update(recipe.data.columns)
+    fmt = recipe.data.format
+    pairs = []
+    for i, row in enumerate(rows):
+        where = f"{source} row {i + 1}" if source else f"row {i + 1}"
+        report.rows += 1
+        if not isinstance(row, dict):
+            report.skip("row is not an object", where)
+            continue
+        if cols["chosen"] not in row or cols["rejected"] not in row:
+            missing = [c for c in (cols["chosen"], cols["rejected"]) if c not in row]
+            report.skip(f"missing column {', '.join(repr(m) for m in missing)} (columns: "
+                        f"{', '.join(map(str, row))}; map yours with data.columns)", where)
+            continue
+        prompt = row.get(cols["prompt"])
+        chosen, err, c_prefix = _completion_text(row[cols["chosen"]], prompt, "chosen")
+        if err:
+            report.skip(err, where)
+            continue
+        rejected, err, r_prefix = _completion_text(row[cols["rejected"]], prompt, "rejected")
+        if err:
+            report.skip(err, where)
+            continue
+        if prompt is None or (isinstance(prompt, str) and not prompt and c_prefix):
+            # implicit prompt: both sides carry the conversation before the reply
+            if c_prefix is None or c_prefix != r_prefix:
+                report.skip("missing prompt (and chosen/rejected do not share a conversation "
+                            "prefix)", where)
+                continue
+            prompt = c_prefix
+        if _is_messages(prompt):
+            err = _check_messages(prompt, "prompt")
+            if err:
+                report.skip(err, where)
+                continue
+            if fmt == "standard":
+                report.skip("prompt is a message list but data.format is standard", where)
+                continue
+            if c_prefix is not None and c_prefix != prompt and c_prefix[: len(prompt)] == prompt:
+                prompt = c_prefix  # chosen carried the whole conversation
+            report.formats["conversational"] += 1
+        elif isinstance(prompt, str):
+            if fmt == "conversational":
+                report.skip("prompt is text but data.format is conversational", where)
+                continue
+            if not prompt.strip():
+                report.skip("empty prompt", where)
+                continue
+            report.formats["standard"] += 1
+        else:
+            report.skip(f"prompt is a {type(prompt).__name__}, not text or messages", where)
+            continue
+        if not chosen.strip() or not rejected.strip():
+            report.skip("empty chosen or rejected", where)
+            continue
+        if chosen == rejected:
+            report.skip("chosen identical to rejected", where)
+            continue
+        weight = 1.0
+        if cols["weight"] in row and row[cols["weight"]] is not None:
+            try:
+                weight = float(row[cols["weight"]])
+            except (TypeError, ValueError):
+                report.skip("weight is not a number", where)
+                continue
+        pairs.append(Pair(prompt, chosen, rejected, weight, i + 1, source))
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenization
+# ---------------------------------------------------------------------------------------
+
+def resolve_chat_template(tokenizer: Any, setting: str, need: bool) -> str | None:
+    """The Jinja template to use, or None for plain text."""
+    if setting == "none":
+        if need:
+            raise DataError("The data is conversational but data.chat_template is 'none'. Set it "
+                            "to 'auto', 'chatml', 'llama3', 'zephyr' or a Jinja template.")
+        return None
+    if setting == "auto":
+        tpl = getattr(tokenizer, "chat_template", None)
+        if tpl:
+            return tpl
+        if need:
+            raise DataError("The data is conversational but the tokenizer has no chat template. "
+                            "Set data.chat_template to 'chatml', 'llama3', 'zephyr' or a Jinja "
+                            "template string.")
+        return None
+    return CHAT_TEMPLATES.get(setting, setting)
+
+
+def _strip_after_eos(text: str, eos: str | None) -> str:
+    if eos and text.rstrip("\n") .endswith(eos):
+        return text.rstrip("\n")
+    return text
+
+
+class Tokenizer:
+    """Turns `Pair`s into `PairTokens` with the prefix and EOS guarantees."""
+
+    def __init__(self, tokenizer: Any, recipe: Recipe, conversational: bool):
+        self.tok = tokenizer
+        self.recipe = recipe
+        self.template = resolve_chat_template(tokenizer, recipe.data.chat_template,
+                                              conversational)
+        self.eos = tokenizer.eos_token
+        if self.eos is None:
+            raise DataError("The tokenizer has no EOS token; qdpo needs one to end responses.")
+
+    def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                            add_generation_prompt=generation_prompt)
+
+    def prompt_messages(self, prompt: list[dict[str, str]] | str) -> list[dict[str, str]]:
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if self.recipe.data.system_prompt and msgs[0]["role"] != "system":
+            msgs = [{"role": "system", "content": self.recipe.data.system_prompt}] + msgs
+        return msgs
+
+    def texts(self, pair: Pair) -> tuple[str, str, str, bool]:
+        """(prompt text, chosen text, rejected text, prompt_has_special_tokens)."""
+        if self.template is None:
+            prompt = pair.prompt if isinstance(pair.prompt, str) else ""
+            return prompt, pair.chosen + self.eos, pair.rejected + self.eos, False
+        msgs = self.prompt_messages(pair.prompt)
+        prompt_text = self._render(msgs, True)
+        out = []
+        for reply in (pair.chosen, pair.rejected):
+            full = self._render(msgs + [{"role": "assistant", "content": reply}], False)
+            if full.startswith(prompt_text):
+                completion = full[len(prompt_text):]
+            else:  # templates that rewrite earlier turns: fall back to the reply itself
+                completion = reply
+            completion = _strip_after_eos(completion, self.eos)
+            if not completion.endswith(self.eos):
+                completion += self.eos
+            out.append(completion)
+        return prompt_text, out[0], out[1], True
+
+    def render_prompt(self, prompt: list[dict[str, str]] | str) -> str:
+        """The text a generation for this prompt starts from (chat and generate use it)."""
+        if self.template is None:
+            return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        return self._render(self.prompt_messages(prompt), True)
+
+    def encode_prompt(self, text: str, templated: bool) -> list[int]:
+        return self.tok(text, add_special_tokens=not templated)["input_ids"]
+
+    def __call__(self, pairs: list[Pair], report: DataReport) -> list[PairTokens]:
+        max_len, max_prompt = self.recipe.data.max_length, self.recipe.data.max_prompt_length
+        texts = [self.texts(p) for p in pairs]
+        out = []
+        chunk = 1000
+        for start in range(0, len(texts), chunk):
+            part = texts[start:start + chunk]
+            templated = part[0][3] if part else False
+            prompts = self.tok([t[0] for t in part], add_special_tokens=not templated)["input_ids"]
+            chosen = self.tok([t[1] for t in part], add_special_tokens=False)["input_ids"]
+            rejected = self.tok([t[2] for t in part], add_special_tokens=False)["input_ids"]
+            for j, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+                pair = pairs[start + j]
+                if len(p) > max_prompt:
+                    p = p[-max_prompt:]
+                    report.prompt_truncated += 1
+                room = max_len - len(p)
+                if room < 1:
+                    report.dropped_too_long += 1
+                    continue
+                if len(c) > room or len(r) > room:
+                    report.response_truncated += (len(c) > room) + (len(r) > room)
+                    c, r = c[:room], r[:room]
+                if not c or not r:
+                    report.skip("empty response after tokenization", f"row {pair.row}")
+                    continue
+                out.append(PairTokens(list(p), list(c), list(r), pair.weight))
+        report.pairs += len(out)
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# The whole step, as the trainer and `qdpo data` call it
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class PreparedData:
+    train: list[PairTokens]
+    eval: list[PairTokens]
+    train_report: DataReport
+    eval_report: DataReport | None
+    tokenizer: Tokenizer
+
+
+def _load_pairs(sources: list[DataSource], recipe: Recipe, report: DataReport) -> list[Pair]:
+    pairs: list[Pair] = []
+    for s in sources:
+        rows = read_rows(s, recipe)
+        pairs.extend(normalise_rows(rows, recipe, report, source=Path(s.path).name))
+    return pairs
+
+
+def _nothing_left(report: DataReport, what: str) -> DataError:
+    why = "; ".join(report.examples[:3]) or "the sources hold no rows"
+    return DataError(f"No usable {what} pair in the data ({report.rows} rows read). First "
+                     f"problems: {why}.")
+
+
+def prepare(recipe: Recipe, tokenizer: Any) -> PreparedData:
+    report = DataReport(strict=recipe.data.strict)
+    pairs = _load_pairs(recipe.data.train, recipe, report)
+    if not pairs:
+        raise _nothing_left(report, "training")
+    rng = random.Random(recipe.train.seed)
+    rng.shuffle(pairs)
+    eval_pairs: list[Pair] = []
+    eval_report = None
+    if recipe.eval.data:
+        eval_report = DataReport(strict=recipe.data.strict)
+        eval_pairs = _load_pairs(recipe.eval.data, recipe, eval_report)
+        if not eval_pairs:
+            raise _nothing_left(eval_report, "eval")
+    elif recipe.eval.split_fraction > 0:
+        n = max(1, int(len(pairs) * recipe.eval.split_fraction))
+        if n >= len(pairs):
+            raise DataError(f"eval.split_fraction={recipe.eval.split_fraction} leaves no "
+                            f"training pair out of {len(pairs)}.")
+        eval_pairs, pairs = pairs[:n], pairs[n:]
+        eval_report = DataReport(rows=n)
+    if recipe.data.max_pairs:
+        pairs = pairs[: recipe.data.max_pairs]
+    if recipe.eval.max_pairs:
+        eval_pairs = eval_pairs[: recipe.eval.max_pairs]
+    conversational = any(not isinstance(p.prompt, str) for p in pairs + eval_pairs)
+    tok = Tokenizer(tokenizer, recipe, conversational)
+    train = tok(pairs, report)
+    if not train:
+        raise _nothing_left(report, "training")
+    ev = tok(eval_pairs, eval_report) if eval_pairs and eval_report is not None else []
+    return PreparedData(train, ev, report, eval_report, tok)

@@ -1,0 +1,259 @@
+"""The model: a 4-bit base with LoRA adapters, and the reference from the same weights.
+
+There is never a second copy of the base in memory. The reference policy is the base with the
+adapters switched off, or, when training starts from an existing adapter, that adapter loaded a
+second time under the name "reference" and frozen (adapters are megabytes, the base is not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from qdpo.errors import ModelError
+from qdpo.recipe import Recipe
+
+REFERENCE_ADAPTER = "reference"
+POLICY_ADAPTER = "default"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "fp32":
+        return torch.float32
+    if setting == "bf16":
+        return torch.bfloat16
+    if setting == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("QDPO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "qdpo")
+    return Path(root)
+
+
+def _model_path(recipe: Recipe) -> str:
+    """A local directory as an absolute path (adapters record it), else the hub id as given."""
+    p = recipe.resolve_path(recipe.model.name_or_path)
+    return str(Path(p).resolve()) if Path(p).exists() else p
+
+
+def load_tokenizer(recipe: Recipe) -> Any:
+    from transformers import AutoTokenizer
+
+    src = recipe.resolve_path(recipe.model.tokenizer) if recipe.model.tokenizer \
+        else _model_path(recipe)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, revision=recipe.model.revision,
+                                            trust_remote_code=recipe.model.trust_remote_code)
+    except Exception as e:
+        raise ModelError(f"Cannot load the tokenizer from '{src}': {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}. Check model.name_or_path "
+                         "(or model.tokenizer); without network only local directories and "
+                         "already-downloaded hub models load.") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def materialize_random(recipe: Recipe) -> str:
+    """Write seeded random weights for the model's config once, and return their directory.
+
+    The directory is keyed by the config and the seed, so a run, its merge and its chat all see
+    the same "base" weights without storing them in the run directory.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = _model_path(recipe)
+    try:
+        config = AutoConfig.from_pretrained(src, revision=recipe.model.revision,
+                                            trust_remote_code=recipe.model.trust_remote_code)
+    except Exception as e:
+        raise ModelError(f"Cannot read the model config from '{src}': {e}") from None
+    key = hashlib.sha256((config.to_json_string(use_diff=False) + f"|seed={recipe.train.seed}")
+                         .encode()).hexdigest()[:16]
+    out = cache_dir() / "random-init" / f"{config.model_type}-{key}"
+    if (out / "config.json").exists():
+        return str(out)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(recipe.train.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    torch.random.set_rng_state(state)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process won the race
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+def base_weights_path(recipe: Recipe) -> str:
+    return materialize_random(recipe) if recipe.model.random_init else _model_path(recipe)
+
+
+def _attn_impl(recipe: Recipe, device: torch.device) -> str | None:
+    setting = recipe.model.attn_implementation
+    if setting != "auto":
+        return setting
+    return "sdpa"
+
+
+def load_base(recipe: Recipe, device: torch.device | None = None,
+              quantize: bool | None = None, dtype: torch.dtype | None = None) -> Any:
+    """The base causal LM, quantized per the recipe, frozen, on `device`."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    device = device or default_device()
+    cdtype = dtype or compute_dtype(recipe.model.compute_dtype, device)
+    quant = recipe.model.quantization
+    if quantize is False:
+        quant = "none"
+    kwargs: dict[str, Any] = {}
+    if quant != "none":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant,
+            bnb_4bit_use_double_quant=recipe.model.double_quant,
+            bnb_4bit_compute_dtype=cdtype, bnb_4bit_quant_storage=torch.uint8)
+    path = base_weights_path(recipe)
+    attn = _attn_impl(recipe, device)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(
+                path, revision=None if recipe.model.random_init else recipe.model.revision,
+                dtype=cdtype, device_map={"": str(device)},
+                trust_remote_code=recipe.model.trust_remote_code,
+                attn_implementation=attn, **kwargs)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:
+        raise ModelError(f"Cannot load the model '{path}': {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}. Check model.name_or_path; "
+                         "without network only local directories and already-downloaded hub "
+                         "models load.") from None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+@dataclass
+class ModelInfo:
+    device: torch.device
+    dtype: torch.dtype
+    base_path: str
+    trainable_params: int
+    total_params: int
+    quantized_layers: int
+    reference: str  # "adapters disabled" or "frozen initial adapter"
+
+
+def _lora_config(recipe: Recipe) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha,
+                      lora_dropout=recipe.lora.dropout, target_modules=recipe.lora.target_modules,
+                      use_rslora=recipe.lora.use_rslora, bias="none", task_type="CAUSAL_LM")
+
+
+def attach_lora(model: Any, recipe: Recipe) -> Any:
+    """Wrap the base with trainable LoRA (fresh, or from `lora.init_adapter`)."""
+    from peft import PeftModel, get_peft_model
+
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    init = recipe.lora.init_adapter
+    torch.manual_seed(recipe.train.seed)
+    try:
+        if init:
+            path = recipe.resolve_path(init)
+            if not (Path(path) / "adapter_config.json").exists():
+                raise ModelError(f"lora.init_adapter '{init}' is not a peft adapter directory "
+                                 "(no adapter_config.json).")
+            peft_model = PeftModel.from_pretrained(model, path, adapter_name=POLICY_ADAPTER,
+                                                   is_trainable=True)
+            peft_model.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+            peft_model.set_adapter(POLICY_ADAPTER)
+        else:
+            peft_model = get_peft_model(model, _lora_config(recipe))
+    except ModelError:
+        raise
+    except ValueError as e:
+        raise ModelError(f"Cannot attach LoRA adapters: {e}. Check lora.target_modules.") from None
+    # LoRA weights train in fp32 whatever the compute dtype: tiny, and stable under Adam.
+    for n, p in peft_model.named_parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return peft_model
+
+
+def load_model(recipe: Recipe, device: torch.device | None = None) -> tuple[Any, ModelInfo]:
+    device = device or default_device()
+    base = load_base(recipe, device)
+    model = attach_lora(base, recipe)
+    import bitsandbytes as bnb
+
+    nq = sum(1 for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    info = ModelInfo(device, compute_dtype(recipe.model.compute_dtype, device),
+                     base_weights_path(recipe), trainable, total, nq,
+                     "frozen initial adapter" if recipe.lora.init_adapter else
+                     "adapters disabled")
+    return model, info
+
+
+def has_reference_adapter(model: Any) -> bool:
+    return REFERENCE_ADAPTER in getattr(model, "peft_config", {})
+
+
+@contextlib.contextmanager
+def reference_mode(model: Any) -> Iterator[None]:
+    """Run the frozen reference policy with the same weights; gradients off."""
+    with torch.no_grad():
+        if has_reference_adapter(model):
+            model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+            try:
+                yield
+            finally:
+                model.set_adapter(POLICY_ADAPTER)
+        else:
+            with model.disable_adapter():
+                yield
+
+
+def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def save_adapter(model: Any, tokenizer: Any, out: Path) -> None:
+    """The policy adapter in peft's format (loadable with PeftModel.from_pretrained)."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), selected_adapters=[POLICY_ADAPTER])
+    # save_pretrained puts non-default adapters in subfolders; only the policy is written.
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    cfg = out / "adapter_config.json"
+    if cfg.exists():
+        data = json.loads(cfg.read_text())
+        data["inference_mode"] = True
+        cfg.write_text(json.dumps(data, indent=2))
