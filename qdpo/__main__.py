@@ -1,0 +1,3 @@
+from qdpo.cli import main
+
+main()

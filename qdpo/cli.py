@@ -1,0 +1,124 @@
+"""The `qdpo` command: a thin typer shell over the library.
+
+Each command parses its arguments, calls the library and prints. User mistakes (QdpoError) end
+with one message and exit code 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from qdpo import __version__
+from qdpo.errors import QdpoError
+
+app = typer.Typer(
+    name="qdpo", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
+    help="QLoRA Direct Preference Optimization on one GPU: train, then merge, export, chat.")
+
+_state = {"debug": False}
+
+EXAMPLE_RECIPE = "recipes/quickstart.yaml"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"qdpo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    _state["debug"] = debug or os.environ.get("QDPO_DEBUG") == "1"
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see `qdpo init`)."),
+    overrides: Optional[list[str]] = typer.Argument(
+        None, help="Recipe overrides as key.sub=value, e.g. train.learning_rate=1e-5 lora.r=32",
+        show_default=False),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="Continue from the last checkpoint ('auto') or a checkpoint path.",
+        show_default=False),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace an existing run in output.dir."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="Run directory (overrides output.dir)."),
+) -> None:
+    """Train LoRA adapters with DPO (or a relative) on a 4-bit base, as the recipe says."""
+    from qdpo.recipe import load_recipe
+
+    ov = list(overrides or [])
+    if output is not None:
+        ov.append(f"output.dir={output}")
+    r = load_recipe(recipe, ov)
+    from qdpo.train import train as run_train
+
+    result = run_train(r, resume=resume, overwrite=overwrite)
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
+@app.command()
+def init(
+    path: Path = typer.Argument(Path("recipe.yaml"), help="Where to write the starter recipe."),
+    model: str = typer.Option("meta-llama/Llama-3.1-8B-Instruct", help="model.name_or_path"),
+    data: str = typer.Option("HuggingFaceH4/ultrafeedback_binarized", help="data.train"),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write a commented starter recipe with every key, its default and its meaning."""
+    from qdpo.recipe import starter_yaml
+
+    if path.exists() and not force:
+        raise QdpoError(f"'{path}' already exists; pass --force to overwrite it or choose "
+                        "another path.")
+    text = starter_yaml({"model": {"name_or_path": model}, "data": {"train": [data]}})
+    path.write_text(text, encoding="utf-8")
+    typer.echo(f"wrote {path}; edit it, then run: qdpo train {path}")
+
+
+def main() -> None:
+    """Console-script entry point: runs the app and turns user errors into one message."""
+    from qdpo import console as ui
+
+    try:
+        app(standalone_mode=False)
+    except QdpoError as e:
+        if _state["debug"]:
+            raise
+        ui.error(str(e))
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        ui.error("interrupted")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click's own usage errors come here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            ui.error("aborted")
+            sys.exit(130)
+        if _state["debug"]:
+            raise
+        ui.error(f"{type(e).__name__}: {e}\n(this is a bug in qdpo or an unexpected "
+                 "environment; run with --debug for the traceback and report it)")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The run directory: what a run leaves on disk, and the rules for reusing one.
+
+Layout (the directory itself is a peft adapter directory, so
+`PeftModel.from_pretrained(base, run_dir)` works on it directly):
+
+    adapter_config.json, adapter_model.safetensors, tokenizer files   final adapter
+    recipe.yaml        the resolved recipe (every key, defaults included)
+    run.json           where the base weights and relative paths came from, data counts
+    metrics.jsonl      one JSON object per logged step, eval records prefixed eval/
+    summary.json       final train and eval metrics, time
+    checkpoints/step-NNNNNNN/   adapter + optimizer/scheduler/RNG state, written atomically
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from qdpo import __version__
+from qdpo.checkpoint import atomic_dir, list_checkpoints
+from qdpo.errors import RunDirError
+from qdpo.recipe import Recipe, recipe_from_dict
+
+# Keys a resumed run may change without changing what the finished run computes.
+RESUME_SAFE = {
+    "train.max_steps", "train.epochs", "train.micro_batch_pairs", "train.log_every_steps",
+    "eval.every_steps", "eval.max_pairs", "eval.micro_batch_pairs", "output.save_every_steps",
+    "output.keep_last", "output.tensorboard", "output.dir",
+}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "columns":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def recipe_changes(old: Recipe, new: Recipe) -> list[str]:
+    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    # -- what is there ---------------------------------------------------------------
+    def is_run(self) -> bool:
+        return (self.path / "recipe.yaml").exists() or (self.path / "run.json").exists()
+
+    def info(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.path / "run.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def recipe(self) -> Recipe:
+        try:
+            raw = yaml.safe_load((self.path / "recipe.yaml").read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise RunDirError(f"'{self.path}' has no readable recipe.yaml ({e}); is it a qdpo "
+                              "run directory?") from None
+        return recipe_from_dict(raw, base_dir=self.info().get("recipe_dir", ""))
+
+    # -- starting and resuming ---------------------------------------------------------
+    def prepare_for_training(self, recipe: Recipe, resume: str | None,
+                             overwrite: bool) -> Path | None:
+        """Create or check the directory; return the checkpoint to resume from, if any."""
+        if resume:
+            ckpt = self._resume_point(resume)
+            if ckpt is not None:
+                changed = [k for k in recipe_changes(self.recipe(), recipe)
+                           if k not in RESUME_SAFE]
+                if changed:
+                    raise RunDirError(
+                        f"Cannot resume {self.path}: the recipe changed in keys that change "
+                        f"the result: {', '.join(changed)}. Put them back, or start a new run "
+                        "(another output.dir, or --overwrite).")
+                return ckpt
+            if self.is_run() and resume != "auto":
+                raise RunDirError(f"No checkpoint to resume at '{resume}'.")
+            if self.is_run():
+                raise RunDirError(f"'{self.path}' holds a run without any checkpoint to resume "
+                                  "from; use --overwrite to start it again.")
+        if self.path.exists() and any(self.path.iterdir()):
+            if not overwrite:
+                what = "a qdpo run" if self.is_run() else "other files"
+                raise RunDirError(
+                    f"Output directory '{self.path}' already holds {what}. Use --overwrite to "
+                    "replace it, --resume to continue it, or set output.dir to a new path.")
+            if not self.is_run() and not (self.path / "metrics.jsonl").exists():
+                raise RunDirError(f"Refusing to --overwrite '{self.path}': it is not a qdpo run "
+                                  "directory. Choose another output.dir.")
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        return None
+
+    def _resume_point(self, resume: str) -> Path | None:
+        if resume == "auto":
+            ckpts = list_checkpoints(self.path)
+            return ckpts[-1] if ckpts else None
+        p = Path(resume)
+        if p.name.startswith("step-") and p.is_dir():
+            return p
+        ckpts = list_checkpoints(p)
+        if not ckpts:
+            raise RunDirError(f"No complete checkpoint found at '{resume}'.")
+        return ckpts[-1]
+
+    # -- writing ---------------------------------------------------------------------------
+    def write_run_info(self, recipe: Recipe, minfo: Any, data: Any, steps: int) -> None:
+        header = (f"# resolved recipe of this run (qdpo {__version__}); relative paths are "
+                  f"looked up from recipe_dir in run.json\n")
+        (self.path / "recipe.yaml").write_text(header + recipe.to_yaml(), encoding="utf-8")
+        info = {
+            "qdpo_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "recipe_dir": recipe.base_dir, "base_model": minfo.base_path,
+            "random_init": recipe.model.random_init, "device": str(minfo.device),
+            "compute_dtype": str(minfo.dtype).removeprefix("torch."),
+            "reference": minfo.reference, "trainable_params": minfo.trainable_params,
+            "train_pairs": len(data.train), "eval_pairs": len(data.eval), "total_steps": steps,
+            "data": data.train_report.summary(),
+        }
+        (self.path / "run.json").write_text(json.dumps(info, indent=2))
+
+    def save_final(self, save_adapter: Callable[[Path], None]) -> None:
+        """Write the adapter next to a temporary name, then move its files in."""
+        tmp = self.path / ".final-adapter"
+
+        def write(d: Path) -> None:
+            save_adapter(d)
+
+        atomic_dir(tmp, write)
+        for f in tmp.iterdir():
+            f.replace(self.path / f.name)
+        tmp.rmdir()
+
+    def write_summary(self, result: Any, seconds: float, recipe: Recipe) -> None:
+        summary = {"steps": result.steps, "seconds": round(seconds, 2),
+                   "interrupted": result.interrupted, "train": result.last_train,
+                   "eval": result.final_eval, "loss": recipe.loss_types}
+        (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
