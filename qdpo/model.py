@@ -133,6 +133,9 @@ def load_base(recipe: Recipe, device: torch.device | None = None,
             bnb_4bit_use_double_quant=recipe.model.double_quant,
             bnb_4bit_compute_dtype=cdtype, bnb_4bit_quant_storage=torch.uint8)
     path = base_weights_path(recipe)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     attn = _attn_impl(recipe, device)
     try:
         with warnings.catch_warnings():
@@ -179,10 +182,14 @@ def attach_lora(model: Any, recipe: Recipe) -> Any:
     from peft import PeftModel, get_peft_model
 
     if recipe.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with warnings.catch_warnings():  # renamed activation_checkpointing_* in transformers 5.2x
+            warnings.simplefilter("ignore", FutureWarning)
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     init = recipe.lora.init_adapter
     torch.manual_seed(recipe.train.seed)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     try:
         if init:
             path = recipe.resolve_path(init)

@@ -128,6 +128,14 @@ class TrainConfig:
     pairs_per_step: int = _f(8, help="Preference pairs per optimizer step (the batch size)")
     micro_batch_pairs: int = _f(2, help="Pairs per forward/backward (gradient accumulation "
                                         "fills the step)")
+    max_tokens: int | None = _f(None, help="Token budget per micro-batch (prompt counted once "
+                                           "with shared_prefix); replaces micro_batch_pairs")
+    layout: Literal["auto", "padded", "packed", "shared_prefix"] = _f(
+        "auto", help="How pairs are laid out in rows: auto picks the fastest the attention "
+                     "supports; padded = chosen and rejected rows padded (the fallback)")
+    reference: Literal["auto", "online", "precompute"] = _f(
+        "auto", help="Reference log-probs every step (online) or once before training, cached "
+                     "on disk (precompute); auto = precompute")
     epochs: float = _f(1.0, help="Passes over the training pairs (ignored when max_steps is set)")
     max_steps: int | None = _f(None, help="Stop after this many optimizer steps")
     learning_rate: float = _f(5e-6, help="Peak learning rate")
