@@ -47,8 +47,9 @@ def train(
         None, help="Recipe overrides as key.sub=value, e.g. train.learning_rate=1e-5 lora.r=32",
         show_default=False),
     resume: Optional[str] = typer.Option(
-        None, "--resume", help="Continue from the last checkpoint ('auto') or a checkpoint path.",
-        show_default=False),
+        None, "--resume", metavar="[auto|PATH]",
+        help="Continue the run in output.dir from its last checkpoint (plain --resume or "
+             "--resume auto), or from a checkpoint directory.", show_default=False),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace an existing run in output.dir."),
     output: Optional[Path] = typer.Option(None, "--output", "-o",
@@ -86,12 +87,27 @@ def init(
     typer.echo(f"wrote {path}; edit it, then run: qdpo train {path}")
 
 
+def _optional_resume_value(argv: list[str]) -> list[str]:
+    """Let `--resume` stand alone (meaning 'auto'), as in `qdpo train r.yaml --resume`."""
+    out = []
+    for i, a in enumerate(argv):
+        out.append(a)
+        if a == "--resume":
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or nxt.startswith("-") or "=" in nxt or nxt.endswith((".yaml", ".yml")):
+                out.append("auto")
+    return out
+
+
 def main() -> None:
     """Console-script entry point: runs the app and turns user errors into one message."""
     from qdpo import console as ui
 
     try:
-        app(standalone_mode=False)
+        rc = app(args=_optional_resume_value(sys.argv[1:]), prog_name="qdpo",
+                 standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except QdpoError as e:
         if _state["debug"]:
             raise
@@ -103,14 +119,17 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as e:  # click's own usage errors come here in non-standalone mode
-        import click
+        try:
+            from typer._click import exceptions as click_exc  # typer >= 0.2x vendors click
+        except ImportError:
+            from click import exceptions as click_exc
 
-        if isinstance(e, click.exceptions.Exit):
+        if isinstance(e, typer.Exit):
             sys.exit(e.exit_code)
-        if isinstance(e, click.ClickException):
+        if isinstance(e, click_exc.ClickException):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, typer.Abort):
             ui.error("aborted")
             sys.exit(130)
         if _state["debug"]:

@@ -271,6 +271,11 @@ def normalise_rows(rows: list[dict[str, Any]], recipe: Recipe, report: DataRepor
                             "prefix)", where)
                 continue
             prompt = c_prefix
+        if isinstance(prompt, str) and c_prefix is not None and c_prefix == r_prefix \
+                and fmt != "standard":
+            # e.g. UltraFeedback: a prompt string beside full conversations; the messages
+            # carry the real (possibly multi-turn, system-prompted) context
+            prompt = c_prefix
         if _is_messages(prompt):
             err = _check_messages(prompt, "prompt")
             if err:

@@ -384,6 +384,8 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
         if data.eval:
             final_eval = evaluate(model, data.eval, recipe, pad_id, device, dtype)
             log({"step": done, **{f"eval/{k}": v for k, v in final_eval.items()}})
+        if done > start_step:  # lets a later run extend this one (more steps or epochs)
+            save(done)
         run.save_final(lambda d: save_adapter(model, tokenizer, d))
     for s in sinks:
         s.close()

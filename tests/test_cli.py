@@ -1,0 +1,109 @@
+"""Whole runs through the command line, as a user types them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tiny import QUICKSTART_RECIPE, REPO
+
+
+def qdpo(*args, cwd=None, timeout=600):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "qdpo", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd or REPO, env=env, timeout=timeout)
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli") / "run"
+    res = qdpo("train", QUICKSTART_RECIPE, "train.max_steps=12", "eval.every_steps=4",
+               "train.micro_batch_pairs=8", "-o", run)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return run, res
+
+
+def test_train_leaves_a_peft_adapter_and_learns(trained):
+    run, res = trained
+    for f in ("adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "run.json",
+              "metrics.jsonl", "summary.json", "tokenizer.json"):
+        assert (run / f).exists(), f
+    rows = read_metrics(run)
+    train = [r for r in rows if "rewards/accuracies" in r]
+    evals = [r for r in rows if "eval/rewards/accuracies" in r]
+    assert [r["step"] for r in train] == list(range(1, 13))
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+                "logps/rejected", "lr", "grad_norm", "tokens_per_s"):
+        assert key in train[0]
+    assert train[0]["rewards/accuracies"] < 0.6 < 0.9 <= train[-1]["rewards/accuracies"]
+    assert [e["step"] for e in evals] == [4, 8, 12]
+    assert evals[-1]["eval/rewards/margins"] > evals[0]["eval/rewards/margins"] > 0
+    assert evals[-1]["eval/rewards/accuracies"] >= 0.9
+    assert "held-out reward accuracy" in res.stdout and "clearly above chance" in res.stdout
+
+
+def test_adapter_loads_with_plain_peft(trained):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, _ = trained
+    info = json.loads((run / "run.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(info["base_model"])
+    tok = AutoTokenizer.from_pretrained(run)
+    ids = tok("What do you think about the night sky?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(base, str(run))(input_ids=ids).logits
+    assert (tuned - before).abs().max() > 1e-3
+
+
+def test_existing_run_dir_refused(trained):
+    run, _ = trained
+    res = qdpo("train", QUICKSTART_RECIPE, "train.max_steps=1", "-o", run)
+    assert res.returncode == 2
+    assert "already holds a qdpo run" in res.stderr and "--overwrite" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert (run / "adapter_model.safetensors").exists()
+
+
+def test_bad_recipe_is_one_clear_message(tmp_path):
+    res = qdpo("train", QUICKSTART_RECIPE, "train.learnig_rate=1e-4", "-o", tmp_path / "x")
+    assert res.returncode == 2
+    assert "train.learning_rate" in res.stderr and "Traceback" not in res.stderr
+    res = qdpo("train", tmp_path / "nope.yaml")
+    assert res.returncode == 2 and "does not exist" in res.stderr
+    res = qdpo("--debug", "train", tmp_path / "nope.yaml")
+    assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_missing_data_file(tmp_path):
+    res = qdpo("train", QUICKSTART_RECIPE, f"data.train={tmp_path / 'missing.jsonl'}",
+               "-o", tmp_path / "x")
+    assert res.returncode == 2 and "missing.jsonl" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_version_help_init(tmp_path):
+    from qdpo import __version__
+
+    assert qdpo("--version").stdout.strip() == f"qdpo {__version__}"
+    out = qdpo("train", "--help").stdout
+    for opt in ("--resume", "--overwrite", "--output", "overrides"):
+        assert opt in out
+    target = tmp_path / "r.yaml"
+    res = qdpo("init", target)
+    assert res.returncode == 0 and target.exists()
+    from qdpo.recipe import load_recipe
+
+    r = load_recipe(target)
+    assert r.model.name_or_path == "meta-llama/Llama-3.1-8B-Instruct"
+    assert qdpo("init", target).returncode == 2  # no silent overwrite

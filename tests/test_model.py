@@ -1,0 +1,123 @@
+"""The 4-bit base, LoRA on top, and the reference from the same weights."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from qdpo.batching import padded_batch
+from qdpo.data import prepare
+from qdpo.logps import sequence_logps
+from qdpo.model import (load_base, load_model, load_tokenizer, reference_mode, save_adapter,
+                        trainable_parameters)
+from tiny import quickstart_recipe
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    r = quickstart_recipe(tmp_path_factory.mktemp("m"))
+    tok = load_tokenizer(r)
+    data = prepare(r, tok)
+    return r, tok, data
+
+
+def _ids(data, n=4):
+    return torch.tensor([data.train[i].prompt_ids + data.train[i].chosen_ids
+                         for i in range(n) if True][:1])
+
+
+def test_base_is_really_4bit(setup):
+    r, _, _ = setup
+    model, info = load_model(r)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    # 2 layers x (q, k, v, o, gate, up, down); the output head stays in full precision
+    assert len(layers) == 14 == info.quantized_layers
+    w = layers[0].weight
+    assert w.dtype == torch.uint8 and w.quant_state.quant_type == "nf4"
+    assert w.quant_state.nested  # double quantization on by default
+    assert not isinstance(model.get_base_model().lm_head, bnb.nn.Linear4bit)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert info.trainable_params == sum(p.numel() for p in trainable_parameters(model))
+
+
+def test_fp4_and_unquantized(setup, tmp_path):
+    r = quickstart_recipe(tmp_path, "model.quantization=fp4")
+    m = load_base(r)
+    layer = next(x for x in m.modules() if isinstance(x, bnb.nn.Linear4bit))
+    assert layer.weight.quant_state.quant_type == "fp4"
+    r = quickstart_recipe(tmp_path, "model.quantization=none")
+    m = load_base(r)
+    assert not any(isinstance(x, bnb.nn.Linear4bit) for x in m.modules())
+
+
+def test_reference_is_base_and_policy_moves(setup):
+    r, tok, data = setup
+    model, _ = load_model(r)
+    base = load_base(r)  # an independent copy, only for the comparison
+    batch = padded_batch(data.train[:4], range(4), tok.pad_token_id)
+    with torch.no_grad():
+        base_out = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
+    model.train()
+    for _ in range(3):
+        lp = sequence_logps(model, batch)
+        (-(lp.chosen - lp.rejected).mean()).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        policy = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        with reference_mode(model):
+            ref = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    mask = batch.attention_mask.bool()
+    assert torch.allclose(ref[mask], base_out[mask], atol=1e-5)
+    assert (policy[mask] - base_out[mask]).abs().max() > 1e-2
+    # the reference forward left the adapters trainable and active
+    assert all(p.requires_grad for p in trainable_parameters(model))
+    assert trainable_parameters(model)
+
+
+def test_init_adapter_becomes_frozen_reference(setup, tmp_path):
+    r, tok, data = setup
+    model, _ = load_model(r)
+    batch = padded_batch(data.train[:4], range(4), tok.pad_token_id)
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
+    for _ in range(2):
+        lp = sequence_logps(model, batch)
+        (-(lp.chosen - lp.rejected).mean()).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        sft = sequence_logps(model, batch)
+    save_adapter(model, tok, tmp_path / "sft")
+
+    r2 = quickstart_recipe(tmp_path, f"lora.init_adapter={tmp_path / 'sft'}")
+    m2, info = load_model(r2)
+    assert info.reference == "frozen initial adapter"
+    m2.eval()
+    with torch.no_grad():
+        start = sequence_logps(m2, batch)
+        with reference_mode(m2):
+            ref0 = sequence_logps(m2, batch)
+    assert torch.allclose(start.chosen, sft.chosen, atol=1e-4)
+    assert torch.allclose(ref0.chosen, sft.chosen, atol=1e-4)
+    params = trainable_parameters(m2)
+    assert params and all("reference" not in n for n, p in m2.named_parameters()
+                          if p.requires_grad)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    m2.train()
+    for _ in range(2):
+        lp = sequence_logps(m2, batch)
+        (-(lp.chosen - lp.rejected).mean()).backward()
+        opt.step()
+        opt.zero_grad()
+    m2.eval()
+    with torch.no_grad():
+        after = sequence_logps(m2, batch)
+        with reference_mode(m2):
+            ref1 = sequence_logps(m2, batch)
+    assert torch.allclose(ref1.chosen, ref0.chosen, atol=1e-5)  # reference never moves
+    assert (after.chosen - ref1.chosen).abs().max() > 1e-3
