@@ -4,6 +4,14 @@ A `PackedBatch` says everything logps.py needs and nothing about the loss: the r
 model, their positions and attention, and for every completion token the flat index of the
 hidden state that predicts it and the sequence (pair, side) it belongs to. Layouts differ only
 in how rows are built; the scoring is identical, which is what makes them interchangeable.
+
+Layouts:
+- `padded`: chosen rows then rejected rows, right-padded. The fallback and the reference.
+- `packed`: every sequence (prompt+chosen, prompt+rejected) back to back in a few rows, each
+  attending only to itself: no padding, explicit position_ids restarting per sequence.
+- `shared_prefix`: each pair as one segment `[prompt, chosen, rejected]`; the prompt is
+  computed once, rejected tokens continue the prompt's positions and may not see the chosen
+  tokens. Both sides' first tokens are predicted from the last prompt token.
 """
 
 from __future__ import annotations
@@ -15,14 +23,18 @@ import torch
 
 from qdpo.data import PairTokens
 
-LAYOUTS = ("padded",)
+LAYOUTS = ("padded", "packed", "shared_prefix")
+
+# Side of each token in a segment, for the shared-prefix mask.
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
 
 
 @dataclass
 class PackedBatch:
     input_ids: torch.Tensor  # [R, T]
     position_ids: torch.Tensor  # [R, T]
-    attention_mask: torch.Tensor  # [R, T] (1 = real token) or [R, 1, T, T] bool
+    segments: torch.Tensor  # [R, T] segment id within the row, -1 = padding
+    sides: torch.Tensor  # [R, T] PROMPT / CHOSEN / REJECTED (shared_prefix masks use it)
     pred_index: torch.Tensor  # [N] flat index into R*T of the predicting position
     targets: torch.Tensor  # [N] the token predicted there
     seq_index: torch.Tensor  # [N] 0..2P-1: chosen of pair i is i, rejected is P + i
@@ -32,73 +44,252 @@ class PackedBatch:
     rejected_lengths: torch.Tensor  # [P]
     weights: torch.Tensor  # [P]
     pair_ids: list[int]  # indices into the data set (reference cache keys)
-    num_tokens: int  # prompt+chosen + prompt+rejected, the field's count
+    num_tokens: int  # prompt+chosen + prompt+rejected: the field's count, whatever the layout
     layout: str
 
+    _TENSORS = ("input_ids", "position_ids", "segments", "sides", "pred_index", "targets",
+                "seq_index", "token_offset", "chosen_lengths", "rejected_lengths", "weights")
+
     def to(self, device: torch.device) -> "PackedBatch":
-        for name in ("input_ids", "position_ids", "attention_mask", "pred_index", "targets",
-                     "seq_index", "token_offset", "chosen_lengths", "rejected_lengths",
-                     "weights"):
+        for name in self._TENSORS:
             setattr(self, name, getattr(self, name).to(device, non_blocking=True))
         return self
 
     @property
     def slots(self) -> int:
+        """Token positions the model computes (real tokens plus padding)."""
         return self.input_ids.numel()
 
+    @property
+    def real_slots(self) -> int:
+        return int((self.segments >= 0).sum())
 
-def _scoring(rows: list[list[int]], spans: list[tuple[int, int, int, int]], width: int,
-             num_pairs: int) -> tuple[torch.Tensor, ...]:
-    """Index tensors for spans (row, start, length, seq): token j is predicted at j - 1."""
-    pred, tgt, seq, off = [], [], [], []
-    for row, start, length, s in spans:
-        ids = rows[row]
-        base = row * width
-        pred.extend(range(base + start - 1, base + start + length - 1))
-        tgt.extend(ids[start:start + length])
-        seq.extend([s] * length)
-        off.extend(range(length))
-    return (torch.tensor(pred, dtype=torch.long), torch.tensor(tgt, dtype=torch.long),
-            torch.tensor(seq, dtype=torch.long), torch.tensor(off, dtype=torch.long))
+    def attention_mask(self, impl: str = "sdpa", dtype: torch.dtype = torch.float32):
+        """The mask in the form the attention implementation takes.
+
+        padded: the plain [R, T] padding mask (the model adds causality). Others: a 4-D mask
+        [R, 1, T, T] (bool for sdpa, additive for eager) or a FlexAttention BlockMask.
+        """
+        if self.layout == "padded":
+            return (self.segments >= 0).long()
+        if impl == "flex_attention":
+            return self._block_mask()
+        allowed = self._allowed()
+        if impl == "eager":
+            neg = torch.finfo(dtype).min
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, neg)
+        return allowed
+
+    def _allowed(self) -> torch.Tensor:
+        seg, side = self.segments, self.sides
+        t = seg.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=seg.device).tril()
+        same = seg[:, :, None] == seg[:, None, :]
+        hidden = (side[:, :, None] == REJECTED) & (side[:, None, :] == CHOSEN)
+        allowed = same & causal & ~hidden
+        # padding attends to itself only, so no softmax row is empty (no NaN)
+        allowed |= torch.eye(t, dtype=torch.bool, device=seg.device)
+        return allowed[:, None]
+
+    def _block_mask(self):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        seg, side = self.segments, self.sides
+
+        def mask_mod(b, h, q, kv):
+            return ((seg[b, q] == seg[b, kv]) & (kv <= q)
+                    & ~((side[b, q] == REJECTED) & (side[b, kv] == CHOSEN))) | (q == kv)
+
+        r, t = seg.shape
+        return create_block_mask(mask_mod, B=r, H=None, Q_LEN=t, KV_LEN=t, device=seg.device)
 
 
-def padded_batch(pairs: Sequence[PairTokens], pair_ids: Sequence[int], pad_id: int) -> PackedBatch:
-    """Chosen rows then rejected rows, right-padded: the reference layout for the others."""
-    p = len(pairs)
-    rows = [x.prompt_ids + x.chosen_ids for x in pairs] + \
-        [x.prompt_ids + x.rejected_ids for x in pairs]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    spans = []
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-        pair = pairs[i % p]
-        comp = pair.chosen_ids if i < p else pair.rejected_ids
-        spans.append((i, len(pair.prompt_ids), len(comp), i))
-    pred, tgt, seq, off = _scoring(rows, spans, width, p)
-    positions = torch.arange(width, dtype=torch.long).expand(len(rows), width).clone()
-    return PackedBatch(
-        input_ids=ids, position_ids=positions, attention_mask=mask, pred_index=pred,
-        targets=tgt, seq_index=seq, token_offset=off, num_pairs=p,
-        chosen_lengths=torch.tensor([len(x.chosen_ids) for x in pairs], dtype=torch.long),
-        rejected_lengths=torch.tensor([len(x.rejected_ids) for x in pairs], dtype=torch.long),
-        weights=torch.tensor([x.weight for x in pairs], dtype=torch.float32),
-        pair_ids=list(pair_ids), num_tokens=sum(x.num_tokens for x in pairs), layout="padded")
+# ---------------------------------------------------------------------------------------
+# Building rows
+# ---------------------------------------------------------------------------------------
+
+class _RowBuilder:
+    """Accumulates segments into rows and the scoring index lists."""
+
+    def __init__(self, num_pairs: int):
+        self.p = num_pairs
+        self.rows: list[dict[str, list[int]]] = []
+        self.scored: list[tuple[int, list[int], list[int], int]] = []  # row, preds, tgts, seq
+
+    def new_row(self) -> int:
+        self.rows.append({"ids": [], "pos": [], "seg": [], "side": []})
+        return len(self.rows) - 1
+
+    def add(self, row: int, ids: list[int], pos: Sequence[int], seg: int, side: int) -> int:
+        r = self.rows[row]
+        start = len(r["ids"])
+        r["ids"].extend(ids)
+        r["pos"].extend(pos)
+        r["seg"].extend([seg] * len(ids))
+        r["side"].extend([side] * len(ids))
+        return start
+
+    def score(self, row: int, preds: list[int], targets: list[int], seq: int) -> None:
+        self.scored.append((row, preds, targets, seq))
+
+    def build(self, pairs: Sequence[PairTokens], pair_ids: Sequence[int], pad_id: int,
+              layout: str) -> PackedBatch:
+        width = max(len(r["ids"]) for r in self.rows)
+        n = len(self.rows)
+        ids = torch.full((n, width), pad_id, dtype=torch.long)
+        pos = torch.zeros((n, width), dtype=torch.long)
+        seg = torch.full((n, width), -1, dtype=torch.long)
+        side = torch.zeros((n, width), dtype=torch.long)
+        for i, r in enumerate(self.rows):
+            k = len(r["ids"])
+            ids[i, :k] = torch.tensor(r["ids"], dtype=torch.long)
+            pos[i, :k] = torch.tensor(r["pos"], dtype=torch.long)
+            seg[i, :k] = torch.tensor(r["seg"], dtype=torch.long)
+            side[i, :k] = torch.tensor(r["side"], dtype=torch.long)
+            pos[i, k:] = torch.arange(width - k)  # harmless positions for padding
+        pred, tgt, sq, off = [], [], [], []
+        for row, preds, targets, s in self.scored:
+            pred.extend(row * width + p for p in preds)
+            tgt.extend(targets)
+            sq.extend([s] * len(targets))
+            off.extend(range(len(targets)))
+        return PackedBatch(
+            input_ids=ids, position_ids=pos, segments=seg, sides=side,
+            pred_index=torch.tensor(pred, dtype=torch.long),
+            targets=torch.tensor(tgt, dtype=torch.long),
+            seq_index=torch.tensor(sq, dtype=torch.long),
+            token_offset=torch.tensor(off, dtype=torch.long), num_pairs=len(pairs),
+            chosen_lengths=torch.tensor([len(x.chosen_ids) for x in pairs], dtype=torch.long),
+            rejected_lengths=torch.tensor([len(x.rejected_ids) for x in pairs],
+                                          dtype=torch.long),
+            weights=torch.tensor([x.weight for x in pairs], dtype=torch.float32),
+            pair_ids=list(pair_ids), num_tokens=sum(x.num_tokens for x in pairs), layout=layout)
+
+
+def segment_cost(pair: PairTokens, layout: str) -> int:
+    """Token positions one pair occupies in a layout (padded: before padding)."""
+    p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+    if layout == "shared_prefix":
+        return p + c + r
+    return 2 * p + c + r
+
+
+def _add_sequence(b: _RowBuilder, row: int, prompt: list[int], comp: list[int], seg: int,
+                  seq: int) -> None:
+    start = b.add(row, prompt + comp, range(len(prompt) + len(comp)), seg, PROMPT)
+    first = start + len(prompt)
+    b.score(row, list(range(first - 1, first + len(comp) - 1)), comp, seq)
+
+
+def _add_shared(b: _RowBuilder, row: int, pair: PairTokens, seg: int, i: int) -> None:
+    lp, lc = len(pair.prompt_ids), len(pair.chosen_ids)
+    start = b.add(row, pair.prompt_ids, range(lp), seg, PROMPT)
+    c0 = b.add(row, pair.chosen_ids, range(lp, lp + lc), seg, CHOSEN)
+    r0 = b.add(row, pair.rejected_ids, range(lp, lp + len(pair.rejected_ids)), seg, REJECTED)
+    last_prompt = start + lp - 1
+    b.score(row, [last_prompt] + list(range(c0, c0 + lc - 1)), pair.chosen_ids, i)
+    b.score(row, [last_prompt] + list(range(r0, r0 + len(pair.rejected_ids) - 1)),
+            pair.rejected_ids, b.p + i)
+
+
+def _rows_first_fit(costs: list[int], capacity: int) -> list[list[int]]:
+    """Assign items (largest first) to rows of at most `capacity` tokens."""
+    rows: list[list[int]] = []
+    loads: list[int] = []
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        for r, load in enumerate(loads):
+            if load + costs[i] <= capacity:
+                rows[r].append(i)
+                loads[r] += costs[i]
+                break
+        else:
+            rows.append([i])
+            loads.append(costs[i])
+    return rows
 
 
 def make_batch(pairs: Sequence[PairTokens], pair_ids: Sequence[int], pad_id: int,
-               layout: str = "padded") -> PackedBatch:
+               layout: str = "padded", row_tokens: int | None = None) -> PackedBatch:
+    """Lay out `pairs` as one micro-batch. row_tokens caps a packed row's length."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}")
+    p = len(pairs)
+    b = _RowBuilder(p)
     if layout == "padded":
-        return padded_batch(pairs, pair_ids, pad_id)
-    raise ValueError(f"unknown layout {layout!r}")
+        for side in (CHOSEN, REJECTED):
+            for i, x in enumerate(pairs):
+                comp = x.chosen_ids if side == CHOSEN else x.rejected_ids
+                _add_sequence(b, b.new_row(), x.prompt_ids, comp, 0,
+                              i if side == CHOSEN else p + i)
+        return b.build(pairs, pair_ids, pad_id, layout)
+    if layout == "packed":
+        seqs = [(i, side) for i in range(p) for side in (CHOSEN, REJECTED)]
+        costs = [len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids if s == CHOSEN
+                                                 else pairs[i].rejected_ids) for i, s in seqs]
+    else:
+        seqs = [(i, PROMPT) for i in range(p)]
+        costs = [segment_cost(x, layout) for x in pairs]
+    capacity = row_tokens or sum(costs)
+    for members in _rows_first_fit(costs, capacity):
+        row = b.new_row()
+        for seg, k in enumerate(sorted(members)):
+            i, side = seqs[k]
+            x = pairs[i]
+            if layout == "packed":
+                comp = x.chosen_ids if side == CHOSEN else x.rejected_ids
+                _add_sequence(b, row, x.prompt_ids, comp, seg, i if side == CHOSEN else p + i)
+            else:
+                _add_shared(b, row, x, seg, i)
+    return b.build(pairs, pair_ids, pad_id, layout)
+
+
+def padded_batch(pairs: Sequence[PairTokens], pair_ids: Sequence[int], pad_id: int) -> PackedBatch:
+    return make_batch(pairs, pair_ids, pad_id, "padded")
+
+
+# ---------------------------------------------------------------------------------------
+# Micro-batches
+# ---------------------------------------------------------------------------------------
+
+def group_by_budget(order: Sequence[int], data: Sequence[PairTokens], layout: str,
+                    max_tokens: int | None, pairs_per_micro: int) -> list[list[int]]:
+    """Split pair indices into micro-batches: by token budget if given, else by pair count.
+
+    Pairs are sorted by length first, so padded micro-batches pad little and packed ones fill
+    evenly. With a budget, padded batches are charged for their padding (rows x longest).
+    """
+    idx = sorted(order, key=lambda i: data[i].num_tokens)
+    if not max_tokens:
+        return [idx[s:s + pairs_per_micro] for s in range(0, len(idx), pairs_per_micro)]
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    used = 0
+    for i in idx:
+        x = data[i]
+        if layout == "padded":
+            longest_new = max(longest, len(x.prompt_ids) + max(len(x.chosen_ids),
+                                                                len(x.rejected_ids)))
+            cost_new = 2 * (len(cur) + 1) * longest_new
+        else:
+            cost_new = used + segment_cost(x, layout)
+        if cur and cost_new > max_tokens:
+            groups.append(cur)
+            cur, longest, used = [], 0, 0
+            if layout == "padded":
+                longest_new = len(x.prompt_ids) + max(len(x.chosen_ids), len(x.rejected_ids))
+            cost_new = segment_cost(x, layout)
+        cur.append(i)
+        longest, used = (longest_new if layout == "padded" else longest), cost_new
+    if cur:
+        groups.append(cur)
+    return groups
 
 
 def micro_batches(order: Sequence[int], data: Sequence[PairTokens], pairs_per_micro: int,
-                  pad_id: int, layout: str = "padded") -> Iterator[PackedBatch]:
-    """Split one optimizer step's pairs into micro-batches, grouping similar lengths."""
-    idx = sorted(order, key=lambda i: data[i].num_tokens)
-    for s in range(0, len(idx), pairs_per_micro):
-        chunk = idx[s:s + pairs_per_micro]
-        yield make_batch([data[i] for i in chunk], chunk, pad_id, layout)
+                  pad_id: int, layout: str = "padded", max_tokens: int | None = None,
+                  row_tokens: int | None = None) -> Iterator[PackedBatch]:
+    """One optimizer step's pairs as micro-batches in the given layout."""
+    for group in group_by_budget(order, data, layout, max_tokens, pairs_per_micro):
+        yield make_batch([data[i] for i in group], group, pad_id, layout, row_tokens)

@@ -7,12 +7,13 @@ terminal (CI, `nohup`, pipes), so logs stay readable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
@@ -140,6 +141,18 @@ class TrainDisplay:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+@contextlib.contextmanager
+def task_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A transient progress bar for a one-off pass (reference log-probs, tokenization)."""
+    if not sys.stdout.isatty():
+        yield lambda k: None
+        return
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as prog:
+        task = prog.add_task(label, total=total)
+        yield lambda k: prog.advance(task, k)
 
 
 def metrics_table(title: str, rows: list[tuple[str, Any]]) -> Table:

@@ -46,7 +46,12 @@ def token_logps(model: Any, batch: PackedBatch) -> torch.Tensor:
     """log p(target | prefix) for every scored token, shape [N] float32."""
     lm = causal_lm(model)
     decoder = lm.get_decoder()
-    out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+    impl = getattr(lm.config, "_attn_implementation", None) or "sdpa"
+    dtype = next((p.dtype for p in decoder.parameters() if p.is_floating_point()),
+                 torch.float32)
+    if torch.is_autocast_enabled(batch.input_ids.device.type):
+        dtype = torch.get_autocast_dtype(batch.input_ids.device.type)
+    out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask(impl, dtype),
                   position_ids=batch.position_ids, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.pred_index)

@@ -116,6 +116,42 @@ def _attn_impl(recipe: Recipe, device: torch.device) -> str | None:
     return "sdpa"
 
 
+def dense_row_tokens(hidden_size: int) -> int:
+    """Longest packed row under a dense [T, T] mask.
+
+    SDPA computes every query against every key of a row, so a row of T tokens wastes
+    attention work that grows with T; per token that work is ~4*T*d FLOPs against ~24*d^2 for
+    the linear layers, so rows of about d/2 tokens keep the waste under a few percent
+    (2048 for an 8B model, the 256 floor for tiny ones). FlexAttention skips masked blocks
+    and needs no cap.
+    """
+    return max(256, min(4096, hidden_size // 2))
+
+
+@dataclass
+class Layout:
+    name: str  # padded / packed / shared_prefix
+    attn: str  # the model's attention implementation
+    row_tokens: int | None  # cap on a packed row's length
+
+
+def resolve_layout(recipe: Recipe, model: Any, device: torch.device) -> Layout:
+    """The layout the recipe asks for, or for auto the fastest this attention supports."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    attn = getattr(lm.config, "_attn_implementation", None) or "sdpa"
+    want = recipe.train.layout
+    custom_masks = attn in ("sdpa", "eager", "flex_attention")
+    if want == "auto":
+        want = "shared_prefix" if custom_masks else "padded"
+    elif want != "padded" and not custom_masks:
+        raise ModelError(f"train.layout {want} needs an attention implementation that takes "
+                         f"custom masks (sdpa, eager or flex_attention), not {attn}. Set "
+                         "model.attn_implementation or train.layout: padded.")
+    hidden = getattr(lm.config, "hidden_size", 4096)
+    row = None if attn == "flex_attention" else dense_row_tokens(hidden)
+    return Layout(want, attn, row)
+
+
 def load_base(recipe: Recipe, device: torch.device | None = None,
               quantize: bool | None = None, dtype: torch.dtype | None = None) -> Any:
     """The base causal LM, quantized per the recipe, frozen, on `device`."""

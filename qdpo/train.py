@@ -24,8 +24,9 @@ from qdpo.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, 
 from qdpo.data import PairTokens, prepare
 from qdpo.errors import QdpoError
 from qdpo.losses import LossParams, PreferenceBatch, compute_loss
-from qdpo.model import (ModelInfo, default_device, load_model, load_tokenizer, reference_mode,
-                        save_adapter, trainable_parameters)
+from qdpo.model import (Layout, ModelInfo, default_device, load_model, load_tokenizer,
+                        reference_mode, resolve_layout, save_adapter, trainable_parameters)
+from qdpo import reference as refcache
 from qdpo.logps import SequenceLogps, sequence_logps
 from qdpo.recipe import Recipe
 from qdpo.rundir import RunDir
@@ -41,6 +42,7 @@ class TrainResult:
     last_train: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
+    reference_seconds: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -115,23 +117,52 @@ class MetricAccumulator:
 
 
 def evaluate(model: Any, data: list[PairTokens], recipe: Recipe, pad_id: int,
-             device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+             device: torch.device, dtype: torch.dtype, layout: Layout,
+             reference: refcache.ReferenceTable | None = None) -> dict[str, float]:
     """Preference metrics of the policy against its reference on held-out pairs."""
     params = loss_params(recipe)
     acc = MetricAccumulator()
     was_training = model.training
     model.eval()
     mb = recipe.eval.micro_batch_pairs or 2 * recipe.train.micro_batch_pairs
+    budget = 2 * recipe.train.max_tokens if recipe.train.max_tokens else None
     with torch.no_grad(), autocast_for(device, dtype):
-        for batch in micro_batches(range(len(data)), data, mb, pad_id):
+        for batch in micro_batches(range(len(data)), data, mb, pad_id, layout.name, budget,
+                                   layout.row_tokens):
             batch.to(device)
-            pol, ref, out = forward_pair_batch(model, batch, recipe, params)
+            ref = reference.get(batch.pair_ids, device) if reference is not None else None
+            pol, ref, out = forward_pair_batch(model, batch, recipe, params, ref)
             acc.add(pol, ref, out)
     if was_training:
         model.train()
     res = acc.result()
     res["pairs"] = float(acc.n)
     return res
+
+
+def build_reference(model: Any, recipe: Recipe, data: list[PairTokens], ids: list[int],
+                    base_path: str, pad_id: int, device: torch.device, dtype: torch.dtype,
+                    layout: Layout, what: str) -> tuple[refcache.ReferenceTable, float]:
+    """Load or compute the reference log-probs of `ids`; returns the table and seconds spent."""
+    t0 = time.monotonic()
+    key = refcache.cache_key(recipe, base_path, data, dtype)
+    table = refcache.load_cached(key, len(data))
+    missing = table.missing(sorted(set(ids)))
+    if not missing:
+        ui.info(f"reference: {what} log-probs reused from cache ({len(set(ids))} pairs, "
+                f"{refcache.cache_path(key)})")
+        return table, time.monotonic() - t0
+    reused = len(set(ids)) - len(missing)
+    budget = 4 * recipe.train.max_tokens if recipe.train.max_tokens else None
+    with ui.task_progress(f"reference pass ({what})", len(missing)) as advance:
+        refcache.precompute(model, table, missing, data, pad_id, device, layout.name, budget,
+                            4 * recipe.train.micro_batch_pairs, layout.row_tokens,
+                            autocast_for(device, dtype), advance)
+    refcache.save_cached(key, table)
+    dt = time.monotonic() - t0
+    ui.info(f"reference: {what} log-probs for {len(missing)} pairs computed in {dt:.1f} s"
+            + (f" ({reused} reused from cache)" if reused else "") + "; cached for later runs")
+    return table, dt
 
 
 def pair_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -258,6 +289,7 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
+    layout = resolve_layout(recipe, model, device)
     params = trainable_parameters(model)
     n = len(data.train)
     steps = total_steps(recipe, n)
@@ -277,6 +309,25 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
         start_step = state["trainer"]["step"]
         ui.info(f"resumed from {resume_from} at step {start_step}/{steps}")
     run.write_run_info(recipe, minfo, data, steps)
+    budget = recipe.train.max_tokens
+    ui.info(f"layout: {layout.name} ({layout.attn} attention), "
+            + (f"{budget} tokens per micro-batch" if budget else
+               f"{recipe.train.micro_batch_pairs} pairs per micro-batch")
+            + f", {recipe.train.pairs_per_step} pairs per step, {steps} steps")
+    ref_table = eval_ref = None
+    ref_seconds = 0.0
+    if recipe.needs_reference and recipe.train.reference in ("auto", "precompute"):
+        used = sorted({i for s in range(start_step, steps)
+                       for i in step_pairs(n, recipe.train.pairs_per_step, recipe.train.seed,
+                                           s)[0]})
+        ref_table, ref_seconds = build_reference(model, recipe, data.train, used,
+                                                 minfo.base_path, pad_id, device, dtype, layout,
+                                                 "train")
+        if data.eval:
+            eval_ref, dt = build_reference(model, recipe, data.eval, list(range(len(data.eval))),
+                                           minfo.base_path, pad_id, device, dtype, layout,
+                                           "eval")
+            ref_seconds += dt
     sinks = ui.open_sinks(run.path, recipe.output.tensorboard)
 
     def save(step: int) -> Path:
@@ -303,9 +354,10 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
                 tokens = 0
                 with autocast_for(device, dtype):
                     for batch in micro_batches(idx, data.train, recipe.train.micro_batch_pairs,
-                                               pad_id):
+                                               pad_id, layout.name, budget, layout.row_tokens):
                         batch.to(device)
-                        pol, ref, out = forward_pair_batch(model, batch, recipe, lparams)
+                        ref = ref_table.get(batch.pair_ids, device) if ref_table else None
+                        pol, ref, out = forward_pair_batch(model, batch, recipe, lparams, ref)
                         loss = out.losses.sum() / len(idx)
                         (scaler.scale(loss) if scaler else loss).backward()
                         acc.add(pol, ref, out)
@@ -353,7 +405,8 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
                     on_step(done, metrics)
                 if data.eval and recipe.eval.every_steps and done % recipe.eval.every_steps == 0 \
                         and done != steps:
-                    ev = evaluate(model, data.eval, recipe, pad_id, device, dtype)
+                    ev = evaluate(model, data.eval, recipe, pad_id, device, dtype, layout,
+                                  eval_ref)
                     log({"step": done, **{f"eval/{k}": v for k, v in ev.items()}})
                     display.message(f"eval @ step {done}: acc {ev['rewards/accuracies']:.3f}  "
                                     f"margin {ev['rewards/margins']:.3f}  loss {ev['loss']:.4f}")
@@ -382,14 +435,15 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
     done = step if not interrupted else step + 1
     if not interrupted:
         if data.eval:
-            final_eval = evaluate(model, data.eval, recipe, pad_id, device, dtype)
+            final_eval = evaluate(model, data.eval, recipe, pad_id, device, dtype, layout,
+                                      eval_ref)
             log({"step": done, **{f"eval/{k}": v for k, v in final_eval.items()}})
         if done > start_step:  # lets a later run extend this one (more steps or epochs)
             save(done)
         run.save_final(lambda d: save_adapter(model, tokenizer, d))
     for s in sinks:
         s.close()
-    result = TrainResult(run.path, done, final_eval, last, history, interrupted)
+    result = TrainResult(run.path, done, final_eval, last, history, interrupted, ref_seconds)
     run.write_summary(result, time.monotonic() - t_start, recipe)
     _print_summary(result, recipe, time.monotonic() - t_start)
     return result

@@ -1,0 +1,139 @@
+"""Reference log-probs: online every step, or computed once and cached on disk.
+
+Precomputing runs one no-grad pass over the pairs training will use (larger token budget, no
+activation storage) and keeps per-pair reference log-probs. The cache is keyed by everything
+that changes them: base weights and revision, quantization and compute dtype, the starting
+adapter's bytes, and the tokenized pairs themselves; the batch layout is not part of the key,
+since every layout gives the same numbers. A later run on the same data (a beta sweep, a
+resumed run, more epochs) loads them and says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from qdpo.batching import micro_batches
+from qdpo.data import PairTokens
+from qdpo.logps import SequenceLogps, sequence_logps
+from qdpo.model import cache_dir, reference_mode
+from qdpo.recipe import Recipe
+
+# Bump when the meaning of a cached number changes (tokenization rules, log-prob definition).
+CACHE_VERSION = 1
+
+
+@dataclass
+class ReferenceTable:
+    """Per-pair reference log-probs for a data set, indexed by pair id (NaN = not computed)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_public: torch.Tensor
+    rejected_public: torch.Tensor
+
+    @classmethod
+    def empty(cls, n: int) -> "ReferenceTable":
+        return cls(*(torch.full((n,), float("nan"), dtype=torch.float32) for _ in range(4)))
+
+    def missing(self, ids: Sequence[int]) -> list[int]:
+        return [i for i in ids if torch.isnan(self.chosen[i])]
+
+    def put(self, ids: Sequence[int], lp: SequenceLogps) -> None:
+        idx = torch.tensor(list(ids), dtype=torch.long)
+        for name in ("chosen", "rejected", "chosen_public", "rejected_public"):
+            getattr(self, name)[idx] = getattr(lp, name).detach().float().cpu()
+
+    def get(self, ids: Sequence[int], device: torch.device) -> SequenceLogps:
+        idx = torch.tensor(list(ids), dtype=torch.long)
+        return SequenceLogps(*(getattr(self, n)[idx].to(device) for n in
+                               ("chosen", "rejected", "chosen_public", "rejected_public")))
+
+
+def _hash_file_tree(path: Path, h: Any) -> None:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if f.suffix in (".safetensors", ".bin", ".json"):
+            h.update(f.name.encode())
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+
+
+def cache_key(recipe: Recipe, base_path: str, pairs: Sequence[PairTokens],
+              dtype: torch.dtype) -> str:
+    h = hashlib.sha256()
+    m = recipe.model
+    h.update(json.dumps({
+        "v": CACHE_VERSION, "base": base_path, "revision": m.revision,
+        "random_init_seed": recipe.train.seed if m.random_init else None,
+        "quantization": m.quantization, "double_quant": m.double_quant, "dtype": str(dtype),
+    }, sort_keys=True).encode())
+    local = Path(base_path)
+    if local.is_dir():  # weights replaced in place must not reuse old numbers
+        for f in sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    if recipe.lora.init_adapter:
+        _hash_file_tree(Path(recipe.resolve_path(recipe.lora.init_adapter)), h)
+    for p in pairs:
+        h.update(b"P" + ",".join(map(str, p.prompt_ids)).encode())
+        h.update(b"C" + ",".join(map(str, p.chosen_ids)).encode())
+        h.update(b"R" + ",".join(map(str, p.rejected_ids)).encode())
+    return h.hexdigest()[:24]
+
+
+def cache_path(key: str) -> Path:
+    return cache_dir() / "reference" / f"{key}.pt"
+
+
+def load_cached(key: str, n: int) -> ReferenceTable:
+    path = cache_path(key)
+    if path.exists():
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+            if d["chosen"].shape[0] == n:
+                return ReferenceTable(d["chosen"], d["rejected"], d["chosen_public"],
+                                      d["rejected_public"])
+        except Exception:  # a damaged cache is recomputed, never trusted
+            pass
+    return ReferenceTable.empty(n)
+
+
+def save_cached(key: str, table: ReferenceTable) -> None:
+    path = cache_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save({"chosen": table.chosen, "rejected": table.rejected,
+                "chosen_public": table.chosen_public, "rejected_public": table.rejected_public},
+               tmp)
+    tmp.replace(path)
+
+
+def precompute(model: Any, table: ReferenceTable, ids: Sequence[int], data: Sequence[PairTokens],
+               pad_id: int, device: torch.device, layout: str, max_tokens: int | None,
+               pairs_per_micro: int, row_tokens: int | None, autocast: Any,
+               progress: Callable[[int], None] | None = None) -> int:
+    """Fill the table for `ids` that are missing; returns how many pairs were computed."""
+    todo = table.missing(sorted(set(ids)))
+    if not todo:
+        return 0
+    was_training = model.training
+    model.eval()  # no dropout in the reference
+    with reference_mode(model), autocast:
+        for batch in micro_batches(todo, data, pairs_per_micro, pad_id, layout, max_tokens,
+                                   row_tokens):
+            ids_b = batch.pair_ids
+            lp = sequence_logps(model, batch.to(device))
+            table.put(ids_b, lp)
+            if progress:
+                progress(len(ids_b))
+    if was_training:
+        model.train()
+    return len(todo)
