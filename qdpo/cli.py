@@ -99,6 +99,63 @@ def _optional_resume_value(argv: list[str]) -> list[str]:
     return out
 
 
+def _range(text: str, name: str) -> tuple[int, int]:
+    try:
+        lo, _, hi = text.partition("-")
+        a, b = int(lo), int(hi or lo)
+    except ValueError:
+        raise QdpoError(f"{name} '{text}' is not a range like 128-512.") from None
+    if not 1 <= a <= b:
+        raise QdpoError(f"{name} '{text}' must be MIN-MAX with 1 <= MIN <= MAX.")
+    return a, b
+
+
+@app.command()
+def bench(
+    recipe: Path = typer.Argument(..., help="Recipe YAML to benchmark."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Recipe overrides key.sub=value",
+                                                    show_default=False),
+    random_weights: bool = typer.Option(
+        False, "--random-weights", help="Build the architecture from its config with random "
+                                        "weights (quantized as usual): nothing to download."),
+    shape: Optional[str] = typer.Option(None, "--shape", help="Built-in architecture: "
+                                        "llama-3.1-8b, llama-3.2-1b, llama-3.2-3b, qwen2.5-7b, "
+                                        "qwen2.5-1.5b, mistral-7b (implies random weights)."),
+    steps: int = typer.Option(8, "--steps", help="Optimizer steps to run."),
+    warmup: int = typer.Option(2, "--warmup", help="First steps not timed."),
+    prompt_len: str = typer.Option("128-512", "--prompt-len", help="Prompt tokens, MIN-MAX."),
+    response_len: str = typer.Option("64-512", "--response-len",
+                                     help="Tokens of each response, MIN-MAX."),
+    layouts: Optional[str] = typer.Option(
+        None, "--layouts", help="Comma list of layouts to compare in one run, e.g. "
+                                "padded,packed,shared_prefix (default: the recipe's)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
+) -> None:
+    """Time real training steps on synthetic pairs: tokens/s, step time, reference pass, memory,
+    MFU."""
+    from qdpo import console as ui
+    from qdpo.bench import results_table, run_bench, write_json
+    from qdpo.recipe import load_recipe
+
+    results = []
+    for lay in (layouts.split(",") if layouts else [None]):
+        ov = list(overrides or []) + ([f"train.layout={lay.strip()}"] if lay else [])
+        r = load_recipe(recipe, ov)
+        ui.info(f"bench: {r.model.name_or_path} layout {r.train.layout}, {steps} steps of "
+                f"{r.train.pairs_per_step} pairs")
+        results.append(run_bench(r, steps=steps, warmup=warmup, shape=shape,
+                                 prompt_len=_range(prompt_len, "--prompt-len"),
+                                 response_len=_range(response_len, "--response-len"),
+                                 random_weights=random_weights or shape is not None))
+        import gc
+
+        gc.collect()
+    ui.console.print(results_table(results))
+    if json_out:
+        write_json(results, json_out)
+        ui.info(f"wrote {json_out}")
+
+
 def main() -> None:
     """Console-script entry point: runs the app and turns user errors into one message."""
     from qdpo import console as ui

@@ -21,8 +21,10 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
-console = Console(stderr=False, highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+# Logs (CI, pipes) get a wide virtual terminal so tables are not squeezed into 80 columns.
+_WIDTH = None if sys.stdout.isatty() else 150
+console = Console(stderr=False, highlight=False, soft_wrap=True, width=_WIDTH)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, width=_WIDTH)
 
 
 def info(msg: str) -> None:

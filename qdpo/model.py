@@ -194,6 +194,46 @@ def load_base(recipe: Recipe, device: torch.device | None = None,
     return model
 
 
+def random_quantized_base(config: Any, recipe: Recipe, device: torch.device) -> Any:
+    """A model of `config`'s architecture with random weights, quantized in memory.
+
+    Built directly on the device in the compute dtype, then every linear layer but the output
+    head is swapped for a bitsandbytes Linear4bit, exactly what loading a checkpoint with the
+    recipe's quantization gives, without writing or reading any weights on disk.
+    """
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    cdtype = compute_dtype(recipe.model.compute_dtype, device)
+    attn = _attn_impl(recipe, device)
+    with torch.device(device), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config, dtype=cdtype, attn_implementation=attn)
+    quant = recipe.model.quantization
+    if quant != "none":
+        head = model.get_output_embeddings()
+        for name, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if not isinstance(child, torch.nn.Linear) or child is head:
+                    continue
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features,
+                                      bias=child.bias is not None, compute_dtype=cdtype,
+                                      compress_statistics=recipe.model.double_quant,
+                                      quant_type=quant, quant_storage=torch.uint8, device="meta")
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
+                                             compress_statistics=recipe.model.double_quant,
+                                             quant_type=quant, quant_storage=torch.uint8)
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(module, child_name, q.to(device))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
 @dataclass
 class ModelInfo:
     device: torch.device

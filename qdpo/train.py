@@ -165,6 +165,66 @@ def build_reference(model: Any, recipe: Recipe, data: list[PairTokens], ids: lis
     return table, dt
 
 
+@dataclass
+class StepContext:
+    """What one optimizer step needs; shared by `train` and `qdpo bench`."""
+
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    params: list[torch.nn.Parameter]
+    recipe: Recipe
+    loss_params: LossParams
+    device: torch.device
+    dtype: torch.dtype
+    layout: Layout
+    pad_id: int
+    reference: refcache.ReferenceTable | None = None
+
+
+def train_step(ctx: StepContext, data: list[PairTokens], idx: list[int]) -> dict[str, Any] | None:
+    """Forward/backward over the step's micro-batches, clip, optimizer step.
+
+    Returns the step's metrics, or None when the loss or gradient was not finite (the step is
+    then skipped: gradients dropped, optimizer and schedule untouched).
+    """
+    r = ctx.recipe
+    acc = MetricAccumulator()
+    tokens = slots = 0
+    with autocast_for(ctx.device, ctx.dtype):
+        for batch in micro_batches(idx, data, r.train.micro_batch_pairs, ctx.pad_id,
+                                   ctx.layout.name, r.train.max_tokens, ctx.layout.row_tokens):
+            batch.to(ctx.device)
+            ref = ctx.reference.get(batch.pair_ids, ctx.device) if ctx.reference else None
+            pol, ref, out = forward_pair_batch(ctx.model, batch, r, ctx.loss_params, ref)
+            loss = out.losses.sum() / len(idx)
+            (ctx.scaler.scale(loss) if ctx.scaler else loss).backward()
+            acc.add(pol, ref, out)
+            tokens += batch.num_tokens
+            slots += batch.slots
+    if ctx.scaler:
+        ctx.scaler.unscale_(ctx.optimizer)
+    clip = r.train.max_grad_norm or float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(ctx.params, clip))
+    metrics = acc.result()
+    if not math.isfinite(grad_norm) or not math.isfinite(metrics["loss"]):
+        ctx.optimizer.zero_grad(set_to_none=True)
+        if ctx.scaler:
+            ctx.scaler.update()
+        return None
+    lr = ctx.scheduler.get_last_lr()[0]
+    if ctx.scaler:
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    else:
+        ctx.optimizer.step()
+    ctx.scheduler.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    metrics.update({"lr": lr, "grad_norm": grad_norm, "tokens": tokens, "token_slots": slots})
+    return metrics
+
+
 def pair_order(n: int, seed: int, epoch: int) -> list[int]:
     order = list(range(n))
     random.Random(seed * 1000003 + epoch).shuffle(order)
@@ -338,6 +398,8 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
         for s in sinks:
             s.write(record)
 
+    ctx = StepContext(model, optimizer, scheduler, scaler, params, recipe, lparams, device,
+                      dtype, layout, pad_id, ref_table)
     display = ui.TrainDisplay(steps, start_step, live=live)
     model.train()
     last: dict[str, float] = {}
@@ -350,27 +412,8 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
             for step in range(start_step, steps):
                 t0 = time.monotonic()
                 idx, epoch = step_pairs(n, recipe.train.pairs_per_step, recipe.train.seed, step)
-                acc = MetricAccumulator()
-                tokens = 0
-                with autocast_for(device, dtype):
-                    for batch in micro_batches(idx, data.train, recipe.train.micro_batch_pairs,
-                                               pad_id, layout.name, budget, layout.row_tokens):
-                        batch.to(device)
-                        ref = ref_table.get(batch.pair_ids, device) if ref_table else None
-                        pol, ref, out = forward_pair_batch(model, batch, recipe, lparams, ref)
-                        loss = out.losses.sum() / len(idx)
-                        (scaler.scale(loss) if scaler else loss).backward()
-                        acc.add(pol, ref, out)
-                        tokens += batch.num_tokens
-                if scaler:
-                    scaler.unscale_(optimizer)
-                clip = recipe.train.max_grad_norm or float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-                metrics = acc.result()
-                if not math.isfinite(grad_norm) or not math.isfinite(metrics["loss"]):
-                    optimizer.zero_grad(set_to_none=True)
-                    if scaler:
-                        scaler.update()
+                metrics = train_step(ctx, data.train, idx)
+                if metrics is None:
                     bad_steps += 1
                     display.message(f"[yellow]step {step + 1}: non-finite loss or gradient, "
                                     f"step skipped ({bad_steps} in a row)[/]")
@@ -382,18 +425,9 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
                             f"last good checkpoint in {run.path / 'checkpoints'} is kept.")
                     continue
                 bad_steps = 0
-                lr = scheduler.get_last_lr()[0]
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 dt = time.monotonic() - t0
-                metrics.update({"step": step + 1, "epoch": round(epoch, 4), "lr": lr,
-                                "grad_norm": grad_norm, "tokens": tokens,
-                                "tokens_per_s": tokens / dt, "step_time_s": dt})
+                metrics.update({"step": step + 1, "epoch": round(epoch, 4),
+                                "tokens_per_s": metrics["tokens"] / dt, "step_time_s": dt})
                 metrics.update(memory_stats(device))
                 last = metrics
                 done = step + 1

@@ -523,3 +523,19 @@ def test_lora_rejects_dora(llama_dir, tmp_path):
     with pytest.raises(QdpoError, match="DoRA"):
         export_gguf_lora(adir, tmp_path / "d.gguf")
     assert not (tmp_path / "d.gguf").exists()
+
+
+def test_lora_rank_and_alpha_patterns_fold_into_lora_b(llama_dir, tmp_path):
+    # llama.cpp has one alpha per adapter and scales by alpha / rank(tensor): per-module ranks
+    # are exact as they are, a per-module alpha is folded into that module's lora_b
+    adir = tmp_path / "adapter"
+    model = _make_adapter(llama_dir, adir, rank_pattern={"q_proj": 8}, alpha_pattern={"v_proj": 2})
+    out = export_gguf_lora(adir, tmp_path / "p.gguf", outtype="f32")
+    kv, tensors = read_gguf(out)
+    assert kv["adapter.lora.alpha"] == pytest.approx(8.0)
+    assert [int(d) for d in tensors["blk.0.attn_q.weight.lora_a"].shape] == [HIDDEN, 8]
+    for proj, gname, n in (("q_proj", "attn_q", N_HEAD), ("k_proj", "attn_k", N_KV),
+                           ("v_proj", "attn_v", None)):
+        want = _peft_delta(model, 0, proj)
+        got = _gguf_delta(tensors, kv["adapter.lora.alpha"], f"blk.0.{gname}.weight", n)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

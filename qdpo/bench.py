@@ -1,0 +1,264 @@
+"""`qdpo bench`: time real training steps of a recipe on synthetic pairs.
+
+With random weights a user learns, before downloading anything, whether a recipe fits their
+card and how fast it runs: speed and memory do not depend on the weights' values. The model is
+built from its config (built-in shapes for common models, so it works offline), its linear
+layers quantized the way the recipe says, in memory, with no weights on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qdpo import console as ui
+from qdpo.data import PairTokens
+from qdpo.errors import ModelError, QdpoError
+from qdpo.recipe import Recipe
+
+# Architecture shapes of common models (from their config.json), for offline benchmarks.
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
+                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, tie_word_embeddings=False,
+                         max_position_embeddings=131072, rope_theta=500000.0,
+                         rms_norm_eps=1e-5),
+    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048,
+                         intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, tie_word_embeddings=True,
+                         max_position_embeddings=131072, rope_theta=500000.0,
+                         rms_norm_eps=1e-5),
+    "llama-3.2-3b": dict(model_type="llama", vocab_size=128256, hidden_size=3072,
+                         intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                         num_key_value_heads=8, tie_word_embeddings=True,
+                         max_position_embeddings=131072, rope_theta=500000.0,
+                         rms_norm_eps=1e-5),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
+                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, tie_word_embeddings=False,
+                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6),
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536,
+                         intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, tie_word_embeddings=True,
+                         max_position_embeddings=32768, rope_theta=1000000.0,
+                         rms_norm_eps=1e-6),
+    "mistral-7b": dict(model_type="mistral", vocab_size=32768, hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, tie_word_embeddings=False,
+                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-5,
+                       sliding_window=None),
+}
+
+HUB_SHAPES = {
+    "meta-llama/Llama-3.1-8B": "llama-3.1-8b", "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b",
+    "meta-llama/Meta-Llama-3.1-8B-Instruct": "llama-3.1-8b",
+    "meta-llama/Meta-Llama-3-8B-Instruct": "llama-3.1-8b",
+    "meta-llama/Llama-3.2-1B": "llama-3.2-1b", "meta-llama/Llama-3.2-1B-Instruct": "llama-3.2-1b",
+    "meta-llama/Llama-3.2-3B": "llama-3.2-3b", "meta-llama/Llama-3.2-3B-Instruct": "llama-3.2-3b",
+    "Qwen/Qwen2.5-7B": "qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct": "qwen2.5-7b",
+    "Qwen/Qwen2.5-1.5B": "qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct": "qwen2.5-1.5b",
+    "mistralai/Mistral-7B-v0.3": "mistral-7b", "mistralai/Mistral-7B-Instruct-v0.3": "mistral-7b",
+}
+
+# Dense bf16 tensor-core peak, for model-FLOPs utilisation.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+              "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12, "4090": 165e12,
+              "3090": 71e12, "4080": 97e12, "A6000": 155e12, "5090": 209e12}
+
+
+def bench_config(recipe: Recipe, shape: str | None) -> Any:
+    """The model config to benchmark: a named shape, a known hub id, or the model's own."""
+    from transformers import AutoConfig
+
+    name = shape or HUB_SHAPES.get(recipe.model.name_or_path)
+    if name:
+        if name not in SHAPES:
+            raise QdpoError(f"Unknown shape '{name}'. Built-in shapes: {', '.join(SHAPES)}.")
+        spec = dict(SHAPES[name])
+        return AutoConfig.for_model(spec.pop("model_type"), **spec)
+    src = recipe.resolve_path(recipe.model.name_or_path)
+    try:
+        return AutoConfig.from_pretrained(src, revision=recipe.model.revision,
+                                          trust_remote_code=recipe.model.trust_remote_code)
+    except Exception as e:
+        raise ModelError(f"Cannot read the config of '{recipe.model.name_or_path}' ({e}). Use "
+                         f"--shape with one of: {', '.join(SHAPES)}.") from None
+
+
+def synthetic_pairs(n: int, vocab: int, prompt: tuple[int, int], response: tuple[int, int],
+                    seed: int) -> list[PairTokens]:
+    rng = random.Random(seed)
+
+    def ids(lo: int, hi: int) -> list[int]:
+        return [rng.randrange(10, vocab) for _ in range(rng.randint(lo, hi))]
+
+    return [PairTokens(ids(*prompt), ids(*response), ids(*response)) for _ in range(n)]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, v in PEAK_FLOPS.items():
+        if key in name:
+            return v
+    return None
+
+
+def flops_per_token(config: Any, context: float, with_reference: bool) -> float:
+    """Model FLOPs per processed token: LoRA training on a frozen base.
+
+    Forward 2N, backward 2N (activation gradients only; the base gets no weight gradient), and
+    2N more for the reference forward when it runs; attention adds ~12*L*d*context per token
+    (forward+backward). Recomputation by checkpointing is not counted (as usual for MFU).
+    """
+    d, layers = config.hidden_size, config.num_hidden_layers
+    kv = getattr(config, "num_key_value_heads", config.num_attention_heads)
+    head = d // config.num_attention_heads
+    ff = config.intermediate_size
+    n = layers * (d * d * 2 + 2 * d * kv * head + 3 * d * ff) + d * config.vocab_size
+    mult = 6 if with_reference else 4
+    return mult * n + 12 * layers * d * context
+
+
+@dataclass
+class BenchResult:
+    shape: str
+    layout: str
+    reference: str
+    device: str
+    steps_timed: int
+    pairs_per_step: int
+    tokens_per_s: float  # steady steps
+    e2e_tokens_per_s: float  # all steps plus the reference pass
+    step_time_s: float
+    reference_s: float
+    peak_alloc_gib: float | None
+    peak_reserved_gib: float | None
+    mfu: float | None
+    padding_fraction: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_bench(recipe: Recipe, *, steps: int = 8, warmup: int = 2, shape: str | None = None,
+              prompt_len: tuple[int, int] = (128, 512), response_len: tuple[int, int] = (64, 512),
+              random_weights: bool = True, quiet: bool = False) -> BenchResult:
+    from qdpo.model import (attach_lora, default_device, load_base, random_quantized_base,
+                            resolve_layout, trainable_parameters)
+    from qdpo.train import (StepContext, autocast_for, build_reference, loss_params,
+                            make_optimizer, make_scheduler, memory_stats, train_step)
+
+    if steps <= warmup:
+        raise QdpoError(f"--steps ({steps}) must be larger than --warmup ({warmup}).")
+    device = default_device()
+    config = bench_config(recipe, shape) if (random_weights or shape) else None
+    torch.manual_seed(recipe.train.seed)
+    if config is not None:
+        base = random_quantized_base(config, recipe, device)
+    else:
+        base = load_base(recipe, device)
+        config = base.config
+    model = attach_lora(base, recipe)
+    from qdpo.model import compute_dtype
+
+    dtype = compute_dtype(recipe.model.compute_dtype, device)
+    layout = resolve_layout(recipe, model, device)
+    pps = recipe.train.pairs_per_step
+    data = synthetic_pairs(steps * pps, config.vocab_size, prompt_len, response_len,
+                           recipe.train.seed)
+    params = trainable_parameters(model)
+    optimizer = make_optimizer(recipe, params, device)
+    scheduler = make_scheduler(recipe, optimizer, steps)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    ref_table = None
+    ref_s = 0.0
+    ref_mode = recipe.train.reference
+    if recipe.needs_reference and ref_mode in ("auto", "precompute"):
+        from qdpo import reference as refcache
+
+        ref_table = refcache.ReferenceTable.empty(len(data))
+        t0 = time.monotonic()
+        budget = 4 * recipe.train.max_tokens if recipe.train.max_tokens else None
+        refcache.precompute(model, ref_table, range(len(data)), data, 0, device, layout.name,
+                            budget, 4 * recipe.train.micro_batch_pairs, layout.row_tokens,
+                            autocast_for(device, dtype))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        ref_s = time.monotonic() - t0
+    ctx = StepContext(model, optimizer, scheduler, None, params, recipe, loss_params(recipe),
+                      device, dtype, layout, 0, ref_table)
+    model.train()
+    times, tokens, slots, real = [], [], 0, 0
+    for s in range(steps):
+        t0 = time.monotonic()
+        idx = list(range(s * pps, (s + 1) * pps))
+        m = train_step(ctx, data, idx)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.monotonic() - t0)
+        tokens.append(sum(data[i].num_tokens for i in idx))
+        if m is not None:
+            slots += m["token_slots"]
+        if not quiet:
+            ui.info(f"  step {s + 1}/{steps}: {times[-1]:.2f} s, {tokens[-1] / times[-1]:,.0f} "
+                    f"tok/s" + (" (warm-up, not timed)" if s < warmup else ""))
+    from qdpo.batching import segment_cost
+
+    real = sum(segment_cost(p, layout.name) for p in data)
+    steady_t = sum(times[warmup:])
+    steady_tok = sum(tokens[warmup:])
+    mem = memory_stats(device)
+    peak = peak_flops(device)
+    mfu = None
+    if peak:
+        processed = sum(segment_cost(data[i], layout.name) for i in range(warmup * pps, len(data)))
+        seq = sum(len(p.prompt_ids) + (len(p.chosen_ids) + len(p.rejected_ids)) / 2
+                  for p in data) / len(data)
+        online_ref = recipe.needs_reference and ref_table is None
+        mfu = flops_per_token(config, seq / 2, online_ref) * processed / steady_t / peak
+    return BenchResult(
+        shape=shape or HUB_SHAPES.get(recipe.model.name_or_path, recipe.model.name_or_path),
+        layout=layout.name, reference=("precompute" if ref_table is not None else
+                                       "online" if recipe.needs_reference else "none"),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        steps_timed=steps - warmup, pairs_per_step=pps,
+        tokens_per_s=steady_tok / steady_t, e2e_tokens_per_s=sum(tokens) / (sum(times) + ref_s),
+        step_time_s=steady_t / (steps - warmup), reference_s=ref_s,
+        peak_alloc_gib=mem.get("mem/peak_alloc_gib"),
+        peak_reserved_gib=mem.get("mem/peak_reserved_gib"), mfu=mfu,
+        padding_fraction=max(0.0, 1 - real / slots) if slots else 0.0,
+        extra={"attn": layout.attn, "max_tokens": recipe.train.max_tokens,
+               "micro_batch_pairs": recipe.train.micro_batch_pairs,
+               "prompt_len": list(prompt_len), "response_len": list(response_len)})
+
+
+def results_table(results: list[BenchResult]) -> Any:
+    from rich.table import Table
+
+    t = Table(title="qdpo bench", title_justify="left")
+    for col in ("shape", "layout", "reference", "tokens/s", "e2e tokens/s", "step s", "ref s",
+                "peak alloc GiB", "peak reserved GiB", "MFU", "padding"):
+        t.add_column(col, justify="right" if col not in ("shape", "layout", "reference")
+                     else "left")
+
+    def g(v: float | None, f: str) -> str:
+        return "-" if v is None else format(v, f)
+
+    for r in results:
+        t.add_row(r.shape, r.layout, r.reference, f"{r.tokens_per_s:,.0f}",
+                  f"{r.e2e_tokens_per_s:,.0f}", f"{r.step_time_s:.2f}", f"{r.reference_s:.1f}",
+                  g(r.peak_alloc_gib, ".2f"), g(r.peak_reserved_gib, ".2f"),
+                  g(r.mfu, ".1%"), f"{r.padding_fraction:.0%}")
+    return t
+
+
+def write_json(results: list[BenchResult], path: Path) -> None:
+    path.write_text(json.dumps([asdict(r) for r in results], indent=2))
