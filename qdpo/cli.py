@@ -156,10 +156,160 @@ def bench(
         ui.info(f"wrote {json_out}")
 
 
+@app.command()
+def merge(
+    run: Path = typer.Argument(..., help="Run directory, checkpoint, or peft adapter directory."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for the merged model."),
+    dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32."),
+    from_nf4: bool = typer.Option(
+        False, "--from-nf4", help="Merge onto the NF4-dequantized base the adapter was trained "
+                                  "against, instead of the original base weights."),
+    device: str = typer.Option("cpu", "--device", help="Where to merge: cpu or cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+) -> None:
+    """Merge the adapter into a full-precision base: a standard transformers model."""
+    from qdpo.export import merge as do_merge
+
+    do_merge(run, out, dtype=dtype, from_nf4=from_nf4, overwrite=overwrite, device=device)
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="Run directory, checkpoint, or peft adapter directory."),
+    fmt: str = typer.Option(..., "--format", "-f", help="peft, gguf-lora or gguf."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (peft) or file (gguf)."),
+    outtype: str = typer.Option("f16", "--outtype",
+                                help="GGUF tensor type: f32, f16, bf16 or q8_0."),
+    from_nf4: bool = typer.Option(False, "--from-nf4", help="gguf: merge onto the dequantized "
+                                                            "NF4 base."),
+    device: str = typer.Option("cpu", "--device", help="gguf: where to merge."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+) -> None:
+    """Export the adapter (peft, llama.cpp GGUF LoRA) or the merged model (GGUF)."""
+    from qdpo.export import export as do_export
+
+    do_export(run, fmt, out, outtype=outtype, overwrite=overwrite, from_nf4=from_nf4,
+              device=device)
+
+
+def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+              repetition_penalty: float, seed: Optional[int]):
+    from qdpo.chat import Sampling
+
+    if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
+        raise QdpoError("Sampling options: --temperature >= 0, 0 < --top-p <= 1, "
+                        "--max-new-tokens >= 1.")
+    return Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+
+
+def _generator(run: Path, quantize: bool):
+    from qdpo.chat import Generator
+    from qdpo.model import load_trained
+    from qdpo.rundir import open_trained
+
+    src = open_trained(run)
+    model, tok = load_trained(src, quantize=quantize)
+    return Generator(model, tok, src.recipe)
+
+
+_MAX_NEW = typer.Option(256, "--max-new-tokens", help="Longest reply in tokens.")
+_TEMP = typer.Option(0.7, "--temperature", help="Sampling temperature; 0 = greedy.")
+_TOP_P = typer.Option(0.9, "--top-p", help="Nucleus sampling mass.")
+_TOP_K = typer.Option(0, "--top-k", help="Top-k sampling (0 = off).")
+_REP = typer.Option(1.0, "--repetition-penalty", help="Repetition penalty (1 = off).")
+_SEED = typer.Option(None, "--seed", help="Seed for reproducible sampling.")
+_NO_Q = typer.Option(False, "--no-quantize", help="Load the base in full precision instead of "
+                                                  "4-bit.")
+
+
+@app.command()
+def chat(
+    run: Path = typer.Argument(..., help="Run directory, checkpoint, or peft adapter directory."),
+    compare: bool = typer.Option(False, "--compare", help="Answer every turn twice, base "
+                                                          "(adapters off) and tuned, side by "
+                                                          "side."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    max_new_tokens: int = _MAX_NEW, temperature: float = _TEMP, top_p: float = _TOP_P,
+    top_k: int = _TOP_K, repetition_penalty: float = _REP, seed: Optional[int] = _SEED,
+    no_quantize: bool = _NO_Q,
+) -> None:
+    """Chat with the tuned model in the terminal (/reset, /system TEXT, /exit)."""
+    from qdpo.chat import chat_loop
+
+    sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    gen = _generator(run, not no_quantize)
+    if system:
+        gen.system_prompt = system
+    chat_loop(gen, sampling, compare=compare)
+
+
+@app.command()
+def generate(
+    run: Path = typer.Argument(..., help="Run directory, checkpoint, or peft adapter directory."),
+    prompts: Path = typer.Option(..., "--prompts", "-p", help="jsonl with a 'prompt' (text or "
+                                                              "messages) per line."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output jsonl."),
+    compare: bool = typer.Option(False, "--compare", help="Also generate with the base "
+                                                          "(base_response)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generate call."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    max_new_tokens: int = _MAX_NEW, temperature: float = _TEMP, top_p: float = _TOP_P,
+    top_k: int = _TOP_K, repetition_penalty: float = _REP, seed: Optional[int] = _SEED,
+    no_quantize: bool = _NO_Q,
+) -> None:
+    """Generate replies for a file of prompts, to jsonl."""
+    from qdpo import console as ui
+    from qdpo.chat import generate_file, read_prompts
+
+    if out.exists() and not overwrite:
+        raise QdpoError(f"Output '{out}' already exists; pass --overwrite to replace it.")
+    read_prompts(prompts)  # fail on a bad file before loading the model
+    sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    gen = _generator(run, not no_quantize)
+    n = generate_file(gen, prompts, out, sampling, compare=compare, batch_size=batch_size)
+    ui.info(f"wrote {n} generations to {out}")
+
+
+@app.command(name="eval")
+def eval_cmd(
+    run: Path = typer.Argument(..., help="Run directory, checkpoint, or peft adapter directory."),
+    data: list[str] = typer.Option(..., "--data", "-d", help="Data source (file, glob or hub "
+                                                              "id); repeat for several."),
+    split: str = typer.Option("train", "--split", help="Split, for hub datasets."),
+    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Evaluate at most N pairs."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Preference metrics of the trained policy against its reference on a data set."""
+    import json as _json
+
+    from qdpo import console as ui
+    from qdpo.recipe import DataSource
+    from qdpo.train import eval_trained
+
+    if json_out:  # keep stdout pure JSON
+        ui.console = ui.err_console
+
+    res = eval_trained(run, [DataSource(path=d, split=split) for d in data], max_pairs)
+    if json_out:
+        typer.echo(_json.dumps(res, indent=2))
+        return
+    order = ["pairs", "rewards/accuracies", "rewards/margins", "rewards/chosen",
+             "rewards/rejected", "loss", "logps/chosen", "logps/rejected", "logps/ref_chosen",
+             "logps/ref_rejected"]
+    rows = [(k, res[k]) for k in order if k in res] + \
+        [(k, v) for k, v in res.items() if k not in order]
+    ui.console.print(ui.metrics_table(f"qdpo eval: {run}", rows))
+
+
 def main() -> None:
     """Console-script entry point: runs the app and turns user errors into one message."""
+    import warnings
+
     from qdpo import console as ui
 
+    # library deprecation chatter (transformers renames, peft internals) is not for users
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         rc = app(args=_optional_resume_value(sys.argv[1:]), prog_name="qdpo",
                  standalone_mode=False)

@@ -135,7 +135,7 @@ def _local_files(path: str) -> list[Path] | None:
 
 
 def _read_json_file(f: Path) -> list[dict[str, Any]]:
-    text = f.read_text(encoding="utf-8")
+    text = f.read_text(encoding="utf-8-sig")
     stripped = text.lstrip()
     if f.suffix == ".json" and stripped.startswith(("[", "{")):
         try:
@@ -152,7 +152,10 @@ def _read_json_file(f: Path) -> list[dict[str, Any]]:
                     return v
             return [obj]
     rows = []
-    for i, line in enumerate(text.splitlines(), 1):
+    # split on newlines only: str.splitlines also breaks at U+2028 etc., which JSON strings
+    # may hold raw
+    for i, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -180,8 +183,14 @@ def read_rows(source: DataSource, recipe: Recipe | None = None) -> list[dict[str
                 else:
                     import datasets
 
-                    ds = datasets.load_dataset(kind, data_files=str(f), split="train")
-                    rows.extend(ds.to_list())
+                    if kind == "csv":  # text stays text, even when it looks like a number
+                        import pandas as pd
+
+                        rows.extend(pd.read_csv(f, dtype=str, keep_default_na=False)
+                                    .to_dict("records"))
+                    else:
+                        ds = datasets.load_dataset(kind, data_files=str(f), split="train")
+                        rows.extend(ds.to_list())
             except DataError:
                 raise
             except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -485,3 +494,17 @@ def prepare(recipe: Recipe, tokenizer: Any) -> PreparedData:
         raise _nothing_left(report, "training")
     ev = tok(eval_pairs, eval_report) if eval_pairs and eval_report is not None else []
     return PreparedData(train, ev, report, eval_report, tok)
+
+
+def prepare_sources(sources: list[DataSource], recipe: Recipe, tokenizer: Any,
+                    what: str = "eval") -> tuple[list[PairTokens], DataReport]:
+    """Tokenized pairs of some sources with the recipe's data settings (qdpo eval)."""
+    report = DataReport(strict=recipe.data.strict)
+    pairs = _load_pairs(sources, recipe, report)
+    if not pairs:
+        raise _nothing_left(report, what)
+    tok = Tokenizer(tokenizer, recipe, any(not isinstance(p.prompt, str) for p in pairs))
+    out = tok(pairs, report)
+    if not out:
+        raise _nothing_left(report, what)
+    return out, report

@@ -340,3 +340,36 @@ def save_adapter(model: Any, tokenizer: Any, out: Path) -> None:
         data = json.loads(cfg.read_text())
         data["inference_mode"] = True
         cfg.write_text(json.dumps(data, indent=2))
+
+
+def load_trained(source: Any, device: torch.device | None = None,
+                 quantize: bool = True) -> tuple[Any, Any]:
+    """A trained adapter on its base, as in training (4-bit unless quantize=False).
+
+    The policy adapter is active; `reference_mode` gives the run's reference (adapters
+    disabled, or the frozen starting adapter when the run had one).
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    device = device or default_device()
+    recipe = source.recipe
+    base = load_base(recipe, device, quantize=quantize)
+    try:
+        model = PeftModel.from_pretrained(base, str(source.adapter_dir),
+                                          adapter_name=POLICY_ADAPTER, is_trainable=False)
+        if recipe.lora.init_adapter:
+            model.load_adapter(recipe.resolve_path(recipe.lora.init_adapter),
+                               adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+            model.set_adapter(POLICY_ADAPTER)
+    except Exception as e:
+        raise ModelError(f"Cannot load the adapter in '{source.adapter_dir}' onto "
+                         f"'{source.base_path}': {type(e).__name__}: {e}") from None
+    model.eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(source.adapter_dir))
+    except Exception:
+        tok = load_tokenizer(recipe)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok

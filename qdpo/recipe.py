@@ -7,8 +7,10 @@ must be instant and work on a machine without a GPU stack.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -75,7 +77,7 @@ class ModelConfig:
 @dataclass
 class LoraConfig:
     r: int = _f(16, help="LoRA rank")
-    alpha: float = _f(32, help="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) "
+    alpha: float = _f(32.0, help="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) "
                                "with rslora)")
     dropout: float = _f(0.05, help="Dropout on the LoRA input")
     target_modules: str | list[str] = _f(
@@ -317,13 +319,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise _Bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise _Bad from None
+        try:
+            if isinstance(value, str):
+                value = float(value)
+            if isinstance(value, (int, float)):
+                f = float(value)
+                if math.isfinite(f):
+                    return f
+        except (ValueError, OverflowError):
+            pass
         raise _Bad
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -462,6 +466,16 @@ def validate(r: Recipe) -> Recipe:
            "it must be >= 0")
     _check(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "it must be >= 0")
     _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, "it must be >= 1")
+    _check(t.max_tokens is None or t.max_tokens >= 16, "train.max_tokens", t.max_tokens,
+           "it must be >= 16 or null")
+    _check(r.eval.max_pairs is None or r.eval.max_pairs >= 1, "eval.max_pairs",
+           r.eval.max_pairs, "it must be >= 1 or null")
+    _check(r.eval.micro_batch_pairs is None or r.eval.micro_batch_pairs >= 1,
+           "eval.micro_batch_pairs", r.eval.micro_batch_pairs, "it must be >= 1 or null")
+    ct = r.data.chat_template
+    _check(ct in ("auto", "none", "chatml", "llama3", "zephyr") or "{{" in ct or "{%" in ct,
+           "data.chat_template", ct, "use auto, none, chatml, llama3, zephyr, or a Jinja "
+                                     "template string")
     _check(0 <= r.eval.split_fraction < 1, "eval.split_fraction", r.eval.split_fraction,
            "it must be in [0, 1)")
     _check(r.eval.every_steps >= 0, "eval.every_steps", r.eval.every_steps, "it must be >= 0")
@@ -473,10 +487,11 @@ def validate(r: Recipe) -> Recipe:
 
 def recipe_from_dict(raw: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = (),
                      base_dir: str = "") -> Recipe:
-    raw = dict(raw or {})
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
         raise RecipeError("A recipe must be a YAML mapping with sections such as model:, data:.")
-    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    raw = copy.deepcopy(raw)  # overrides must not write into the caller's dicts
     for o in overrides:
         apply_override(raw, o)
     for section, value in raw.items():

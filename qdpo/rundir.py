@@ -150,3 +150,58 @@ class RunDir:
                    "interrupted": result.interrupted, "train": result.last_train,
                    "eval": result.final_eval, "loss": recipe.loss_types}
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+# ---------------------------------------------------------------------------------------
+# What the after-training commands read: a run directory, a checkpoint, or a bare adapter
+# ---------------------------------------------------------------------------------------
+
+class TrainedSource:
+    """An adapter and everything needed to rebuild its model: base weights and recipe."""
+
+    def __init__(self, adapter_dir: Path, recipe: Recipe, base_path: str, run: RunDir | None):
+        self.adapter_dir = adapter_dir
+        self.recipe = recipe
+        self.base_path = base_path
+        self.run = run
+
+    @property
+    def name(self) -> str:
+        return self.adapter_dir.name
+
+
+def open_trained(path: str | Path) -> TrainedSource:
+    """Resolve a run dir, a checkpoint dir inside one, or a plain peft adapter directory."""
+    p = Path(path)
+    if not p.exists():
+        raise RunDirError(f"'{path}' does not exist. Pass a qdpo run directory (what `qdpo "
+                          "train` wrote) or a peft adapter directory.")
+    if not (p / "adapter_config.json").exists():
+        if RunDir(p).is_run():
+            ckpts = list_checkpoints(p)
+            hint = f"; its last checkpoint is {ckpts[-1]}" if ckpts else ""
+            raise RunDirError(f"'{path}' is a qdpo run without a final adapter (interrupted "
+                              f"or still running{hint}). Resume it, or pass a checkpoint.")
+        raise RunDirError(f"'{path}' is neither a qdpo run directory nor a peft adapter "
+                          "directory (no adapter_config.json).")
+    run_root = p if RunDir(p).is_run() else (
+        p.parent.parent if p.parent.name == "checkpoints" and RunDir(p.parent.parent).is_run()
+        else None)
+    try:
+        adapter_cfg = json.loads((p / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunDirError(f"'{p / 'adapter_config.json'}' is unreadable: {e}") from None
+    if run_root is not None:
+        run = RunDir(run_root)
+        recipe = run.recipe()
+        base = run.info().get("base_model") or adapter_cfg.get("base_model_name_or_path", "")
+        if recipe.model.random_init:
+            recipe.model.random_init = False  # the materialised weights are the base now
+        recipe.model.name_or_path = base
+        return TrainedSource(p, recipe, base, run)
+    base = adapter_cfg.get("base_model_name_or_path")
+    if not base:
+        raise RunDirError(f"The adapter in '{path}' does not say which base model it belongs "
+                          "to (base_model_name_or_path is empty).")
+    recipe = recipe_from_dict({"model": {"name_or_path": base}, "data": {"train": "unused"}})
+    return TrainedSource(p, recipe, base, None)

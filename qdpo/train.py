@@ -136,7 +136,32 @@ def evaluate(model: Any, data: list[PairTokens], recipe: Recipe, pad_id: int,
     if was_training:
         model.train()
     res = acc.result()
-    res["pairs"] = float(acc.n)
+    res["pairs"] = acc.n
+    return res
+
+
+def eval_trained(path: str | Path, sources: list[Any], max_pairs: int | None = None,
+                 micro_batch_pairs: int | None = None) -> dict[str, float]:
+    """`qdpo eval`: a trained adapter against its reference on any data source."""
+    from qdpo.data import prepare_sources
+    from qdpo.model import load_trained
+    from qdpo.rundir import open_trained
+
+    src = open_trained(path)
+    device = default_device()
+    model, tok = load_trained(src, device)
+    recipe = src.recipe
+    if micro_batch_pairs:
+        recipe.eval.micro_batch_pairs = micro_batch_pairs
+    pairs, report = prepare_sources(sources, recipe, tok)
+    if max_pairs:
+        pairs = pairs[:max_pairs]
+    ui.info(f"eval data: {report.summary()}")
+    layout = resolve_layout(recipe, model, device)
+    from qdpo.model import compute_dtype
+
+    res = evaluate(model, pairs, recipe, tok.pad_token_id, device,
+                   compute_dtype(recipe.model.compute_dtype, device), layout)
     return res
 
 

@@ -192,6 +192,7 @@ def test_prefix_and_eos_property(qs_tok, prompt, chosen, rejected, system):
     (p,) = out
     msgs = t.prompt_messages([user(prompt)])
     assert dec(qs_tok, p.prompt_ids) == t.render_prompt([user(prompt)])
+    assert t.encode_prompt(t.render_prompt([user(prompt)]), templated=True) == p.prompt_ids
     for ids, reply in ((p.chosen_ids, chosen), (p.rejected_ids, rejected)):
         full = qs_tok.apply_chat_template(msgs + [asst(reply)], tokenize=False)
         # the concatenation renders exactly the conversation, up to the template's last "\n"
@@ -229,6 +230,7 @@ def test_chat_template_none_gives_plain_text(qs_tok):
     assert dec(qs_tok, p.rejected_ids) == "I do not know." + EOS
     assert "<|im_start|>" not in dec(qs_tok, p.prompt_ids)
     assert t.render_prompt(ROW["prompt"]) == ROW["prompt"]
+    assert t.encode_prompt(t.render_prompt(ROW["prompt"]), templated=False) == p.prompt_ids
 
 
 def test_tokenizer_without_template_uses_plain_text_for_standard_rows(bpe_tok):
@@ -529,7 +531,10 @@ def test_file_formats_give_identical_pairs(tmp_path, qs_tok, hf_cache):
     pd.DataFrame(rows).to_parquet(paths["parquet"], index=False)
     results = {}
     for kind, path in paths.items():
-        assert read_rows(DataSource(str(path))) == rows, kind
+        # csv has no types: every cell is read as text (numbers included), so that text
+        # columns that look numeric stay text; the weight is parsed later
+        expect = [{k: str(v) for k, v in r.items()} for r in rows] if kind == "csv" else rows
+        assert read_rows(DataSource(str(path))) == expect, kind
         results[kind] = [key(p) for p in prepare(recipe(str(path)), qs_tok).train]
     assert len(results["jsonl"]) == 6
     for kind, res in results.items():
@@ -619,6 +624,9 @@ def test_eval_split_fraction(forty, qs_tok):
     assert [key(p) for p in again.train] == [key(p) for p in d.train]
     other = prepare(recipe(forty, eval={"split_fraction": 0.25}, train={"seed": 1}), qs_tok)
     assert {key(p) for p in other.eval} != ev
+    # int(40 * 0.33) = 13 held out, not rounded up
+    d = prepare(recipe(forty, eval={"split_fraction": 0.33}), qs_tok)
+    assert (len(d.eval), len(d.train)) == (13, 27)
     # a small fraction still holds one pair out
     assert len(prepare(recipe(forty, eval={"split_fraction": 0.01}), qs_tok).eval) == 1
     # no split: no eval
@@ -681,8 +689,6 @@ def test_prepare_quickstart_end_to_end(qs_tok):
 # Bugs found while writing these tests (strict xfail: they pass once fixed)
 # ---------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(reason="BUG: _read_json_file splits JSONL with str.splitlines(), which also "
-                          "breaks at U+2028/U+2029/U+0085 inside JSON strings", strict=True)
 def test_jsonl_with_unicode_line_separators_in_strings(tmp_path):
     rows = [{"prompt": "one\u2028two", "chosen": "yes\x85ok", "rejected": "no\u2029"}, ROW]
     p = tmp_path / "u.jsonl"
@@ -691,18 +697,12 @@ def test_jsonl_with_unicode_line_separators_in_strings(tmp_path):
     assert read_rows(DataSource(str(p))) == rows
 
 
-@pytest.mark.xfail(reason="BUG: an unknown data.chat_template name (typo) is used as a Jinja "
-                          "template that renders the name itself: every completion becomes just "
-                          "the eos token", strict=True)
 def test_misspelt_chat_template_name_is_an_error(qs_tok):
-    r = recipe(str(QUICKSTART / "train.jsonl"), data={"chat_template": "chatlm"})
     with pytest.raises(QdpoError, match="chatlm"):
-        prepare(r, qs_tok)
+        prepare(recipe(str(QUICKSTART / "train.jsonl"), data={"chat_template": "chatlm"}),
+                qs_tok)
 
 
-@pytest.mark.xfail(reason="BUG: .csv files are read with type inference, so an all-numeric text "
-                          "column (answers '4', '6') becomes int and every row is skipped",
-                   strict=True)
 def test_csv_numeric_looking_text_stays_text(tmp_path, qs_tok, hf_cache):
     path = tmp_path / "math.csv"
     path.write_text("prompt,chosen,rejected\nWhat is 2+2?,4,5\nWhat is 3+3?,6,7\n")
