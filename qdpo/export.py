@@ -60,9 +60,11 @@ def available_memory() -> int | None:
 
 
 def count_params(base_path: str, recipe: Any) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(base_path, trust_remote_code=recipe.model.trust_remote_code)
+    from qdpo.model import load_config
+
+    cfg = load_config(base_path, recipe)
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(cfg)
     return sum(p.numel() for p in m.parameters())
@@ -219,9 +221,9 @@ def export(path: str | Path, fmt: str, out: str | Path, outtype: str = "f16",
     _check_out(out, overwrite)
     src = open_trained(path)
     if fmt == "gguf-lora":
-        from transformers import AutoConfig
+        from qdpo.model import load_config
 
-        cfg = AutoConfig.from_pretrained(src.base_path).to_dict()
+        cfg = load_config(src.base_path, src.recipe).to_dict()
         gguf_export.export_gguf_lora(src.adapter_dir, out, base_config=cfg,
                                      outtype=outtype if outtype in ("f32", "f16", "bf16")
                                      else "f16")

@@ -71,6 +71,20 @@ def load_tokenizer(recipe: Recipe) -> Any:
     return tok
 
 
+def load_config(path: str, recipe: Recipe | None = None) -> Any:
+    """The model's config, with one clear error when it cannot be read."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            path, trust_remote_code=bool(recipe and recipe.model.trust_remote_code))
+    except Exception as e:
+        raise ModelError(f"Cannot read the config of the base model '{path}': "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+                         "Check that it exists (without network only local directories and "
+                         "already-downloaded hub models load).") from None
+
+
 def materialize_random(recipe: Recipe) -> str:
     """Write seeded random weights for the model's config once, and return their directory.
 

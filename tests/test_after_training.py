@@ -1,0 +1,174 @@
+"""merge, export, chat, generate and eval on a real (tiny) trained run, through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from test_cli import qdpo
+from tiny import QUICKSTART, QUICKSTART_RECIPE
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("after") / "run"
+    res = qdpo("train", QUICKSTART_RECIPE, "train.max_steps=8", "-o", run)
+    assert res.returncode == 0, res.stderr
+    return run
+
+
+def _ids():
+    return torch.tensor([[0, 5, 9, 33, 100, 7, 250, 3]])
+
+
+@pytest.mark.parametrize("from_nf4", [False, True])
+def test_merge_equals_base_plus_adapter(run, tmp_path, from_nf4):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qdpo.model import load_trained
+    from qdpo.rundir import open_trained
+
+    out = tmp_path / "merged"
+    args = ["merge", run, "--out", out, "--dtype", "fp32"] + (["--from-nf4"] if from_nf4 else [])
+    res = qdpo(*args)
+    assert res.returncode == 0, res.stderr
+    assert "need about" in res.stdout  # memory estimate before the work
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "README.md",
+              "generation_config.json"):
+        assert (out / f).exists(), f
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    if from_nf4:  # what was trained: the 4-bit base with the adapter
+        ref_model, _ = load_trained(open_trained(run))
+    else:
+        base = AutoModelForCausalLM.from_pretrained(json.loads(
+            (run / "run.json").read_text())["base_model"])
+        ref_model = PeftModel.from_pretrained(base, str(run))
+    with torch.no_grad():
+        a, b = merged(input_ids=_ids()).logits, ref_model(input_ids=_ids()).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    # and the merge is not a no-op
+    plain = AutoModelForCausalLM.from_pretrained(json.loads(
+        (run / "run.json").read_text())["base_model"])
+    with torch.no_grad():
+        assert (plain(input_ids=_ids()).logits - a).abs().max() > 1e-3
+    # an existing output is refused without --overwrite, and kept
+    res = qdpo(*args)
+    assert res.returncode == 2 and "--overwrite" in res.stderr
+    assert (out / "model.safetensors").exists()
+
+
+def test_export_peft(run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "adapter"
+    res = qdpo("export", run, "--format", "peft", "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
+                                                "README.md", "tokenizer.json"}
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"])
+    m = PeftModel.from_pretrained(base, str(out))
+    m2 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+        cfg["base_model_name_or_path"]), str(run))
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=_ids()).logits, m2(input_ids=_ids()).logits)
+
+
+def test_bad_sources_fail_cleanly(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for cmd in (["merge", tmp_path / "empty", "--out", tmp_path / "m"],
+                ["export", tmp_path / "nowhere", "--format", "peft", "--out", tmp_path / "e"],
+                ["chat", tmp_path / "empty"],
+                ["eval", tmp_path / "empty", "--data", QUICKSTART / "eval.jsonl"]):
+        res = qdpo(*cmd)
+        assert res.returncode == 2, (cmd, res.stderr)
+        assert "Traceback" not in res.stderr and "error:" in res.stderr
+
+
+def test_missing_base_model_fails_cleanly(run, tmp_path):
+    import shutil
+
+    adapter = tmp_path / "orphan"
+    shutil.copytree(run, adapter, ignore=shutil.ignore_patterns("checkpoints"))
+    info = json.loads((adapter / "run.json").read_text())
+    info["base_model"] = str(tmp_path / "no-such-model")
+    (adapter / "run.json").write_text(json.dumps(info))
+    res = qdpo("merge", adapter, "--out", tmp_path / "m")
+    assert res.returncode == 2 and "no-such-model" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_chat_commands_and_compare(run):
+    script = "Tell me about the night sky.\n/system Be brief.\nAnd the lake?\n/reset\n/exit\n"
+    import os
+    import subprocess
+    import sys
+
+    from tiny import REPO
+
+    res = subprocess.run([sys.executable, "-m", "qdpo", "chat", str(run), "--max-new-tokens",
+                          "8", "--seed", "0"], input=script, capture_output=True, text=True,
+                         cwd=REPO, env=dict(os.environ), timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("tuned>") == 2
+    assert "system prompt set" in res.stdout and "conversation reset" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "qdpo", "chat", str(run), "--compare",
+                          "--max-new-tokens", "8", "--temperature", "0"],
+                         input="Hello there\n/exit\n", capture_output=True, text=True,
+                         cwd=REPO, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "base" in res.stdout and "tuned" in res.stdout
+
+
+def test_compare_uses_same_weights_with_adapters_off(run):
+    from qdpo.chat import Generator, Sampling
+    from qdpo.model import load_trained
+    from qdpo.rundir import open_trained
+
+    src = open_trained(run)
+    model, tok = load_trained(src)
+    gen = Generator(model, tok, src.recipe)
+    conv = [[{"role": "user", "content": "What do you think about the night sky?"}]]
+    greedy = Sampling(max_new_tokens=12, temperature=0)
+    tuned = gen.generate(conv, greedy)
+    base = gen.generate(conv, greedy, base=True)
+    assert tuned != base
+    assert gen.generate(conv, greedy) == tuned  # the base pass left the adapters on
+
+
+def test_generate_file(run, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "What do you think about the night sky?"}) + "\n"
+                       + json.dumps({"prompt": [{"role": "user", "content": "Hi"}]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    res = qdpo("generate", run, "--prompts", prompts, "--out", out, "--compare",
+               "--max-new-tokens", "6", "--temperature", "0")
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 2 and all("response" in r and "base_response" in r for r in rows)
+    assert rows[1]["prompt"] == [{"role": "user", "content": "Hi"}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": 1}\n')
+    res = qdpo("generate", run, "--prompts", bad, "--out", tmp_path / "o2.jsonl")
+    assert res.returncode == 2 and "line 1" in res.stderr
+
+
+def test_eval_json_matches_training_eval(run):
+    res = qdpo("eval", run, "--data", QUICKSTART / "eval.jsonl", "--json")
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    final = json.loads((run / "summary.json").read_text())["eval"]
+    assert got["pairs"] == 64
+    for k in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
+              "logps/chosen", "logps/rejected", "logps/ref_chosen", "logps/ref_rejected",
+              "loss"):
+        assert got[k] == pytest.approx(final[k], abs=2e-3), k
+    table = qdpo("eval", run, "--data", QUICKSTART / "eval.jsonl", "--max-pairs", "4")
+    assert "rewards/accuracies" in table.stdout and "│ pairs" in table.stdout
