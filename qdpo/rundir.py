@@ -133,6 +133,22 @@ class RunDir:
         }
         (self.path / "run.json").write_text(json.dumps(info, indent=2))
 
+    def truncate_metrics(self, step: int) -> None:
+        """Drop records after `step`: a resumed run logs those steps again."""
+        f = self.path / "metrics.jsonl"
+        if not f.exists():
+            return
+        keep = []
+        for line in f.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:  # a line cut by the kill
+                continue
+        tmp = f.with_name(f.name + ".tmp")
+        tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+        tmp.replace(f)
+
     def save_final(self, save_adapter: Callable[[Path], None]) -> None:
         """Write the adapter next to a temporary name, then move its files in."""
         tmp = self.path / ".final-adapter"

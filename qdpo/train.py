@@ -392,6 +392,7 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start_step = state["trainer"]["step"]
+        run.truncate_metrics(start_step)
         ui.info(f"resumed from {resume_from} at step {start_step}/{steps}")
     run.write_run_info(recipe, minfo, data, steps)
     budget = recipe.train.max_tokens

@@ -111,7 +111,7 @@ def _save_model(path: Path, arch: str, pre: str, **overrides) -> Path:
                           "mistral": (MistralConfig, MistralForCausalLM)}[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**common))
-    _randomize(model, seed=hash(arch) % 1000)
+    _randomize(model, seed={"llama": 1, "qwen2": 2, "mistral": 3}[arch])
     # small shards: the export must stream several of them
     model.save_pretrained(path, max_shard_size="60KB")
     if pre == "spm":
@@ -347,7 +347,8 @@ def test_mistral_spm_tokenizer_and_llama3_rope(tmp_path):
     # permuted q against HF
     state = hf_state(d)
     q = values(tensors["blk.1.attn_q.weight"])
-    np.testing.assert_allclose(unpermute(q, N_HEAD), state["model.layers.1.self_attn.q_proj.weight"],
+    np.testing.assert_allclose(unpermute(q, N_HEAD),
+                               state["model.layers.1.self_attn.q_proj.weight"],
                                rtol=1e-3, atol=1e-4)
     # sentencepiece-style tokenizer -> llama vocab with byte tokens and scores
     tj = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
