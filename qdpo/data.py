@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,7 @@ class DataReport:
     response_truncated: int = 0
     dropped_too_long: int = 0
     formats: Counter = field(default_factory=Counter)
+    mixed: dict[str, int] = field(default_factory=dict)
     strict: bool = False
 
     def skip(self, reason: str, where: str) -> None:
@@ -94,6 +96,8 @@ class DataReport:
         parts = [f"{self.pairs} pairs from {self.rows} rows"]
         if self.formats:
             parts.append("format " + ", ".join(f"{k}" for k in self.formats))
+        if self.mixed:
+            parts.append("mixed " + ", ".join(f"{n} from {k}" for k, n in self.mixed.items()))
         if self.skipped:
             parts.append(f"{sum(self.skipped.values())} skipped ("
                          + ", ".join(f"{n} {r}" for r, n in self.skipped.most_common()) + ")")
@@ -247,11 +251,80 @@ def _completion_text(v: Any, prompt: Any, name: str) -> tuple[str | None, str | 
     return None, f"{name} is a {type(v).__name__}, not text or messages", None
 
 
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+_PROMPT_FALLBACKS = ("instruction", "question", "input")
+_TEXT_KEYS = ("response", "text", "content", "completion", "output", "answer")
+_SCORE_KEYS = ("score", "overall_score", "rating", "reward", "fine-grained_score")
+
+
+def _hh_messages(text: str) -> list[dict[str, str]] | None:
+    """Anthropic HH-RLHF text ("\n\nHuman: ...\n\nAssistant: ...") as messages."""
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()}
+            for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def _split_shared_text(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """Texts that share a prefix: (prompt, chosen reply, rejected reply), cut at a space."""
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    while n > 0 and not chosen[n - 1].isspace():
+        n -= 1
+    if n == 0:
+        return None
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _ranked_pair(row: dict[str, Any], cols: dict[str, str], how: str,
+                 rng: random.Random) -> tuple[Any, Any] | str:
+    """(chosen, rejected) from several scored responses, or the reason there is none."""
+    responses = row.get(cols["responses"])
+    if not isinstance(responses, list) or len(responses) < 2:
+        return "needs chosen/rejected, or at least two scored responses"
+    scores = row.get(cols["scores"])
+    items: list[tuple[float, Any]] = []
+    for k, r in enumerate(responses):
+        if isinstance(r, dict):
+            text = next((r[t] for t in _TEXT_KEYS if t in r), None)
+            score = next((r[t] for t in _SCORE_KEYS if t in r), None)
+            if isinstance(score, dict):  # nested ratings: their mean
+                vals = [v for v in score.values() if isinstance(v, (int, float))]
+                score = sum(vals) / len(vals) if vals else None
+        else:
+            text = r
+            score = scores[k] if isinstance(scores, list) and k < len(scores) else None
+        try:
+            items.append((float(score), text))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return f"response {k + 1} has no numeric score"
+    items.sort(key=lambda x: -x[0])
+    best = items[0]
+    worse = [x for x in items[1:] if x[0] < best[0]]
+    if not worse:
+        return "all responses have the same score"
+    if how == "best_vs_random":
+        rejected = rng.choice(worse)
+    elif how == "best_vs_second":
+        rejected = worse[0]
+    else:
+        rejected = worse[-1]
+    return best[1], rejected[1]
+
+
 def normalise_rows(rows: list[dict[str, Any]], recipe: Recipe, report: DataReport,
-                   source: str = "") -> list[Pair]:
-    cols = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "weight": "weight"}
+                   source: str = "", columns: dict[str, str] | None = None) -> list[Pair]:
+    cols = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "weight": "weight",
+            "responses": "completions", "scores": "scores"}
     cols.update(recipe.data.columns)
+    cols.update(columns or {})
+    prompt_mapped = "prompt" in recipe.data.columns or "prompt" in (columns or {})
     fmt = recipe.data.format
+    rng = random.Random(recipe.train.seed)
     pairs = []
     for i, row in enumerate(rows):
         where = f"{source} row {i + 1}" if source else f"row {i + 1}"
@@ -259,17 +332,46 @@ def normalise_rows(rows: list[dict[str, Any]], recipe: Recipe, report: DataRepor
         if not isinstance(row, dict):
             report.skip("row is not an object", where)
             continue
+        if not prompt_mapped and cols["prompt"] not in row:
+            alt = next((c for c in _PROMPT_FALLBACKS if c in row), None)
+            if alt is not None and (cols["chosen"] not in row or cols["rejected"] not in row
+                                    or isinstance(row.get(cols["chosen"]), str)):
+                row = dict(row, **{cols["prompt"]: row[alt]})
+        if (cols["chosen"] not in row or cols["rejected"] not in row) and (
+                cols["responses"] in row or "responses" in row):
+            if cols["responses"] not in row:
+                row = dict(row, **{cols["responses"]: row["responses"]})
+            picked = _ranked_pair(row, cols, recipe.data.pair_selection, rng)
+            if isinstance(picked, str):
+                report.skip(picked, where)
+                continue
+            row = dict(row, **{cols["chosen"]: picked[0], cols["rejected"]: picked[1]})
+            report.formats["ranked"] += 1
         if cols["chosen"] not in row or cols["rejected"] not in row:
             missing = [c for c in (cols["chosen"], cols["rejected"]) if c not in row]
             report.skip(f"missing column {', '.join(repr(m) for m in missing)} (columns: "
                         f"{', '.join(map(str, row))}; map yours with data.columns)", where)
             continue
         prompt = row.get(cols["prompt"])
-        chosen, err, c_prefix = _completion_text(row[cols["chosen"]], prompt, "chosen")
+        c_raw, r_raw = row[cols["chosen"]], row[cols["rejected"]]
+        if prompt is None and isinstance(c_raw, str) and isinstance(r_raw, str):
+            # implicit prompt in text: HH-RLHF dialogues, or texts sharing a prefix
+            hc, hr = _hh_messages(c_raw), _hh_messages(r_raw)
+            if hc and hr and fmt != "standard":
+                c_raw, r_raw = hc, hr
+                report.formats["implicit (HH dialogue)"] += 1
+            else:
+                split = _split_shared_text(c_raw, r_raw)
+                if split is None:
+                    report.skip("missing prompt (and chosen/rejected share no prefix)", where)
+                    continue
+                prompt, c_raw, r_raw = split
+                report.formats["implicit (shared text prefix)"] += 1
+        chosen, err, c_prefix = _completion_text(c_raw, prompt, "chosen")
         if err:
             report.skip(err, where)
             continue
-        rejected, err, r_prefix = _completion_text(row[cols["rejected"]], prompt, "rejected")
+        rejected, err, r_prefix = _completion_text(r_raw, prompt, "rejected")
         if err:
             report.skip(err, where)
             continue
@@ -449,10 +551,22 @@ class PreparedData:
 
 
 def _load_pairs(sources: list[DataSource], recipe: Recipe, report: DataReport) -> list[Pair]:
+    """All sources' pairs, each scaled by its weight or cut to its sample count."""
     pairs: list[Pair] = []
-    for s in sources:
+    for k, s in enumerate(sources):
         rows = read_rows(s, recipe)
-        pairs.extend(normalise_rows(rows, recipe, report, source=Path(s.path).name))
+        got = normalise_rows(rows, recipe, report, source=Path(s.path).name,
+                             columns=s.columns)
+        want = s.samples if s.samples is not None else round(len(got) * s.weight)
+        if got and want != len(got):
+            rng = random.Random(recipe.train.seed * 7919 + k)
+            if want <= len(got):
+                got = rng.sample(got, want)
+            else:  # upsample: every pair as often as fits, the rest drawn at random
+                reps, rest = divmod(want, len(got))
+                got = got * reps + rng.sample(got, rest)
+            report.mixed[Path(s.path).name] = len(got)
+        pairs.extend(got)
     return pairs
 
 

@@ -29,6 +29,7 @@ LOSS_TYPES = (
     "simpo", "orpo",
 )
 REFERENCE_FREE_LOSSES = ("simpo", "orpo", "sft")
+COLUMN_FIELDS = ("prompt", "chosen", "rejected", "weight", "responses", "scores")
 # Names other tools use, for the "did you mean" hint.
 _LOSS_ALIASES = {"dpo": "sigmoid", "cdpo": "sigmoid", "slic": "hinge", "rso": "hinge",
                  "nll": "sft", "rpo": "sigmoid", "exo": "exo_pair", "nca": "nca_pair",
@@ -51,6 +52,12 @@ class DataSource:
     split: str = _f("train", help="Split to read (hub datasets and local files alike)")
     name: str | None = _f(None, help="Hub dataset configuration name")
     revision: str | None = _f(None, help="Hub dataset revision")
+    columns: dict[str, str] = _f(factory=dict, help="Column mapping for this source only "
+                                                    "(overrides data.columns)")
+    weight: float = _f(1.0, help="Scale this source's share: 0.5 takes half its pairs, 2 "
+                                 "repeats each twice")
+    samples: int | None = _f(None, help="Take exactly this many pairs from this source "
+                                        "(sampled with train.seed)")
 
 
 @dataclass
@@ -109,6 +116,11 @@ class DataConfig:
     max_pairs: int | None = _f(None, help="Use at most this many training pairs (after "
                                           "shuffling with train.seed)")
     strict: bool = _f(False, help="Stop at the first bad row instead of skipping and counting it")
+    pair_selection: Literal["best_vs_worst", "best_vs_random", "best_vs_second"] = _f(
+        "best_vs_worst", help="Rows with several scored responses (UltraFeedback-style): which "
+                              "worse response becomes 'rejected'")
+    num_proc: int | None = _f(None, help="Tokenization processes (default: one per core for "
+                                         "large data sets)")
 
 
 @dataclass
@@ -426,9 +438,17 @@ def validate(r: Recipe) -> Recipe:
     _check(0 <= r.lora.dropout < 1, "lora.dropout", r.lora.dropout, "it must be in [0, 1)")
     _check(bool(r.data.train), "data.train", r.data.train,
            "give at least one training source (a file path or a hub dataset id)")
-    for k in r.data.columns:
-        _check(k in ("prompt", "chosen", "rejected", "weight"), f"data.columns.{k}", k,
-               "the fields that can be mapped are prompt, chosen, rejected, weight")
+    for key, cols in [("data.columns", r.data.columns)] + [
+            (f"data.train[{i}].columns", s.columns) for i, s in enumerate(r.data.train)]:
+        for k in cols:
+            _check(k in COLUMN_FIELDS, f"{key}.{k}", k,
+                   f"the fields that can be mapped are {', '.join(COLUMN_FIELDS)}")
+    for i, src in enumerate(r.data.train + r.eval.data):
+        _check(src.weight > 0, f"data source {src.path!r} weight", src.weight, "it must be > 0")
+        _check(src.samples is None or src.samples >= 1, f"data source {src.path!r} samples",
+               src.samples, "it must be >= 1 or null")
+    _check(r.data.num_proc is None or r.data.num_proc >= 1, "data.num_proc", r.data.num_proc,
+           "it must be >= 1 or null")
     _check(r.data.max_length >= 2, "data.max_length", r.data.max_length, "it must be >= 2")
     _check(1 <= r.data.max_prompt_length < r.data.max_length, "data.max_prompt_length",
            r.data.max_prompt_length, f"it must be >= 1 and below data.max_length "

@@ -398,7 +398,7 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, qs_tok):
         "chosen has non-string message content": 1,
         "weight is not a number": 1,
         "chosen is a int, not text or messages": 1,
-        "missing prompt (and chosen/rejected do not share a conversation prefix)": 1,
+        "missing prompt (and chosen/rejected share no prefix)": 1,
         "empty prompt": 1,
         "chosen does not end with an assistant message": 1,
     })

@@ -306,7 +306,7 @@ def test_unknown_key_in_override(override, fragments):
                                                 "Did you mean 'train.learning_rate'?"]),
     ({"model": {"name_or_path": "m"}, "data": {"train": {"path": "t", "splt": "x"}}},
      ["'data.train[0].splt'", "Did you mean 'data.train[0].split'?",
-      "Allowed here: path, split, name, revision."]),
+      "Allowed here: path, split, name, revision, columns, weight, samples."]),
     ({**MIN, "base_dir": "/x"}, ["'base_dir'"]),  # internal field, not a recipe key
 ])
 def test_unknown_key_in_dict(raw, fragments):
