@@ -99,6 +99,71 @@ def _optional_resume_value(argv: list[str]) -> list[str]:
     return out
 
 
+@app.command()
+def data(
+    recipe: Path = typer.Argument(..., help="Recipe YAML."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Recipe overrides key.sub=value",
+                                                    show_default=False),
+    n: int = typer.Option(3, "-n", help="Rendered examples to show."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Tokenize again even if cached."),
+) -> None:
+    """Show what training will see: rendered examples with prompt/response boundaries, token
+    length statistics, truncated, dropped and skipped pairs, tokens per epoch."""
+    import time
+
+    from rich.table import Table
+    from rich.text import Text
+
+    from qdpo import console as ui
+    from qdpo.data import length_stats, prepare
+    from qdpo.model import load_tokenizer
+    from qdpo.recipe import load_recipe
+
+    r = load_recipe(recipe, list(overrides or []))
+    tok = load_tokenizer(r)
+    t0 = time.monotonic()
+    with ui.task_progress("tokenize", 0) as advance:
+        d = prepare(r, tok, use_cache=not no_cache, progress=advance)
+    dt = time.monotonic() - t0
+    rep = d.train_report
+    ui.info(f"train: {rep.summary()}")
+    if not rep.cached:
+        ui.info(f"tokenized {rep.pairs} pairs in {dt:.1f} s ({rep.pairs / max(dt, 1e-9):,.0f} "
+                "pairs/s)")
+    for ex in rep.examples:
+        ui.info(f"  skipped {ex}")
+    if d.eval_report is not None:
+        ui.info(f"eval: {len(d.eval)} pairs")
+    for i, p in enumerate(d.train[:n]):
+        t = Text()
+        t.append(tok.decode(p.prompt_ids), style="cyan")
+        t.append("⟦chosen⟧", style="bold green")
+        t.append(tok.decode(p.chosen_ids), style="green")
+        t.append("\n")
+        t.append("⟦rejected⟧", style="bold red")
+        t.append(tok.decode(p.rejected_ids), style="red")
+        ui.console.rule(f"example {i + 1}: {len(p.prompt_ids)} prompt, {len(p.chosen_ids)} "
+                        f"chosen, {len(p.rejected_ids)} rejected tokens")
+        ui.console.print(t)
+    stats = length_stats(d.train)
+    table = Table(title="token lengths (after truncation)", title_justify="left")
+    for col in ("", "p50", "p95", "max"):
+        table.add_column(col, justify="right")
+    for name, v in stats.items():
+        table.add_row(name, str(v["p50"]), str(v["p95"]), str(v["max"]))
+    ui.console.print(table)
+    per_epoch = sum(p.num_tokens for p in d.train)
+    ui.console.print(ui.metrics_table("data summary", [
+        ("train pairs", rep.pairs), ("eval pairs", len(d.eval)),
+        ("rows skipped", sum(rep.skipped.values())),
+        ("prompts cut from the left", rep.prompt_truncated),
+        ("responses cut (max_length)", rep.response_truncated),
+        ("pairs dropped (no room for a response)", rep.dropped_too_long),
+        ("tokens per epoch (prompt+chosen + prompt+rejected)", per_epoch),
+        ("optimizer steps per epoch", -(-rep.pairs // r.train.pairs_per_step)),
+    ]))
+
+
 def _range(text: str, name: str) -> tuple[int, int]:
     try:
         lo, _, hi = text.partition("-")

@@ -153,7 +153,7 @@ def task_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
         return
     with Progress(TextColumn(f"[bold]{label}"), BarColumn(bar_width=24), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=console, transient=True) as prog:
-        task = prog.add_task(label, total=total)
+        task = prog.add_task(label, total=total or None)
         yield lambda k: prog.advance(task, k)
 
 

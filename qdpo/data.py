@@ -8,8 +8,13 @@ end-of-turn token the chat format expects. Nothing here knows about the model.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import hashlib
 import json
+import multiprocessing
+import os
+import pickle
 import random
 import re
 from collections import Counter
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qdpo.cache import cache_dir
 from qdpo.errors import DataError
 from qdpo.recipe import DataSource, Recipe
 
@@ -44,6 +50,7 @@ CHAT_TEMPLATES = {
 }
 
 ROLES = ("system", "user", "assistant", "tool")
+_SENTINEL = "\u2063qdpo-reply\u2063"
 
 
 @dataclass
@@ -83,6 +90,15 @@ class DataReport:
     formats: Counter = field(default_factory=Counter)
     mixed: dict[str, int] = field(default_factory=dict)
     strict: bool = False
+    cached: bool = False
+
+    def merge(self, other: "DataReport") -> None:
+        """Add a worker's counts (tokenization in parallel processes)."""
+        self.skipped.update(other.skipped)
+        self.examples.extend(other.examples[: max(0, 5 - len(self.examples))])
+        self.prompt_truncated += other.prompt_truncated
+        self.response_truncated += other.response_truncated
+        self.dropped_too_long += other.dropped_too_long
 
     def skip(self, reason: str, where: str) -> None:
         if self.strict:
@@ -93,7 +109,8 @@ class DataReport:
             self.examples.append(f"{where}: {reason}")
 
     def summary(self) -> str:
-        parts = [f"{self.pairs} pairs from {self.rows} rows"]
+        parts = [f"{self.pairs} pairs from {self.rows} rows"
+                 + (" (tokenized earlier, from cache)" if self.cached else "")]
         if self.formats:
             parts.append("format " + ", ".join(f"{k}" for k in self.formats))
         if self.mixed:
@@ -461,13 +478,46 @@ class Tokenizer:
     def __init__(self, tokenizer: Any, recipe: Recipe, conversational: bool):
         self.tok = tokenizer
         self.recipe = recipe
+        self.conversational = conversational
         self.template = resolve_chat_template(tokenizer, recipe.data.chat_template,
                                               conversational)
         self.eos = tokenizer.eos_token
         if self.eos is None:
             raise DataError("The tokenizer has no EOS token; qdpo needs one to end responses.")
+        self._shortcut = True
+        self._checks_left = 32
+        self._compiled = None
+        self._template_vars: dict[str, Any] = {}
+        if self.template is not None:
+            try:  # transformers' own compiled template, rendered without its per-call overhead
+                from transformers.utils.chat_template_utils import _compile_jinja_template
+
+                self._compiled = _compile_jinja_template(self.template)
+                self._template_vars = dict(getattr(tokenizer, "special_tokens_map", {}))
+                probe = [{"role": "user", "content": "hi"}]
+                if self._render(probe, True) != tokenizer.apply_chat_template(
+                        probe, chat_template=self.template, tokenize=False,
+                        add_generation_prompt=True):
+                    self._compiled = None
+            except Exception:
+                self._compiled = None
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._fast_encode = getattr(backend, "encode_batch_fast", None)
+
+    def encode(self, texts: list[str], special: bool) -> list[list[int]]:
+        """Token ids of many texts (the Rust tokenizer directly when there is one)."""
+        if self._fast_encode is not None:
+            return [e.ids for e in self._fast_encode(texts, add_special_tokens=special)]
+        return self.tok(texts, add_special_tokens=special)["input_ids"]
 
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        if self._compiled is not None:
+            try:
+                return self._compiled.render(messages=messages,
+                                             add_generation_prompt=generation_prompt,
+                                             **self._template_vars)
+            except Exception:
+                self._compiled = None  # the template needs transformers' full context
         return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
                                             add_generation_prompt=generation_prompt)
 
@@ -477,25 +527,51 @@ class Tokenizer:
             msgs = [{"role": "system", "content": self.recipe.data.system_prompt}] + msgs
         return msgs
 
+    def _completion(self, msgs: list[dict[str, str]], prompt_text: str, reply: str) -> str:
+        full = self._render(msgs + [{"role": "assistant", "content": reply}], False)
+        if full.startswith(prompt_text):
+            completion = full[len(prompt_text):]
+        else:  # templates that rewrite earlier turns: fall back to the reply itself
+            completion = reply
+        completion = _strip_after_eos(completion, self.eos)
+        return completion if completion.endswith(self.eos) else completion + self.eos
+
     def texts(self, pair: Pair) -> tuple[str, str, str, bool]:
-        """(prompt text, chosen text, rejected text, prompt_has_special_tokens)."""
+        """(prompt text, chosen text, rejected text, prompt_has_special_tokens).
+
+        The reply's chat wrapping (e.g. "...<|im_end|>") is found once per pair by rendering a
+        sentinel reply and substituting both replies into it: one template render per pair
+        instead of two. Replies a template might transform (surrounding whitespace, tags)
+        take the exact path, and the first pairs are checked against it; any difference turns
+        the shortcut off for the whole data set.
+        """
         if self.template is None:
             prompt = pair.prompt if isinstance(pair.prompt, str) else ""
             return prompt, pair.chosen + self.eos, pair.rejected + self.eos, False
         msgs = self.prompt_messages(pair.prompt)
         prompt_text = self._render(msgs, True)
+        wrap = self._wrapper(msgs, prompt_text) if self._shortcut else None
         out = []
         for reply in (pair.chosen, pair.rejected):
-            full = self._render(msgs + [{"role": "assistant", "content": reply}], False)
-            if full.startswith(prompt_text):
-                completion = full[len(prompt_text):]
-            else:  # templates that rewrite earlier turns: fall back to the reply itself
-                completion = reply
-            completion = _strip_after_eos(completion, self.eos)
-            if not completion.endswith(self.eos):
-                completion += self.eos
-            out.append(completion)
+            if wrap is not None and reply == reply.strip() and "<" not in reply:
+                fast = _strip_after_eos(wrap[0] + reply + wrap[1], self.eos)
+                fast = fast if fast.endswith(self.eos) else fast + self.eos
+                if self._checks_left > 0:
+                    self._checks_left -= 1
+                    if fast != self._completion(msgs, prompt_text, reply):
+                        self._shortcut = False
+                        fast = self._completion(msgs, prompt_text, reply)
+                out.append(fast)
+            else:
+                out.append(self._completion(msgs, prompt_text, reply))
         return prompt_text, out[0], out[1], True
+
+    def _wrapper(self, msgs: list[dict[str, str]], prompt_text: str) -> tuple[str, str] | None:
+        full = self._render(msgs + [{"role": "assistant", "content": _SENTINEL}], False)
+        if not full.startswith(prompt_text) or full.count(_SENTINEL) != 1:
+            return None
+        pre, post = full[len(prompt_text):].split(_SENTINEL)
+        return pre, post
 
     def render_prompt(self, prompt: list[dict[str, str]] | str) -> str:
         """The text a generation for this prompt starts from (chat and generate use it)."""
@@ -506,35 +582,69 @@ class Tokenizer:
     def encode_prompt(self, text: str, templated: bool) -> list[int]:
         return self.tok(text, add_special_tokens=not templated)["input_ids"]
 
-    def __call__(self, pairs: list[Pair], report: DataReport) -> list[PairTokens]:
+    def tokenize_chunk(self, pairs: list[Pair], report: DataReport) -> list[PairTokens]:
         max_len, max_prompt = self.recipe.data.max_length, self.recipe.data.max_prompt_length
         texts = [self.texts(p) for p in pairs]
+        if not texts:
+            return []
+        templated = texts[0][3]
+        prompts = self.encode([t[0] for t in texts], not templated)
+        chosen = self.encode([t[1] for t in texts], False)
+        rejected = self.encode([t[2] for t in texts], False)
         out = []
-        chunk = 1000
-        for start in range(0, len(texts), chunk):
-            part = texts[start:start + chunk]
-            templated = part[0][3] if part else False
-            prompts = self.tok([t[0] for t in part], add_special_tokens=not templated)["input_ids"]
-            chosen = self.tok([t[1] for t in part], add_special_tokens=False)["input_ids"]
-            rejected = self.tok([t[2] for t in part], add_special_tokens=False)["input_ids"]
-            for j, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
-                pair = pairs[start + j]
-                if len(p) > max_prompt:
-                    p = p[-max_prompt:]
-                    report.prompt_truncated += 1
-                room = max_len - len(p)
-                if room < 1:
-                    report.dropped_too_long += 1
-                    continue
-                if len(c) > room or len(r) > room:
-                    report.response_truncated += (len(c) > room) + (len(r) > room)
-                    c, r = c[:room], r[:room]
-                if not c or not r:
-                    report.skip("empty response after tokenization", f"row {pair.row}")
-                    continue
-                out.append(PairTokens(list(p), list(c), list(r), pair.weight))
+        for pair, p, c, r in zip(pairs, prompts, chosen, rejected):
+            if len(p) > max_prompt:
+                p = p[-max_prompt:]
+                report.prompt_truncated += 1
+            room = max_len - len(p)
+            if room < 1:
+                report.dropped_too_long += 1
+                continue
+            if len(c) > room or len(r) > room:
+                report.response_truncated += (len(c) > room) + (len(r) > room)
+                c, r = c[:room], r[:room]
+            if not c or not r:
+                report.skip("empty response after tokenization", f"row {pair.row}")
+                continue
+            out.append(PairTokens(list(p), list(c), list(r), pair.weight))
+        return out
+
+    def __call__(self, pairs: list[Pair], report: DataReport,
+                 progress: Any = None) -> list[PairTokens]:
+        """Tokenize in chunks; large data sets in parallel processes (fork)."""
+        chunks = [pairs[s:s + TOKENIZE_CHUNK] for s in range(0, len(pairs), TOKENIZE_CHUNK)]
+        procs = self.recipe.data.num_proc or min(os.cpu_count() or 1, 8)
+        out: list[PairTokens] = []
+        if procs > 1 and len(pairs) >= PARALLEL_MIN_PAIRS and \
+                "fork" in multiprocessing.get_all_start_methods():
+            global _WORKER
+            _WORKER = self
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            ctx = multiprocessing.get_context("fork")
+            with ctx.Pool(min(procs, len(chunks))) as pool:
+                for part, rep in pool.imap(_tokenize_worker, chunks):
+                    out.extend(part)
+                    report.merge(rep)
+                    if progress:
+                        progress(TOKENIZE_CHUNK)
+            _WORKER = None
+        else:
+            for chunk in chunks:
+                out.extend(self.tokenize_chunk(chunk, report))
+                if progress:
+                    progress(len(chunk))
         report.pairs += len(out)
         return out
+
+
+TOKENIZE_CHUNK = 500
+PARALLEL_MIN_PAIRS = 4000
+_WORKER: Tokenizer | None = None
+
+
+def _tokenize_worker(chunk: list[Pair]) -> tuple[list[PairTokens], DataReport]:
+    rep = DataReport(strict=_WORKER.recipe.data.strict)  # type: ignore[union-attr]
+    return _WORKER.tokenize_chunk(chunk, rep), rep  # type: ignore[union-attr]
 
 
 # ---------------------------------------------------------------------------------------
@@ -576,7 +686,63 @@ def _nothing_left(report: DataReport, what: str) -> DataError:
                      f"problems: {why}.")
 
 
-def prepare(recipe: Recipe, tokenizer: Any) -> PreparedData:
+DATA_CACHE_VERSION = 1
+
+
+def data_fingerprint(recipe: Recipe, tokenizer: Any) -> str:
+    """Everything the tokenized pairs depend on: sources (file sizes and times, or hub ids),
+    data settings, seed, and the tokenizer with its chat template."""
+    h = hashlib.sha256()
+    settings = {"v": DATA_CACHE_VERSION, "data": dataclasses.asdict(recipe.data),
+                "eval": dataclasses.asdict(recipe.eval), "seed": recipe.train.seed}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for src in recipe.data.train + recipe.eval.data:
+        path = recipe.resolve_path(src.path)
+        files = _local_files(path)
+        if files is None:
+            h.update(f"hub:{path}:{src.split}:{src.name}:{src.revision}".encode())
+            continue
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
+    h.update(str(getattr(tokenizer, "chat_template", "")).encode())
+    h.update(f"{tokenizer.eos_token}|{tokenizer.bos_token}".encode())
+    return h.hexdigest()[:24]
+
+
+def _cache_file(key: str) -> Path:
+    return cache_dir() / "data" / f"{key}.pkl"
+
+
+def prepare(recipe: Recipe, tokenizer: Any, use_cache: bool = True,
+            progress: Any = None) -> PreparedData:
+    """Read, normalise and tokenize train and eval data, or reuse the cached result."""
+    key = data_fingerprint(recipe, tokenizer) if use_cache else None
+    if key is not None and _cache_file(key).exists():
+        try:
+            with _cache_file(key).open("rb") as f:
+                train, ev, report, eval_report, conversational = pickle.load(f)
+            report.cached = True
+            return PreparedData(train, ev, report, eval_report,
+                                Tokenizer(tokenizer, recipe, conversational))
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            pass
+    data = _prepare(recipe, tokenizer, progress)
+    if key is not None:
+        path = _cache_file(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        with tmp.open("wb") as f:
+            pickle.dump((data.train, data.eval, data.train_report, data.eval_report,
+                         data.tokenizer.conversational),
+                        f, protocol=pickle.HIGHEST_PROTOCOL)
+        tmp.replace(path)
+    return data
+
+
+def _prepare(recipe: Recipe, tokenizer: Any, progress: Any = None) -> PreparedData:
     report = DataReport(strict=recipe.data.strict)
     pairs = _load_pairs(recipe.data.train, recipe, report)
     if not pairs:
@@ -603,10 +769,11 @@ def prepare(recipe: Recipe, tokenizer: Any) -> PreparedData:
         eval_pairs = eval_pairs[: recipe.eval.max_pairs]
     conversational = any(not isinstance(p.prompt, str) for p in pairs + eval_pairs)
     tok = Tokenizer(tokenizer, recipe, conversational)
-    train = tok(pairs, report)
+    train = tok(pairs, report, progress)
     if not train:
         raise _nothing_left(report, "training")
-    ev = tok(eval_pairs, eval_report) if eval_pairs and eval_report is not None else []
+    ev = tok(eval_pairs, eval_report, progress) if eval_pairs and eval_report is not None \
+        else []
     return PreparedData(train, ev, report, eval_report, tok)
 
 
@@ -622,3 +789,18 @@ def prepare_sources(sources: list[DataSource], recipe: Recipe, tokenizer: Any,
     if not out:
         raise _nothing_left(report, what)
     return out, report
+
+
+def length_stats(pairs: list[PairTokens]) -> dict[str, dict[str, int]]:
+    """p50 / p95 / max token lengths of prompt, chosen and rejected."""
+    def pct(vals: list[int], q: float) -> int:
+        vals = sorted(vals)
+        return vals[min(len(vals) - 1, int(round(q * (len(vals) - 1))))] if vals else 0
+
+    out = {}
+    for name, get in (("prompt", lambda p: len(p.prompt_ids)),
+                      ("chosen", lambda p: len(p.chosen_ids)),
+                      ("rejected", lambda p: len(p.rejected_ids))):
+        vals = [get(p) for p in pairs]
+        out[name] = {"p50": pct(vals, 0.5), "p95": pct(vals, 0.95), "max": max(vals, default=0)}
+    return out

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import torch
 
+from qdpo.cache import cache_dir
 from qdpo.errors import ModelError
 from qdpo.recipe import Recipe
 
@@ -39,12 +40,6 @@ def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("QDPO_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "qdpo")
-    return Path(root)
 
 
 def _model_path(recipe: Recipe) -> str:

@@ -22,7 +22,8 @@ import torch
 from qdpo.batching import micro_batches
 from qdpo.data import PairTokens
 from qdpo.logps import SequenceLogps, sequence_logps
-from qdpo.model import cache_dir, reference_mode
+from qdpo.cache import cache_dir
+from qdpo.model import reference_mode
 from qdpo.recipe import Recipe
 
 # Bump when the meaning of a cached number changes (tokenization rules, log-prob definition).
