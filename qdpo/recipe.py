@@ -173,6 +173,8 @@ class EvalConfig:
     split_fraction: float = _f(0.0, help="Hold out this fraction of the training pairs when no "
                                          "eval data is given")
     every_steps: int = _f(0, help="Evaluate every N optimizer steps (0 = only at the end)")
+    at_start: bool = _f(False, help="Also evaluate before the first step (a baseline to compare "
+                                    "with)")
     max_pairs: int | None = _f(None, help="Evaluate on at most this many pairs")
     micro_batch_pairs: int | None = _f(None, help="Pairs per eval forward (default: 2x train)")
 

@@ -164,6 +164,10 @@ class RunDir:
     def write_summary(self, result: Any, seconds: float, recipe: Recipe) -> None:
         summary = {"steps": result.steps, "seconds": round(seconds, 2),
                    "interrupted": result.interrupted, "train": result.last_train,
+                   "reference": ("none" if not recipe.needs_reference else
+                                 recipe.train.reference if recipe.train.reference == "online"
+                                 else "precompute"),
+                   "reference_seconds": round(result.reference_seconds, 3),
                    "eval": result.final_eval, "loss": recipe.loss_types}
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
 

@@ -426,6 +426,11 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
 
     ctx = StepContext(model, optimizer, scheduler, scaler, params, recipe, lparams, device,
                       dtype, layout, pad_id, ref_table)
+    if data.eval and recipe.eval.at_start and start_step == 0:
+        ev0 = evaluate(model, data.eval, recipe, pad_id, device, dtype, layout, eval_ref)
+        log({"step": 0, **{f"eval/{k}": v for k, v in ev0.items()}})
+        ui.info(f"eval before training: acc {ev0['rewards/accuracies']:.3f}  "
+                f"margin {ev0['rewards/margins']:.3f}  loss {ev0['loss']:.4f}")
     display = ui.TrainDisplay(steps, start_step, live=live)
     model.train()
     last: dict[str, float] = {}
@@ -544,6 +549,13 @@ def _oom_error(recipe: Recipe, device: torch.device, step: int) -> QdpoError:
 
 def _print_summary(result: TrainResult, recipe: Recipe, seconds: float) -> None:
     rows: list[tuple[str, Any]] = [("steps", result.steps), ("time", f"{seconds:.0f} s")]
+    if not recipe.needs_reference:
+        rows.append(("reference pass", f"none ({', '.join(recipe.loss_types)} is "
+                                       "reference-free)"))
+    elif recipe.train.reference == "online":
+        rows.append(("reference pass", "online, every step"))
+    else:
+        rows.append(("reference pass", f"precomputed once, {result.reference_seconds:.1f} s"))
     for k in ("loss", "rewards/accuracies", "rewards/margins", "tokens_per_s",
               "mem/peak_alloc_gib"):
         if k in result.last_train:
