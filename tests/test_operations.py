@@ -1,0 +1,164 @@
+"""Operational behaviour: reference cache reuse, bench, GGUF through the CLI, `qdpo data`,
+skipped non-finite steps, a full disk."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from qdpo.cli import app
+from test_cli import qdpo, read_metrics
+from tiny import QUICKSTART_RECIPE, quickstart_recipe
+
+SMALL = ["train.max_steps=3", "train.pairs_per_step=8", "train.micro_batch_pairs=8",
+         "data.max_pairs=64", "eval.max_pairs=16"]
+
+
+def invoke(*args):
+    res = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return res
+
+
+def test_reference_precomputed_once_then_reused(tmp_path):
+    a = invoke("train", QUICKSTART_RECIPE, *SMALL, "-o", tmp_path / "a")
+    assert a.exit_code == 0, a.output
+    assert "computed in" in a.output and "cached for later runs" in a.output
+    # a beta sweep on the same data: same reference numbers, no reference pass
+    b = invoke("train", QUICKSTART_RECIPE, *SMALL, "loss.beta=0.3", "-o", tmp_path / "b")
+    assert b.exit_code == 0, b.output
+    assert "reused from cache" in b.output and "computed in" not in b.output
+    ra = [r for r in read_metrics(tmp_path / "a") if "logps/ref_chosen" in r]
+    rb = [r for r in read_metrics(tmp_path / "b") if "logps/ref_chosen" in r]
+    assert ra[0]["logps/ref_chosen"] == rb[0]["logps/ref_chosen"]
+    # online reference gives the same numbers (the cache is not stale or shifted)
+    c = invoke("train", QUICKSTART_RECIPE, *SMALL, "train.reference=online", "-o",
+               tmp_path / "c")
+    assert c.exit_code == 0, c.output
+    rc = [r for r in read_metrics(tmp_path / "c") if "logps/ref_chosen" in r]
+    assert rc[0]["logps/ref_chosen"] == pytest.approx(ra[0]["logps/ref_chosen"], abs=1e-3)
+    assert rc[-1]["loss"] == pytest.approx(ra[-1]["loss"], abs=1e-4)
+
+
+def test_layouts_train_identically(tmp_path):
+    losses = {}
+    for layout in ("padded", "packed", "shared_prefix"):
+        res = invoke("train", QUICKSTART_RECIPE, *SMALL, f"train.layout={layout}",
+                     "train.max_tokens=900", "-o", tmp_path / layout)
+        assert res.exit_code == 0, res.output
+        assert f"layout: {layout}" in res.output
+        losses[layout] = [r["loss"] for r in read_metrics(tmp_path / layout) if "loss" in r]
+    for layout in ("packed", "shared_prefix"):
+        assert losses[layout] == pytest.approx(losses["padded"], abs=1e-4)
+
+
+def test_bench_cli_reports_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    res = invoke("bench", QUICKSTART_RECIPE, "train.pairs_per_step=4",
+                 "train.micro_batch_pairs=4", "--random-weights", "--steps", "3", "--warmup",
+                 "1", "--prompt-len", "8-24", "--response-len", "4-16", "--layouts",
+                 "padded,shared_prefix", "--json", out)
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())
+    assert [r["layout"] for r in rows] == ["padded", "shared_prefix"]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["e2e_tokens_per_s"] > 0 and r["step_time_s"] > 0
+        assert r["reference"] == "precompute" and r["reference_s"] > 0
+        assert r["steps_timed"] == 2
+    assert rows[0]["padding_fraction"] > rows[1]["padding_fraction"]
+    assert "qdpo bench" in res.output
+    bad = qdpo("bench", QUICKSTART_RECIPE, "--shape", "llama-9000")
+    assert bad.returncode == 2 and "Built-in shapes: llama-3.1-8b" in bad.stderr
+
+
+def test_data_command(tmp_path):
+    res = qdpo("data", QUICKSTART_RECIPE, "-n", "2")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert out.count("⟦chosen⟧") == 2 and out.count("⟦rejected⟧") == 2
+    for word in ("p50", "p95", "max", "prompt", "chosen", "rejected", "tokens per epoch",
+                 "384"):
+        assert word in out
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ops") / "run"
+    res = invoke("train", QUICKSTART_RECIPE, *SMALL, "-o", run)
+    assert res.exit_code == 0, res.output
+    return run
+
+
+def test_gguf_exports_through_cli(small_run, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    res = qdpo("export", small_run, "--format", "gguf", "--out", tmp_path / "m.gguf",
+               "--outtype", "q8_0")
+    assert res.returncode == 0, res.stderr
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    names = {t.name for t in reader.tensors}
+    assert {"token_embd.weight", "blk.0.attn_q.weight", "output.weight"} <= names
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "llama"
+    assert "tokenizer.chat_template" in reader.fields
+    res = qdpo("export", small_run, "--format", "gguf-lora", "--out", tmp_path / "a.gguf")
+    assert res.returncode == 0, res.stderr
+    reader = gguf.GGUFReader(str(tmp_path / "a.gguf"))
+    assert any(t.name.endswith(".lora_a") for t in reader.tensors)
+    res = qdpo("export", small_run, "--format", "onnx", "--out", tmp_path / "x")
+    assert res.returncode == 2 and "peft, gguf, gguf-lora" in res.stderr
+
+
+def test_nonfinite_steps_skipped_then_stop(tmp_path, monkeypatch):
+    import qdpo.train as train_mod
+    from qdpo.errors import QdpoError
+
+    real = train_mod.compute_loss
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        out = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 2 or calls["n"] >= 4:  # step 2 bad once, then bad from step 4 on
+            out.losses = out.losses * float("nan")
+        return out
+
+    monkeypatch.setattr(train_mod, "compute_loss", flaky)
+    r = quickstart_recipe(tmp_path, "train.max_steps=20", "train.pairs_per_step=8",
+                          "train.micro_batch_pairs=8", "output.save_every_steps=1",
+                          "data.max_pairs=64", "eval.max_pairs=8", "eval.every_steps=0")
+    with pytest.raises(QdpoError, match="5 optimizer steps in a row") as e:
+        train_mod.train(r)
+    assert "checkpoint" in str(e.value)
+    logged = [x["step"] for x in read_metrics(tmp_path / "run") if "loss" in x]
+    assert logged == [1, 3]  # step 2 skipped, steps 4-8 skipped, then the stop
+    assert (tmp_path / "run" / "checkpoints" / "step-0000003").exists()
+
+
+def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    import qdpo.checkpoint as ck
+    import qdpo.train as train_mod
+    from qdpo.errors import QdpoError
+
+    real_save = torch_save = ck.torch.save
+    state = {"n": 0}
+
+    def full_disk(obj, f, *a, **k):
+        state["n"] += 1
+        if state["n"] >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ck.torch, "save", full_disk)
+    r = quickstart_recipe(tmp_path, "train.max_steps=4", "train.pairs_per_step=8",
+                          "train.micro_batch_pairs=8", "output.save_every_steps=1",
+                          "data.max_pairs=64", "eval.max_pairs=8")
+    with pytest.raises(QdpoError, match="Disk full") as e:
+        train_mod.train(r)
+    assert "previous checkpoints are untouched" in str(e.value)
+    ckpts = ck.list_checkpoints(tmp_path / "run")
+    assert [p.name for p in ckpts] == ["step-0000001"]
+    assert ck.load_checkpoint(ckpts[0])["trainer"]["step"] == 1
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*tmp*"))
+    assert torch_save is real_save
