@@ -151,7 +151,7 @@ def run_bench(recipe: Recipe, *, steps: int = 8, warmup: int = 2, shape: str | N
               random_weights: bool = True, quiet: bool = False) -> BenchResult:
     from qdpo.model import (attach_lora, default_device, load_base, random_quantized_base,
                             resolve_layout, trainable_parameters)
-    from qdpo.train import (StepContext, autocast_for, build_reference, loss_params,
+    from qdpo.train import (StepContext, autocast_for, loss_params,
                             make_optimizer, make_scheduler, memory_stats, train_step)
 
     if steps <= warmup:

@@ -20,7 +20,7 @@ import torch
 
 from qdpo import console as ui
 from qdpo.batching import PackedBatch, micro_batches
-from qdpo.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
+from qdpo.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from qdpo.data import PairTokens, prepare
 from qdpo.errors import QdpoError
 from qdpo.losses import LossParams, PreferenceBatch, compute_loss

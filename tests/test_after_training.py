@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from test_cli import qdpo
-from tiny import QUICKSTART, QUICKSTART_RECIPE
+from tiny import QUICKSTART, QUICKSTART_RECIPE, qdpo
 
 
 @pytest.fixture(scope="module")
@@ -107,22 +106,12 @@ def test_missing_base_model_fails_cleanly(run, tmp_path):
 
 def test_chat_commands_and_compare(run):
     script = "Tell me about the night sky.\n/system Be brief.\nAnd the lake?\n/reset\n/exit\n"
-    import os
-    import subprocess
-    import sys
-
-    from tiny import REPO
-
-    res = subprocess.run([sys.executable, "-m", "qdpo", "chat", str(run), "--max-new-tokens",
-                          "8", "--seed", "0"], input=script, capture_output=True, text=True,
-                         cwd=REPO, env=dict(os.environ), timeout=300)
+    res = qdpo("chat", run, "--max-new-tokens", "8", "--seed", "0", stdin=script)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("tuned>") == 2
     assert "system prompt set" in res.stdout and "conversation reset" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "qdpo", "chat", str(run), "--compare",
-                          "--max-new-tokens", "8", "--temperature", "0"],
-                         input="Hello there\n/exit\n", capture_output=True, text=True,
-                         cwd=REPO, timeout=300)
+    res = qdpo("chat", run, "--compare", "--max-new-tokens", "8", "--temperature", "0",
+               stdin="Hello there\n/exit\n")
     assert res.returncode == 0, res.stderr
     assert "base" in res.stdout and "tuned" in res.stdout
 

@@ -58,8 +58,8 @@ def run_layout(model, pairs, layout, row_tokens=None):
     return lp, out.losses.detach(), grads, batch
 
 
-@pytest.mark.parametrize("arch", list(CONFIGS))
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch, impl", [("llama", "sdpa"), ("qwen2", "sdpa"),
+                                        ("mistral", "sdpa"), ("llama", "eager")])
 def test_layouts_equal_padded(arch, impl):
     model = tiny_lora_model(arch, impl)
     pairs = make_pairs()

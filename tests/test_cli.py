@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tiny import QUICKSTART_RECIPE, REPO
-
-
-def qdpo(*args, cwd=None, timeout=600):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "qdpo", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd or REPO, env=env, timeout=timeout)
+from tiny import QUICKSTART_RECIPE, qdpo
 
 
 def read_metrics(run):
@@ -81,7 +72,7 @@ def test_bad_recipe_is_one_clear_message(tmp_path):
     assert "train.learning_rate" in res.stderr and "Traceback" not in res.stderr
     res = qdpo("train", tmp_path / "nope.yaml")
     assert res.returncode == 2 and "does not exist" in res.stderr
-    res = qdpo("--debug", "train", tmp_path / "nope.yaml")
+    res = qdpo("--debug", "train", tmp_path / "nope.yaml", subprocess=True)
     assert res.returncode != 0 and "Traceback" in res.stderr
 
 
@@ -95,7 +86,8 @@ def test_missing_data_file(tmp_path):
 def test_version_help_init(tmp_path):
     from qdpo import __version__
 
-    assert qdpo("--version").stdout.strip() == f"qdpo {__version__}"
+    # the real entry point, in a fresh interpreter
+    assert qdpo("--version", subprocess=True).stdout.strip() == f"qdpo {__version__}"
     out = qdpo("train", "--help").stdout
     for opt in ("--resume", "--overwrite", "--output", "overrides"):
         assert opt in out

@@ -661,7 +661,7 @@ def test_eval_data_file(forty, tmp_path, qs_tok):
 
 def test_prepare_quickstart_end_to_end(qs_tok):
     r = load_recipe(QUICKSTART_YAML)
-    d = prepare(r, qs_tok)
+    d = prepare(r, qs_tok, use_cache=False)
     assert (len(d.train), len(d.eval)) == (384, 64)
     rep = d.train_report
     assert (rep.rows, rep.pairs) == (384, 384) and not rep.skipped
@@ -708,3 +708,44 @@ def test_csv_numeric_looking_text_stays_text(tmp_path, qs_tok, hf_cache):
     path.write_text("prompt,chosen,rejected\nWhat is 2+2?,4,5\nWhat is 3+3?,6,7\n")
     d = prepare(recipe(str(path)), qs_tok)
     assert sorted(dec(qs_tok, p.chosen_ids) for p in d.train) == ["4" + EOS, "6" + EOS]
+
+
+def test_tokenized_data_cache(tmp_path, qs_tok, monkeypatch):
+    import os
+    import shutil
+
+    monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "train.jsonl"
+    shutil.copy(QUICKSTART / "train.jsonl", src)
+    r = recipe(str(src))
+    first = prepare(r, qs_tok)
+    assert not first.train_report.cached
+    again = prepare(r, qs_tok)
+    assert again.train_report.cached and "from cache" in again.train_report.summary()
+    assert [p.chosen_ids for p in again.train] == [p.chosen_ids for p in first.train]
+    # a data setting that changes the pairs, or an edited file, is a different fingerprint
+    assert not prepare(recipe(str(src), data={"max_length": 40, "max_prompt_length": 20}),
+                          qs_tok).train_report.cached
+    lines = src.read_text().splitlines()
+    src.write_text("\n".join(lines[:100]) + "\n")
+    os.utime(src, ns=(1, 1))
+    fresh = prepare(r, qs_tok)
+    assert not fresh.train_report.cached and len(fresh.train) == 100
+
+
+def test_parallel_tokenization_equals_serial(tmp_path, qs_tok, monkeypatch):
+    import qdpo.data as data_mod
+
+    rows = [json.loads(x) for x in (QUICKSTART / "train.jsonl").read_text().splitlines()]
+    src = tmp_path / "many.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in rows * 3))
+    serial = prepare(recipe(str(src), data={"num_proc": 1}), qs_tok, use_cache=False)
+    monkeypatch.setattr(data_mod, "PARALLEL_MIN_PAIRS", 100)
+    monkeypatch.setattr(data_mod, "TOKENIZE_CHUNK", 97)
+    short = {"max_length": 60, "max_prompt_length": 30}
+    par = prepare(recipe(str(src), data={"num_proc": 2, **short}), qs_tok, use_cache=False)
+    ser2 = prepare(recipe(str(src), data={"num_proc": 1, **short}), qs_tok, use_cache=False)
+    assert len(serial.train) == len(rows) * 3
+    assert [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in par.train] == \
+        [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in ser2.train]
+    assert par.train_report.response_truncated == ser2.train_report.response_truncated > 0

@@ -12,7 +12,8 @@ from qdpo.recipe import LOSS_TYPES, REFERENCE_FREE_LOSSES
 from tiny import QUICKSTART_RECIPE
 
 # Per-loss settings where the defaults are not right for 12 steps on the toy task.
-EXTRA = {"ipo": ["loss.beta=0.5"], "discopop": ["loss.discopop_tau=0.2"], "exo_pair": ["loss.label_smoothing=0.001"],
+EXTRA = {"ipo": ["loss.beta=0.5"], "discopop": ["loss.discopop_tau=0.2"],
+         "exo_pair": ["loss.label_smoothing=0.001"],
          "sft": [], "orpo": ["loss.beta=0.1"], "simpo": ["loss.beta=2.0", "loss.simpo_gamma=0.5"]}
 
 

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from qdpo.cli import app
-from test_cli import qdpo, read_metrics
-from tiny import QUICKSTART_RECIPE, quickstart_recipe
+from test_cli import read_metrics
+from tiny import QUICKSTART_RECIPE, qdpo, quickstart_recipe
 
 SMALL = ["train.max_steps=3", "train.pairs_per_step=8", "train.micro_batch_pairs=8",
          "data.max_pairs=64", "eval.max_pairs=16"]

@@ -11,8 +11,8 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from test_cli import qdpo, read_metrics
-from tiny import QUICKSTART_RECIPE, REPO
+from test_cli import read_metrics
+from tiny import QUICKSTART_RECIPE, REPO, qdpo
 
 ARGS = ["train.max_steps=10", "output.save_every_steps=2", "output.keep_last=2",
         "train.pairs_per_step=8", "train.micro_batch_pairs=4", "eval.every_steps=0",
