@@ -22,9 +22,15 @@ def setup(tmp_path_factory):
     return r, tok, data
 
 
-def _ids(data, n=4):
-    return torch.tensor([data.train[i].prompt_ids + data.train[i].chosen_ids
-                         for i in range(n) if True][:1])
+def train_a_little(model, batch, steps):
+    """A few optimizer steps that push chosen above rejected."""
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        lp = sequence_logps(model, batch)
+        (-(lp.chosen - lp.rejected).mean()).backward()
+        opt.step()
+        opt.zero_grad()
 
 
 def test_base_is_really_4bit(setup):
@@ -59,13 +65,7 @@ def test_reference_is_base_and_policy_moves(setup):
     batch = padded_batch(data.train[:4], range(4), tok.pad_token_id)
     with torch.no_grad():
         base_out = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask()).logits
-    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
-    model.train()
-    for _ in range(3):
-        lp = sequence_logps(model, batch)
-        (-(lp.chosen - lp.rejected).mean()).backward()
-        opt.step()
-        opt.zero_grad()
+    train_a_little(model, batch, 3)
     model.eval()
     with torch.no_grad():
         policy = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask()).logits
@@ -83,12 +83,7 @@ def test_init_adapter_becomes_frozen_reference(setup, tmp_path):
     r, tok, data = setup
     model, _ = load_model(r)
     batch = padded_batch(data.train[:4], range(4), tok.pad_token_id)
-    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
-    for _ in range(2):
-        lp = sequence_logps(model, batch)
-        (-(lp.chosen - lp.rejected).mean()).backward()
-        opt.step()
-        opt.zero_grad()
+    train_a_little(model, batch, 2)
     model.eval()
     with torch.no_grad():
         sft = sequence_logps(model, batch)
@@ -104,16 +99,9 @@ def test_init_adapter_becomes_frozen_reference(setup, tmp_path):
             ref0 = sequence_logps(m2, batch)
     assert torch.allclose(start.chosen, sft.chosen, atol=1e-4)
     assert torch.allclose(ref0.chosen, sft.chosen, atol=1e-4)
-    params = trainable_parameters(m2)
-    assert params and all("reference" not in n for n, p in m2.named_parameters()
-                          if p.requires_grad)
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    m2.train()
-    for _ in range(2):
-        lp = sequence_logps(m2, batch)
-        (-(lp.chosen - lp.rejected).mean()).backward()
-        opt.step()
-        opt.zero_grad()
+    assert trainable_parameters(m2)
+    assert all("reference" not in n for n, p in m2.named_parameters() if p.requires_grad)
+    train_a_little(m2, batch, 2)
     m2.eval()
     with torch.no_grad():
         after = sequence_logps(m2, batch)
