@@ -7,6 +7,7 @@ memory and speed, never the optimisation.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import signal
@@ -89,7 +90,7 @@ class MetricAccumulator:
     """Sums per-pair values over a step (or an eval pass) and reports the field's names."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, Any] = {}  # device tensors: no GPU sync per micro-batch
         self.n = 0
 
     def add(self, pol: SequenceLogps, ref: SequenceLogps | None, out: Any) -> None:
@@ -110,10 +111,10 @@ class MetricAccumulator:
         for k, v in out.metrics.items():
             vals[k] = v.detach().float().sum()
         for k, v in vals.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.sums[k] = self.sums[k] + v.detach() if k in self.sums else v.detach()
 
     def result(self, prefix: str = "") -> dict[str, float]:
-        return {prefix + k: v / max(1, self.n) for k, v in self.sums.items()}
+        return {prefix + k: float(v) / max(1, self.n) for k, v in self.sums.items()}
 
 
 def evaluate(model: Any, data: list[PairTokens], recipe: Recipe, pad_id: int,
@@ -250,10 +251,12 @@ def train_step(ctx: StepContext, data: list[PairTokens], idx: list[int]) -> dict
     return metrics
 
 
-def pair_order(n: int, seed: int, epoch: int) -> list[int]:
+@functools.lru_cache(maxsize=4)
+def pair_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The shuffled order of epoch `epoch`; cached, since every step of the epoch reads it."""
     order = list(range(n))
     random.Random(seed * 1000003 + epoch).shuffle(order)
-    return order
+    return tuple(order)
 
 
 def step_pairs(n: int, pairs_per_step: int, seed: int, step: int) -> tuple[list[int], float]:
