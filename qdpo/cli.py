@@ -351,10 +351,13 @@ def eval_cmd(
     from qdpo.recipe import DataSource
     from qdpo.train import eval_trained
 
-    if json_out:  # keep stdout pure JSON
+    saved = ui.console
+    if json_out:  # keep stdout pure JSON: progress and notes go to stderr
         ui.console = ui.err_console
-
-    res = eval_trained(run, [DataSource(path=d, split=split) for d in data], max_pairs)
+    try:
+        res = eval_trained(run, [DataSource(path=d, split=split) for d in data], max_pairs)
+    finally:
+        ui.console = saved
     if json_out:
         typer.echo(_json.dumps(res, indent=2))
         return
