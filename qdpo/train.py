@@ -409,14 +409,17 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
         used = sorted({i for s in range(start_step, steps)
                        for i in step_pairs(n, recipe.train.pairs_per_step, recipe.train.seed,
                                            s)[0]})
-        ref_table, ref_seconds = build_reference(model, recipe, data.train, used,
-                                                 minfo.base_path, pad_id, device, dtype, layout,
-                                                 "train")
-        if data.eval:
-            eval_ref, dt = build_reference(model, recipe, data.eval, list(range(len(data.eval))),
-                                           minfo.base_path, pad_id, device, dtype, layout,
-                                           "eval")
-            ref_seconds += dt
+        try:
+            ref_table, ref_seconds = build_reference(model, recipe, data.train, used,
+                                                     minfo.base_path, pad_id, device, dtype,
+                                                     layout, "train")
+            if data.eval:
+                eval_ref, dt = build_reference(model, recipe, data.eval,
+                                               list(range(len(data.eval))), minfo.base_path,
+                                               pad_id, device, dtype, layout, "eval")
+                ref_seconds += dt
+        except torch.cuda.OutOfMemoryError:
+            raise _oom_error(recipe, device, start_step, "the reference pass") from None
     sinks = ui.open_sinks(run.path, recipe.output.tensorboard)
 
     def save(step: int) -> Path:
@@ -537,12 +540,14 @@ def _announce_model(recipe: Recipe, info: ModelInfo) -> None:
         ui.info(f"reference: none needed by {', '.join(recipe.loss_types)} (no reference pass)")
 
 
-def _oom_error(recipe: Recipe, device: torch.device, step: int) -> QdpoError:
+def _oom_error(recipe: Recipe, device: torch.device, step: int,
+               where: str | None = None) -> QdpoError:
     stats = memory_stats(device)
     total = torch.cuda.get_device_properties(device).total_memory / 2**30 \
         if device.type == "cuda" else 0
     return QdpoError(
-        f"Out of GPU memory at step {step + 1} (max_length {recipe.data.max_length}, "
+        f"Out of GPU memory {'in ' + where if where else f'at step {step + 1}'} "
+        f"(max_length {recipe.data.max_length}, max_tokens {recipe.train.max_tokens}, "
         f"{recipe.train.micro_batch_pairs} pairs per micro-batch; peak allocated "
         f"{stats.get('mem/peak_alloc_gib', 0):.1f} GiB of {total:.1f} GiB). Lower "
         "train.micro_batch_pairs (gradient accumulation keeps the step size), lower "

@@ -162,3 +162,27 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert ck.load_checkpoint(ckpts[0])["trainer"]["step"] == 1
     assert not list((tmp_path / "run" / "checkpoints").glob(".*tmp*"))
     assert torch_save is real_save
+
+
+def test_out_of_memory_is_one_message(tmp_path, monkeypatch):
+    import torch
+
+    import qdpo.train as train_mod
+    from qdpo.errors import QdpoError
+
+    real = train_mod.train_step
+
+    def oom_at_third(ctx, data, idx):
+        if ctx.scheduler.last_epoch == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(ctx, data, idx)
+
+    monkeypatch.setattr(train_mod, "train_step", oom_at_third)
+    r = quickstart_recipe(tmp_path, *SMALL, "train.max_steps=5", "output.save_every_steps=1")
+    with pytest.raises(QdpoError) as e:
+        train_mod.train(r)
+    msg = str(e.value)
+    for part in ("Out of GPU memory at step 3", "max_length 128", "micro_batch_pairs",
+                 "--resume"):
+        assert part in msg
+    assert (tmp_path / "run" / "checkpoints" / "step-0000002").exists()
