@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from array import array
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,10 +84,9 @@ def cache_key(recipe: Recipe, base_path: str, pairs: Sequence[PairTokens],
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     if recipe.lora.init_adapter:
         _hash_file_tree(Path(recipe.resolve_path(recipe.lora.init_adapter)), h)
-    for p in pairs:
-        h.update(b"P" + ",".join(map(str, p.prompt_ids)).encode())
-        h.update(b"C" + ",".join(map(str, p.chosen_ids)).encode())
-        h.update(b"R" + ",".join(map(str, p.rejected_ids)).encode())
+    for p in pairs:  # lengths first, so the concatenation is unambiguous
+        h.update(array("q", (len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids),
+                             *p.prompt_ids, *p.chosen_ids, *p.rejected_ids)).tobytes())
     return h.hexdigest()[:24]
 
 
