@@ -1,0 +1,65 @@
+"""CUDA-only checks, skipped without a GPU: bf16 training, paged 8-bit AdamW, FlexAttention.
+
+On a GPU machine: `python -m pytest -q -m gpu tests/test_gpu.py`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tiny import QUICKSTART_RECIPE, qdpo
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_quickstart_trains_on_cuda_in_bf16(tmp_path):
+    res = qdpo("train", QUICKSTART_RECIPE, "train.max_steps=24",
+               "train.optimizer=paged_adamw_8bit", "-o", tmp_path / "run")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["eval"]["rewards/accuracies"] >= 0.9
+    assert summary["train"]["mem/peak_alloc_gib"] > 0
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["compute_dtype"] in ("bfloat16", "float16")
+
+
+def test_flex_attention_shared_prefix_equals_padded_sdpa():
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from qdpo.batching import make_batch
+    from qdpo.data import PairTokens
+    from qdpo.logps import sequence_logps
+
+    g = torch.Generator().manual_seed(0)
+
+    def rand(n):
+        return torch.randint(3, 250, (n,), generator=g).tolist()
+
+    pairs = [PairTokens(rand(9), rand(15), rand(4)), PairTokens(rand(40), rand(1), rand(22)),
+             PairTokens(rand(130), rand(70), rand(90))]
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").cuda()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        ref = sequence_logps(model, make_batch(pairs, range(3), 0, "padded").to("cuda"))
+        model.get_base_model().set_attn_implementation("flex_attention")
+        flex = sequence_logps(model, make_batch(pairs, range(3), 0, "shared_prefix")
+                              .to("cuda"))
+    assert torch.allclose(flex.chosen, ref.chosen, atol=1e-3)
+    assert torch.allclose(flex.rejected, ref.rejected, atol=1e-3)
+
+
+def test_bench_random_weights_on_cuda(tmp_path):
+    out = tmp_path / "b.json"
+    res = qdpo("bench", QUICKSTART_RECIPE, "--random-weights", "--steps", "4", "--warmup", "1",
+               "--prompt-len", "32-64", "--response-len", "16-64", "--json", out)
+    assert res.returncode == 0, res.stderr
+    row = json.loads(out.read_text())[0]
+    assert row["peak_alloc_gib"] > 0 and row["peak_reserved_gib"] >= row["peak_alloc_gib"]
