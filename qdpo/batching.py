@@ -102,7 +102,9 @@ class PackedBatch:
                     & ~((side[b, q] == REJECTED) & (side[b, kv] == CHOSEN))) | (q == kv)
 
         r, t = seg.shape
-        return create_block_mask(mask_mod, B=r, H=None, Q_LEN=t, KV_LEN=t, device=seg.device)
+        # compiled on CUDA: the eager path evaluates mask_mod over the whole T x T grid
+        return create_block_mask(mask_mod, B=r, H=None, Q_LEN=t, KV_LEN=t, device=seg.device,
+                                 _compile=seg.device.type == "cuda")
 
 
 # ---------------------------------------------------------------------------------------

@@ -129,7 +129,6 @@ def chat_loop(gen: Generator, sampling: Sampling, compare: bool = False,
     from rich.panel import Panel
 
     history: list[dict[str, str]] = []
-    system: str | None = gen.system_prompt
     ui.info(f"[dim]{HELP}[/]")
     while True:
         try:
@@ -147,16 +146,16 @@ def chat_loop(gen: Generator, sampling: Sampling, compare: bool = False,
             ui.info("[dim](conversation reset)[/]")
             continue
         if text.startswith("/system"):
-            system = text[len("/system"):].strip() or None
+            gen.system_prompt = text[len("/system"):].strip() or None  # render() adds it
             history = []
-            ui.info(f"[dim](system prompt {'set' if system else 'cleared'}; conversation "
-                    "reset)[/]")
+            ui.info(f"[dim](system prompt {'set' if gen.system_prompt else 'cleared'}; "
+                    "conversation reset)[/]")
             continue
         if text.startswith("/"):
             ui.info(f"[dim]unknown command {text.split()[0]}; {HELP}[/]")
             continue
         history.append({"role": "user", "content": text})
-        conv = ([{"role": "system", "content": system}] if system else []) + history
+        conv = list(history)
         if compare:
             base = gen.generate([conv], sampling, base=True)[0]
             tuned = gen.generate([conv], sampling)[0]

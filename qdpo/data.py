@@ -50,7 +50,9 @@ CHAT_TEMPLATES = {
 }
 
 ROLES = ("system", "user", "assistant", "tool")
-_SENTINEL = "\u2063qdpo-reply\u2063"
+# Holds what templates like to transform (quotes, backslash, newline, &, <, non-ASCII,
+# braces, edge spaces): if it does not come back verbatim, the shortcut is off for that pair.
+_SENTINEL = "\u2063 qdpo \"reply\" \\ & <é>\n{{x}} \u2063"
 
 
 @dataclass

@@ -25,7 +25,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FORMATS = ("peft", "gguf", "gguf-lora")
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _check_out(out: Path, overwrite: bool, source: Path | None = None) -> None:
+    if source is not None:
+        o, src = out.resolve(), source.resolve()
+        if o == src or o in src.parents or src in o.parents:
+            raise RunDirError(f"Output '{out}' overlaps the run or adapter it is made from "
+                              f"('{source}'); choose a path outside it.")
     if out.exists() and (out.is_file() or any(out.iterdir())):
         if not overwrite:
             raise RunDirError(f"Output '{out}' already exists; pass --overwrite to replace it or "
@@ -131,7 +136,7 @@ def merge(path: str | Path, out: str | Path, dtype: str = "bf16", from_nf4: bool
 
     src = open_trained(path)
     out = Path(out)
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, src.run.path if src.run else src.adapter_dir)
     if dtype not in DTYPES:
         raise QdpoError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     tdtype = DTYPES[dtype]
@@ -188,7 +193,7 @@ def export_peft(path: str | Path, out: str | Path, overwrite: bool = False) -> P
     """A clean adapter directory: weights, config, tokenizer, model card."""
     src = open_trained(path)
     out = Path(out)
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, src.run.path if src.run else src.adapter_dir)
     tmp = _tmp_for(out)
     tmp.mkdir()
     keep = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
@@ -218,8 +223,8 @@ def export(path: str | Path, fmt: str, out: str | Path, outtype: str = "f16",
         return export_peft(path, out, overwrite)
     from qdpo import gguf_export
 
-    _check_out(out, overwrite)
     src = open_trained(path)
+    _check_out(out, overwrite, src.run.path if src.run else src.adapter_dir)
     if fmt == "gguf-lora":
         from qdpo.model import load_config
 

@@ -125,6 +125,10 @@ def _attn_impl(recipe: Recipe, device: torch.device) -> str | None:
     return "sdpa"
 
 
+# FlexAttention skips masked blocks, but its block mask is built per row: keep rows bounded.
+FLEX_ROW_TOKENS = 16384
+
+
 def dense_row_tokens(hidden_size: int) -> int:
     """Longest packed row under a dense [T, T] mask.
 
@@ -157,7 +161,7 @@ def resolve_layout(recipe: Recipe, model: Any, device: torch.device) -> Layout:
                          f"custom masks (sdpa, eager or flex_attention), not {attn}. Set "
                          "model.attn_implementation or train.layout: padded.")
     hidden = getattr(lm.config, "hidden_size", 4096)
-    row = None if attn == "flex_attention" else dense_row_tokens(hidden)
+    row = FLEX_ROW_TOKENS if attn == "flex_attention" else dense_row_tokens(hidden)
     return Layout(want, attn, row)
 
 
@@ -320,17 +324,22 @@ def has_reference_adapter(model: Any) -> bool:
 
 @contextlib.contextmanager
 def reference_mode(model: Any) -> Iterator[None]:
-    """Run the frozen reference policy with the same weights; gradients off."""
-    with torch.no_grad():
-        if has_reference_adapter(model):
-            model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
-            try:
-                yield
-            finally:
-                model.set_adapter(POLICY_ADAPTER)
-        else:
-            with model.disable_adapter():
-                yield
+    """Run the frozen reference policy with the same weights; gradients and dropout off."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if has_reference_adapter(model):
+                model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+                try:
+                    yield
+                finally:
+                    model.set_adapter(POLICY_ADAPTER)
+            else:
+                with model.disable_adapter():
+                    yield
+    finally:
+        model.train(was_training)
 
 
 def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:

@@ -79,6 +79,8 @@ def cache_key(recipe: Recipe, base_path: str, pairs: Sequence[PairTokens],
     }, sort_keys=True).encode())
     local = Path(base_path)
     if local.is_dir():  # weights replaced in place must not reuse old numbers
+        if (local / "config.json").exists():
+            h.update((local / "config.json").read_bytes())
         for f in sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin")):
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())

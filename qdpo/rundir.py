@@ -56,7 +56,8 @@ class RunDir:
 
     # -- what is there ---------------------------------------------------------------
     def is_run(self) -> bool:
-        return (self.path / "recipe.yaml").exists() or (self.path / "run.json").exists()
+        """A directory qdpo train wrote (run.json is written by qdpo only)."""
+        return (self.path / "run.json").exists()
 
     def info(self) -> dict[str, Any]:
         try:
@@ -98,9 +99,17 @@ class RunDir:
                 raise RunDirError(
                     f"Output directory '{self.path}' already holds {what}. Use --overwrite to "
                     "replace it, --resume to continue it, or set output.dir to a new path.")
-            if not self.is_run() and not (self.path / "metrics.jsonl").exists():
+            if not self.is_run():
                 raise RunDirError(f"Refusing to --overwrite '{self.path}': it is not a qdpo run "
                                   "directory. Choose another output.dir.")
+            here = self.path.resolve()
+            inputs = [Path(recipe.base_dir)] + [
+                Path(recipe.resolve_path(x)).resolve() for x in
+                [recipe.model.name_or_path] + [s.path for s in recipe.data.train + recipe.eval.data]
+                if Path(recipe.resolve_path(x)).exists()]
+            if any(here == p or here in p.parents for p in inputs if str(p) not in ("", ".")):
+                raise RunDirError(f"Refusing to --overwrite '{self.path}': it holds this run's "
+                                  "recipe, model or data. Choose another output.dir.")
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         return None
@@ -214,9 +223,12 @@ def open_trained(path: str | Path) -> TrainedSource:
     if run_root is not None:
         run = RunDir(run_root)
         recipe = run.recipe()
-        base = run.info().get("base_model") or adapter_cfg.get("base_model_name_or_path", "")
         if recipe.model.random_init:
-            recipe.model.random_init = False  # the materialised weights are the base now
+            # seeded weights from the config: rebuilt if the cache was cleared
+            from qdpo.model import base_weights_path
+
+            return TrainedSource(p, recipe, base_weights_path(recipe), run)
+        base = run.info().get("base_model") or adapter_cfg.get("base_model_name_or_path", "")
         recipe.model.name_or_path = base
         return TrainedSource(p, recipe, base, run)
     base = adapter_cfg.get("base_model_name_or_path")

@@ -11,6 +11,7 @@ import functools
 import math
 import random
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -234,7 +235,10 @@ def train_step(ctx: StepContext, data: list[PairTokens], idx: list[int]) -> dict
     clip = r.train.max_grad_norm or float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(ctx.params, clip))
     metrics = acc.result()
-    if not math.isfinite(grad_norm) or not math.isfinite(metrics["loss"]):
+    # With fp16 the loss scaler expects overflowing gradients now and then: it skips that
+    # optimizer step and lowers the scale itself. Only a non-finite loss is our problem.
+    bad_grad = not math.isfinite(grad_norm) and ctx.scaler is None
+    if bad_grad or not math.isfinite(metrics["loss"]):
         ctx.optimizer.zero_grad(set_to_none=True)
         if ctx.scaler:
             ctx.scaler.update()
@@ -492,28 +496,26 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
                     break
             else:
                 step = steps
-    except KeyboardInterrupt:
-        display.close()
-        for s in sinks:
-            s.close()
-        raise
     except torch.cuda.OutOfMemoryError:
+        raise _oom_error(recipe, device, step) from None
+    finally:  # whatever ends the loop, the terminal and the metric files are left clean
         display.close()
+        if sys.exc_info()[0] is not None:
+            for s in sinks:
+                s.close()
+    done = step if not interrupted else step + 1
+    try:
+        if not interrupted:
+            if data.eval:
+                final_eval = evaluate(model, data.eval, recipe, pad_id, device, dtype, layout,
+                                      eval_ref)
+                log({"step": done, **{f"eval/{k}": v for k, v in final_eval.items()}})
+            if done > start_step:  # lets a later run extend this one (more steps or epochs)
+                save(done)
+            run.save_final(lambda d: save_adapter(model, tokenizer, d))
+    finally:
         for s in sinks:
             s.close()
-        raise _oom_error(recipe, device, step) from None
-    display.close()
-    done = step if not interrupted else step + 1
-    if not interrupted:
-        if data.eval:
-            final_eval = evaluate(model, data.eval, recipe, pad_id, device, dtype, layout,
-                                      eval_ref)
-            log({"step": done, **{f"eval/{k}": v for k, v in final_eval.items()}})
-        if done > start_step:  # lets a later run extend this one (more steps or epochs)
-            save(done)
-        run.save_final(lambda d: save_adapter(model, tokenizer, d))
-    for s in sinks:
-        s.close()
     result = TrainResult(run.path, done, final_eval, last, history, interrupted, ref_seconds)
     run.write_summary(result, time.monotonic() - t_start, recipe)
     _print_summary(result, recipe, time.monotonic() - t_start)

@@ -96,9 +96,15 @@ def test_missing_base_model_fails_cleanly(run, tmp_path):
 
     adapter = tmp_path / "orphan"
     shutil.copytree(run, adapter, ignore=shutil.ignore_patterns("checkpoints"))
+    import yaml
+
+    missing = str(tmp_path / "no-such-model")
     info = json.loads((adapter / "run.json").read_text())
-    info["base_model"] = str(tmp_path / "no-such-model")
+    info["base_model"] = missing
     (adapter / "run.json").write_text(json.dumps(info))
+    recipe = yaml.safe_load((adapter / "recipe.yaml").read_text())
+    recipe["model"].update(name_or_path=missing, random_init=False)
+    (adapter / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     res = qdpo("merge", adapter, "--out", tmp_path / "m")
     assert res.returncode == 2 and "no-such-model" in res.stderr
     assert "Traceback" not in res.stderr
@@ -161,3 +167,19 @@ def test_eval_json_matches_training_eval(run):
         assert got[k] == pytest.approx(final[k], abs=2e-3), k
     table = qdpo("eval", run, "--data", QUICKSTART / "eval.jsonl", "--max-pairs", "4")
     assert "rewards/accuracies" in table.stdout and "│ pairs" in table.stdout
+
+
+def test_cleared_cache_rebuilds_random_init_base(run, tmp_path, monkeypatch):
+    """Deleting the cache is safe: a random-init run's base is rebuilt from config + seed."""
+    monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "empty-cache"))
+    res = qdpo("eval", run, "--data", QUICKSTART / "eval.jsonl", "--max-pairs", "8", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["rewards/accuracies"] >= 0.75
+
+
+def test_outputs_may_not_overlap_the_source(run, tmp_path):
+    res = qdpo("merge", run, "--out", run / "merged", "--overwrite")
+    assert res.returncode == 2 and "overlaps" in res.stderr
+    res = qdpo("export", run, "--format", "peft", "--out", run, "--overwrite")
+    assert res.returncode == 2 and "overlaps" in res.stderr
+    assert (run / "adapter_model.safetensors").exists()

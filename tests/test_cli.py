@@ -99,3 +99,17 @@ def test_version_help_init(tmp_path):
     r = load_recipe(target)
     assert r.model.name_or_path == "meta-llama/Llama-3.1-8B-Instruct"
     assert qdpo("init", target).returncode == 2  # no silent overwrite
+
+
+def test_overwrite_never_deletes_a_project_folder(tmp_path):
+    import shutil
+
+    project = tmp_path / "proj"
+    shutil.copytree(QUICKSTART_RECIPE.parent / "quickstart", project / "quickstart")
+    shutil.copy(QUICKSTART_RECIPE, project / "recipe.yaml")
+    (project / "notes.txt").write_text("mine")
+    res = qdpo("train", project / "recipe.yaml", "train.max_steps=1", "-o", project,
+               "--overwrite")
+    assert res.returncode == 2 and "Refusing to --overwrite" in res.stderr
+    assert (project / "notes.txt").read_text() == "mine"
+    assert (project / "quickstart" / "train.jsonl").exists()

@@ -1,0 +1,916 @@
+"""Every preference-data format qdpo reads, each as a realistic row of the public data set it
+comes from (written from those sets' schemas), through normalisation and tokenization with the
+quickstart tokenizer's chat template; several sources mixed in one recipe; system prompts;
+truncation; and property tests that a malformed row is always a counted skip (or, with
+data.strict, a DataError naming it) and a kept pair is never silently wrong.
+
+Bugs found while writing these tests are at the end, as strict xfails (they pass once fixed).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from qdpo.data import (
+    DataReport,
+    Tokenizer,
+    normalise_rows,
+    prepare_sources,
+)
+from qdpo.errors import DataError, RecipeError
+from qdpo.recipe import DataSource, recipe_from_dict
+
+REPO = Path(__file__).resolve().parent.parent
+QS_MODEL = REPO / "recipes" / "quickstart" / "model"
+
+BOS, EOS = "<|begin_of_text|>", "<|im_end|>"
+GEN = "<|im_start|>assistant\n"
+
+
+# ---------------------------------------------------------------------------------------
+# Fixtures and helpers (the style of tests/test_data.py)
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def qs_tok():
+    """The quickstart tokenizer: byte-level BPE, ChatML-like template with bos, eos <|im_end|>."""
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    tok = AutoTokenizer.from_pretrained(str(QS_MODEL), config=PretrainedConfig())
+    assert tok.chat_template and tok.eos_token == EOS and tok.bos_token == BOS
+    return tok
+
+
+def dec(tok, ids) -> str:
+    return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def enc(tok, text: str, special: bool = False) -> list[int]:
+    return tok(text, add_special_tokens=special)["input_ids"]
+
+
+def chat(tok, msgs) -> str:
+    """The tokenizer's own rendering of a prompt (generation prompt appended)."""
+    return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def recipe(path="unused.jsonl", data=None, **sections):
+    return recipe_from_dict({"model": {"name_or_path": "m"},
+                             "data": {"train": path, **(data or {})}, **sections})
+
+
+def normalise(rows, **data):
+    r = recipe(data=data)
+    report = DataReport(strict=r.data.strict)
+    return normalise_rows(rows, r, report, source="rows"), report
+
+
+def tokenize(tok, rows, **data):
+    """normalise + tokenize in row order: (tokenized pairs, report, Tokenizer, normalised pairs)."""
+    r = recipe(data=data)
+    report = DataReport(strict=r.data.strict)
+    pairs = normalise_rows(rows, r, report, source="rows")
+    t = Tokenizer(tok, r, any(not isinstance(p.prompt, str) for p in pairs))
+    return t(pairs, report), report, t, pairs
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def system(text):
+    return {"role": "system", "content": text}
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def asst(text):
+    return {"role": "assistant", "content": text}
+
+
+def assert_valid(tok, p, chosen: str, rejected: str, prompt_msgs=None):
+    """A kept pair: prompt is the rendered prompt, each side is its own reply + eos."""
+    assert p.prompt_ids and p.chosen_ids and p.rejected_ids
+    if prompt_msgs is not None:
+        assert dec(tok, p.prompt_ids) == chat(tok, prompt_msgs)
+    assert dec(tok, p.chosen_ids) == chosen + EOS
+    assert dec(tok, p.rejected_ids) == rejected + EOS
+    assert p.chosen_ids[-1] == p.rejected_ids[-1] == tok.eos_token_id
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Standard rows: prompt / chosen / rejected strings (Intel/orca_dpo_pairs)
+# ---------------------------------------------------------------------------------------
+
+ORCA_SYSTEM = ("You are an AI assistant. User will you give you a task. Your goal is to complete "
+               "the task as faithfully as you can. While performing the task think step-by-step "
+               "and justify your steps.")
+ORCA = {
+    "system": ORCA_SYSTEM,
+    "question": "Generate an approximately fifteen-word sentence that describes all this data: "
+                "Midsummer House eatType restaurant; Midsummer House food Chinese; Midsummer "
+                "House priceRange moderate; Midsummer House customer rating 3 out of 5; "
+                "Midsummer House near All Bar One",
+    "chosen": "Midsummer House is a moderately priced Chinese restaurant with a 3/5 customer "
+              "rating, located near All Bar One.",
+    "rejected": " Sure! Here's a sentence that describes all the data you provided:\n\n"
+                "\"Midsummer House is a moderately priced Chinese restaurant with a customer "
+                "rating of 3 out of 5, located near All Bar One, offering a variety of delicious "
+                "dishes.\"",
+}
+
+
+def test_orca_dpo_pairs_with_prompt_column_mapping(qs_tok):
+    (p,), report, _, (pair,) = tokenize(qs_tok, [ORCA], columns={"prompt": "question"})
+    assert (pair.prompt, pair.chosen, pair.rejected) == (ORCA["question"], ORCA["chosen"],
+                                                         ORCA["rejected"])
+    assert report.formats == Counter(standard=1) and not report.skipped
+    # the leading space of orca's rejected replies is kept as the data has it
+    assert_valid(qs_tok, p, ORCA["chosen"], ORCA["rejected"], [user(ORCA["question"])])
+    assert dec(qs_tok, p.prompt_ids).startswith(BOS + "<|im_start|>user\nGenerate an")
+    assert p.prompt_ids.count(qs_tok.bos_token_id) == 1
+    # without the mapping, "question" is found as the prompt all the same
+    (q,), _, _, _ = tokenize(qs_tok, [ORCA])
+    assert (q.prompt_ids, q.chosen_ids, q.rejected_ids) == (p.prompt_ids, p.chosen_ids,
+                                                            p.rejected_ids)
+
+
+def test_standard_rows_plain_text_without_template(qs_tok):
+    row = {"prompt": "Human: What is the boiling point of water at sea level?\nAssistant:",
+           "chosen": " 100 degrees Celsius.", "rejected": " It depends on the kettle."}
+    (p,), report, t, _ = tokenize(qs_tok, [row], chat_template="none")
+    assert t.template is None and report.formats == Counter(standard=1)
+    assert p.prompt_ids == enc(qs_tok, row["prompt"], special=True)  # bos, no chat wrapping
+    assert p.chosen_ids == enc(qs_tok, row["chosen"] + EOS)
+    assert p.rejected_ids == enc(qs_tok, row["rejected"] + EOS)
+    assert dec(qs_tok, p.prompt_ids + p.chosen_ids) == BOS + row["prompt"] + row["chosen"] + EOS
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Conversational rows
+# ---------------------------------------------------------------------------------------
+
+def test_multi_turn_prompt_is_every_turn_before_the_final_reply(qs_tok):
+    prompt = [system("You are a concise travel assistant."),
+              user("I have two days in Lisbon. Where should I start?"),
+              asst("Start in Alfama: walk up to the Castelo de São Jorge for the views."),
+              user("And on the second day?")]
+    row = {"prompt": prompt,
+           "chosen": [asst("Take the train to Sintra and visit the Pena Palace.")],
+           "rejected": [asst("Lisbon is the capital of Portugal.")]}
+    (p,), report, _, (pair,) = tokenize(qs_tok, [row])
+    assert pair.prompt == prompt and report.formats == Counter(conversational=1)
+    assert_valid(qs_tok, p, "Take the train to Sintra and visit the Pena Palace.",
+                 "Lisbon is the capital of Portugal.", prompt)
+    assert dec(qs_tok, p.prompt_ids).endswith("And on the second day?" + EOS + "\n" + GEN)
+    # prompt + completion is token for token the whole conversation (up to the template's
+    # trailing newline)
+    full = qs_tok.apply_chat_template(prompt + row["chosen"], tokenize=False)
+    assert p.prompt_ids + p.chosen_ids + enc(qs_tok, "\n") == enc(qs_tok, full)
+
+
+UFB_PROMPT = "how can i develop a habit of drawing daily"
+UFB_CHOSEN = ("Developing a daily habit of drawing can be challenging but with consistent "
+              "practice and a few tips, it can become an enjoyable and rewarding part of your "
+              "daily routine.\n\n1. Set a specific time: allocate a time each day for drawing.")
+UFB_REJECTED = ("As an AI language model, I cannot personally develop habits for you. But, here "
+                "are some tips for developing a habit of drawing daily.")
+# HuggingFaceH4/ultrafeedback_binarized, train_prefs
+UFB = {
+    "prompt": UFB_PROMPT,
+    "prompt_id": "086b3e24f29b8956a01059f79c56db35d118a06fb6b844b095737d042795cd43",
+    "chosen": [user(UFB_PROMPT), asst(UFB_CHOSEN)],
+    "rejected": [user(UFB_PROMPT), asst(UFB_REJECTED)],
+    "messages": [user(UFB_PROMPT), asst(UFB_CHOSEN)],
+    "score_chosen": 8.5,
+    "score_rejected": 6.0,
+}
+
+
+def test_ultrafeedback_binarized_full_conversations(qs_tok):
+    (p,), report, _, (pair,) = tokenize(qs_tok, [UFB])
+    assert pair.prompt == [user(UFB_PROMPT)]  # the shared message prefix
+    assert (pair.chosen, pair.rejected) == (UFB_CHOSEN, UFB_REJECTED)
+    assert report.formats == Counter(conversational=1)
+    assert_valid(qs_tok, p, UFB_CHOSEN, UFB_REJECTED, [user(UFB_PROMPT)])
+    # the "messages" and score columns are not mistaken for anything
+    assert "Developing" not in dec(qs_tok, p.prompt_ids)
+
+
+def test_multi_turn_full_conversations_beside_a_prompt_string(qs_tok):
+    """argilla/distilabel-capybara-dpo style: the prompt string is the first turn only; the
+    conversations carry the real multi-turn context, which becomes the prompt."""
+    turns = [user("Write a haiku about autumn."),
+             asst("Crimson leaves falling\nwhispers of the cooling wind\nthe year exhales slow"),
+             user("Now make it about winter.")]
+    row = {"source": "Dove", "prompt": "Write a haiku about autumn.",
+           "chosen": turns + [asst("Silent snow settles\nthe pine holds its breath in white\n"
+                                   "footprints fill by dawn")],
+           "rejected": turns + [asst("Winter is cold.")],
+           "chosen_rating": 5, "rejected_rating": 2}
+    (p,), _, _, (pair,) = tokenize(qs_tok, [row])
+    assert pair.prompt == turns
+    assert_valid(qs_tok, p, row["chosen"][-1]["content"], "Winter is cold.", turns)
+
+
+def test_implicit_prompt_from_conversations_only(qs_tok):
+    turns = [system("Answer in one sentence."), user("Why is the sky blue?")]
+    row = {"chosen": turns + [asst("Air molecules scatter blue light more than red.")],
+           "rejected": turns + [asst("Because the ocean reflects onto it.")]}
+    (p,), _, _, (pair,) = tokenize(qs_tok, [row])
+    assert pair.prompt == turns
+    assert_valid(qs_tok, p, "Air molecules scatter blue light more than red.",
+                 "Because the ocean reflects onto it.", turns)
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Implicit prompt: Anthropic HH-RLHF texts
+# ---------------------------------------------------------------------------------------
+
+HH_SHARED = ("\n\nHuman: What is a good way to learn guitar?\n\nAssistant: Start with a few open "
+             "chords like G, C and D, and practice switching between them slowly."
+             "\n\nHuman: And then?\n\nAssistant:")
+HH = {"chosen": HH_SHARED + " Practice daily, even fifteen minutes, and learn songs you like.",
+      "rejected": HH_SHARED + " I don't know, maybe just buy a more expensive guitar."}
+HH_PROMPT = [user("What is a good way to learn guitar?"),
+             asst("Start with a few open chords like G, C and D, and practice switching between "
+                  "them slowly."),
+             user("And then?")]
+
+
+def test_hh_rlhf_multi_turn_texts(qs_tok):
+    (p,), report, _, (pair,) = tokenize(qs_tok, [HH])
+    assert pair.prompt == HH_PROMPT  # every turn up to the last Human turn
+    assert (pair.chosen, pair.rejected) == (
+        "Practice daily, even fifteen minutes, and learn songs you like.",
+        "I don't know, maybe just buy a more expensive guitar.")
+    assert report.formats == Counter({"implicit (HH dialogue)": 1, "conversational": 1})
+    assert_valid(qs_tok, p, pair.chosen, pair.rejected, HH_PROMPT)
+    text = dec(qs_tok, p.prompt_ids)
+    assert "Human:" not in text and "Assistant:" not in text  # markers became turns
+    assert text.count("<|im_start|>user") == 2 and text.count("<|im_start|>assistant") == 2
+
+
+def test_hh_rlhf_single_turn_and_inconsistent_rows(qs_tok):
+    single = {"chosen": "\n\nHuman: How do I make a cup of tea?\n\nAssistant: Boil water, pour it "
+                        "over a tea bag and steep for three minutes.",
+              "rejected": "\n\nHuman: How do I make a cup of tea?\n\nAssistant: Why would you "
+                          "want tea?"}
+    differ = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant: Bye!",
+              "rejected": "\n\nHuman: Hi\n\nAssistant: Go away.\n\nHuman: Bye\n\nAssistant: Ok."}
+    empty = {"chosen": "\n\nHuman: Are you there?\n\nAssistant: Yes, I am here.",
+             "rejected": "\n\nHuman: Are you there?\n\nAssistant:"}
+    out, report, _, pairs = tokenize(qs_tok, [single, differ, empty])
+    assert len(out) == 1 and pairs[0].prompt == [user("How do I make a cup of tea?")]
+    assert_valid(qs_tok, out[0], "Boil water, pour it over a tea bag and steep for three "
+                                 "minutes.", "Why would you want tea?",
+                 [user("How do I make a cup of tea?")])
+    assert report.skipped == Counter({
+        "missing prompt (and chosen/rejected do not share a conversation prefix)": 1,
+        "empty chosen or rejected": 1})
+    assert report.examples == [
+        "rows row 2: missing prompt (and chosen/rejected do not share a conversation prefix)",
+        "rows row 3: empty chosen or rejected"]
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Implicit prompt: plain texts sharing a prefix
+# ---------------------------------------------------------------------------------------
+
+def test_plain_texts_sharing_a_prefix_cut_at_whitespace(qs_tok):
+    post = ("SUBREDDIT: r/relationships\nTITLE: My boyfriend forgot our anniversary\nPOST: We "
+            "have been together for three years and he forgot it completely.\nTL;DR:")
+    row = {"chosen": post + " Boyfriend forgot our third anniversary; how do I bring it up?",
+           "rejected": post + " Bad boyfriend."}
+    mid_word = {"chosen": "The sky is blue because of Rayleigh scattering.",
+                "rejected": "The sky is blueish because it reflects the sea."}
+    none = {"chosen": "Yes.", "rejected": "No."}
+    out, report, _, pairs = tokenize(qs_tok, [row, mid_word, none])
+    assert len(out) == 2
+    assert report.formats == Counter({"implicit (shared text prefix)": 2, "standard": 2})
+    assert report.skipped == Counter({"missing prompt (and chosen/rejected share no prefix)": 1})
+    a, b = pairs
+    assert a.prompt == post + " " and a.prompt[-1].isspace()
+    assert (a.chosen, a.rejected) == ("Boyfriend forgot our third anniversary; how do I bring "
+                                      "it up?", "Bad boyfriend.")
+    # diverging inside a word: cut back to the previous space, never mid-word
+    assert b.prompt == "The sky is "
+    assert (b.chosen, b.rejected) == ("blue because of Rayleigh scattering.",
+                                      "blueish because it reflects the sea.")
+    for pair in pairs:
+        assert pair.prompt + pair.chosen in (row["chosen"], mid_word["chosen"])
+    assert_valid(qs_tok, out[0], a.chosen, a.rejected, [user(a.prompt)])
+    # without a template the pieces concatenate back to the original texts
+    (p, _), _, _, _ = tokenize(qs_tok, [row, mid_word], chat_template="none")
+    assert dec(qs_tok, p.prompt_ids + p.chosen_ids) == BOS + row["chosen"] + EOS
+    assert dec(qs_tok, p.prompt_ids + p.rejected_ids) == BOS + row["rejected"] + EOS
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Ranked / scored responses (openbmb/UltraFeedback raw)
+# ---------------------------------------------------------------------------------------
+
+def uf_completion(model: str, response: str, overall: float, fine: float, rating: int) -> dict:
+    aspect = {"Rating": str(rating), "Rationale": "The text is mostly aligned with the task."}
+    return {"annotations": {"helpfulness": dict(aspect, **{"Type": ["1", "2"]}),
+                            "honesty": aspect, "instruction_following": aspect,
+                            "truthfulness": dict(aspect, **{"Type": ["0"]})},
+            "critique": f"The response from {model} is clear but could be more detailed.",
+            "custom_system_prompt": "As an AI assistant, provide accurate answers.",
+            "fine-grained_score": fine, "model": model, "overall_score": overall,
+            "principle": "helpfulness", "response": response}
+
+
+UF_INSTRUCTION = ("Can you write a C++ program that prompts the user to enter the name of a "
+                  "country and checks if it borders the Mediterranean Sea?")
+UF_A = "Here's a C++ program using a set of bordering countries and std::getline."
+UF_B = "The Mediterranean Sea borders many countries."
+UF_C = "Sure, here is some Python code instead."
+UF_D = "Use an if statement comparing the input against a list of countries."
+# overall_score decides; fine-grained_score (deliberately) ranks them differently
+UF_RAW = {"source": "evol_instruct", "instruction": UF_INSTRUCTION,
+          "models": ["gpt-4", "alpaca-7b", "pythia-12b", "starchat"],
+          "completions": [uf_completion("gpt-4", UF_A, 8.5, 4.25, 5),
+                          uf_completion("alpaca-7b", UF_B, 4.0, 3.5, 2),
+                          uf_completion("pythia-12b", UF_C, 6.0, 1.75, 1),
+                          uf_completion("starchat", UF_D, 7.0, 4.5, 4)],
+          "correct_answers": ["None"], "incorrect_answers": ["None"]}
+
+
+def test_ultrafeedback_raw_best_vs_worst_by_default(qs_tok):
+    (p,), report, _, (pair,) = tokenize(qs_tok, [UF_RAW])
+    assert pair.prompt == UF_INSTRUCTION  # found in "instruction"
+    assert (pair.chosen, pair.rejected) == (UF_A, UF_B)
+    assert report.formats == Counter(ranked=1, standard=1)
+    assert_valid(qs_tok, p, UF_A, UF_B, [user(UF_INSTRUCTION)])
+
+
+def test_ultrafeedback_raw_best_vs_second(qs_tok):
+    (pair,), _ = normalise([UF_RAW], pair_selection="best_vs_second")
+    assert (pair.chosen, pair.rejected) == (UF_A, UF_D)
+
+
+def test_best_vs_random_is_seeded_never_the_best_nor_a_tie():
+    tie_with_best = uf_completion("wizardlm", "A tie with the best answer.", 8.5, 4.0, 5)
+    row = dict(UF_RAW, completions=UF_RAW["completions"] + [tie_with_best])
+    rows = [row] * 40
+
+    def picks(seed):
+        r = recipe(data={"pair_selection": "best_vs_random"}, train={"seed": seed})
+        rep = DataReport()
+        pairs = normalise_rows(rows, r, rep, source="rows")
+        assert len(pairs) == 40 and not rep.skipped
+        assert all(p.chosen == UF_A for p in pairs)  # the first of the tied best
+        return [p.rejected for p in pairs]
+
+    first = picks(42)
+    assert set(first) <= {UF_B, UF_C, UF_D}  # never the best, never the one tied with it
+    assert len(set(first)) == 3  # really random: all three worse ones drawn
+    assert picks(42) == first  # deterministic for the seed
+    assert picks(7) != first  # another seed, another draw
+
+
+def test_rows_whose_scores_all_tie_are_skipped_and_counted():
+    tied = dict(UF_RAW, completions=[dict(c, overall_score=7.0) for c in UF_RAW["completions"]])
+    one = dict(UF_RAW, completions=UF_RAW["completions"][:1])
+    unscored = {"prompt": "Pick one", "responses": ["a", "b"], "scores": [1.0]}
+    pairs, report = normalise([tied, UF_RAW, one, unscored], pair_selection="best_vs_second")
+    assert len(pairs) == 1 and pairs[0].row == 2
+    assert report.skipped == Counter({
+        "all responses have the same score": 1,
+        "needs chosen/rejected, or at least two scored responses": 1,
+        "response 2 has no numeric score": 1})
+    assert report.examples[0] == "rows row 1: all responses have the same score"
+    assert report.rows == 4 and report.formats["ranked"] == 1
+    assert "3 skipped" in report.summary()
+
+
+def test_responses_and_scores_parallel_lists(qs_tok):
+    row = {"prompt": "Summarise: The meeting moved from Tuesday to Thursday at 3pm.",
+           "responses": ["The meeting is now Thursday at 3pm.",
+                         "There is a meeting.",
+                         "Tuesday's meeting moved to Thursday, 3pm.",
+                         "Meetings are important."],
+           "scores": [9, 3, 7.5, "1"]}  # text scores are numbers too
+    (p,), report, _, (pair,) = tokenize(qs_tok, [row])
+    assert (pair.chosen, pair.rejected) == (row["responses"][0], row["responses"][3])
+    assert report.formats["ranked"] == 1
+    assert_valid(qs_tok, p, pair.chosen, pair.rejected, [user(row["prompt"])])
+    (second,), _ = normalise([row], pair_selection="best_vs_second")
+    assert second.rejected == row["responses"][2]
+
+
+def test_ranked_columns_mapped_globally_and_per_source(tmp_path, qs_tok):
+    rows = [{"question": f"What is {i} + {i}?",
+             "candidates": [f"It is {2 * i}.", f"It is {2 * i + 1}.", "I cannot do math."],
+             "ratings": [5, 2, 1]} for i in range(3)]
+    cols = {"prompt": "question", "responses": "candidates", "scores": "ratings"}
+    pairs, report = normalise(rows, columns=cols)
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
+        (f"What is {i} + {i}?", f"It is {2 * i}.", "I cannot do math.") for i in range(3)]
+    assert report.formats["ranked"] == 3
+    # unmapped, the row is a counted skip that names the columns it has
+    _, report = normalise(rows[:1])
+    (reason,) = report.skipped
+    assert "missing column 'chosen', 'rejected'" in reason and "candidates" in reason
+    # the same mapping on one source of a recipe
+    path = write_jsonl(tmp_path / "ranked.jsonl", rows)
+    src = DataSource(str(path), columns=cols)
+    out, rep = prepare_sources([src], recipe(str(path)), qs_tok, what="training")
+    assert len(out) == 3 and rep.formats["ranked"] == 3
+    assert dec(qs_tok, out[1].chosen_ids) == "It is 2." + EOS
+    assert dec(qs_tok, out[1].rejected_ids) == "I cannot do math." + EOS
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Several sources mixed in one recipe
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def sources(tmp_path):
+    ufb = [dict(UFB, prompt_id=str(i),
+                chosen=[user(f"Question {i}?"), asst(f"Helpful answer {i}.")],
+                rejected=[user(f"Question {i}?"), asst(f"Curt {i}.")]) for i in range(20)]
+    orca = [dict(ORCA, question=f"Orca task {i}", chosen=f"Orca good {i}.",
+                 rejected=f"Orca bad {i}.") for i in range(6)]
+    hh = [{"chosen": f"\n\nHuman: HH question {i}?\n\nAssistant: Kind reply {i}.",
+           "rejected": f"\n\nHuman: HH question {i}?\n\nAssistant: Rude reply {i}."}
+          for i in range(12)]
+    tiny = [{"prompt": f"Tiny {i}", "chosen": f"tiny good {i}", "rejected": f"tiny bad {i}"}
+            for i in range(2)]
+    return {name: str(write_jsonl(tmp_path / f"{name}.jsonl", rows))
+            for name, rows in (("ufb", ufb), ("orca", orca), ("hh", hh), ("tiny", tiny))}
+
+
+def mixed_recipe(sources, seed=42):
+    return recipe_from_dict({"model": {"name_or_path": "m"}, "train": {"seed": seed},
+                             "data": {"train": [
+                                 {"path": sources["ufb"], "weight": 0.5},
+                                 {"path": sources["orca"], "weight": 2.0,
+                                  "columns": {"prompt": "question"}},
+                                 {"path": sources["hh"], "samples": 7},
+                                 {"path": sources["tiny"], "samples": 5}]}})
+
+
+def test_sources_mixed_with_columns_weights_and_samples(sources, qs_tok):
+    r = mixed_recipe(sources)
+    assert [s.weight for s in r.data.train] == [0.5, 2.0, 1.0, 1.0]
+    assert r.data.train[1].columns == {"prompt": "question"}
+    out, report = prepare_sources(r.data.train, r, qs_tok, what="training")
+    assert report.rows == 20 + 6 + 12 + 2 and not report.skipped
+    assert report.mixed == {"ufb.jsonl": 10, "orca.jsonl": 12, "hh.jsonl": 7, "tiny.jsonl": 5}
+    assert len(out) == report.pairs == 10 + 12 + 7 + 5
+    assert "mixed 10 from ufb.jsonl, 12 from orca.jsonl, 7 from hh.jsonl, 5 from tiny.jsonl" \
+        in report.summary()
+    chosen = [dec(qs_tok, p.chosen_ids).removesuffix(EOS) for p in out]
+    groups = {k: [c for c in chosen if c.startswith(pre)] for k, pre in
+              (("ufb", "Helpful"), ("orca", "Orca"), ("hh", "Kind"), ("tiny", "tiny"))}
+    assert len(set(groups["ufb"])) == 10  # half, without repeats
+    assert Counter(groups["orca"]) == Counter({f"Orca good {i}.": 2 for i in range(6)})  # doubled
+    assert len(set(groups["hh"])) == 7  # exactly seven distinct
+    # more samples than rows: every row as often as fits, the rest drawn at random
+    assert sorted(Counter(groups["tiny"]).values()) == [2, 3]
+    # the orca source's own mapping put "question" in the prompt
+    orca_prompts = [dec(qs_tok, p.prompt_ids) for p in out if
+                    dec(qs_tok, p.chosen_ids).startswith("Orca")]
+    assert all("Orca task" in t for t in orca_prompts)
+
+
+def test_source_sampling_is_deterministic_for_a_seed(sources, qs_tok):
+    def draw(seed):
+        r = mixed_recipe(sources, seed)
+        out, _ = prepare_sources(r.data.train, r, qs_tok, what="training")
+        return [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in out]
+
+    a = draw(42)
+    assert draw(42) == a
+    b = draw(3)
+    assert len(b) == len(a) and b != a
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"weight": 0}, "weight"), ({"weight": -0.5}, "weight"), ({"samples": 0}, "samples"),
+    ({"samples": -3}, "samples")])
+@pytest.mark.parametrize("section", ["data", "eval"])
+def test_source_weight_and_samples_are_validated(bad, key, section):
+    src = {"path": "data/helpsteer.jsonl", **bad}
+    raw = {"model": {"name_or_path": "m"}, "data": {"train": ["ok.jsonl"]}}
+    if section == "data":
+        raw["data"]["train"].append(src)
+    else:
+        raw["eval"] = {"data": [src]}
+    with pytest.raises(RecipeError) as ei:
+        recipe_from_dict(raw)
+    msg = str(ei.value)
+    assert "'data/helpsteer.jsonl'" in msg and key in msg
+    assert ("must be > 0" if key == "weight" else "must be >= 1") in msg
+
+
+def test_source_samples_must_be_an_integer():
+    with pytest.raises(RecipeError, match=r"'data\.train\[0\]\.samples' has the value 2\.5"):
+        recipe_from_dict({"model": {"name_or_path": "m"},
+                          "data": {"train": [{"path": "a.jsonl", "samples": 2.5}]}})
+
+
+# ---------------------------------------------------------------------------------------
+# 7. data.system_prompt
+# ---------------------------------------------------------------------------------------
+
+def test_system_prompt_for_standard_conversational_and_hh_rows(qs_tok):
+    conv = {"prompt": [user("Hi there")], "chosen": [asst("Hello!")], "rejected": [asst("What.")]}
+    own = {"prompt": [system("You are a pirate."), user("Hi there")],
+           "chosen": [asst("Ahoy!")], "rejected": [asst("Hello.")]}
+    out, _, t, _ = tokenize(qs_tok, [ORCA, conv, own, HH], system_prompt=ORCA_SYSTEM)
+    expected = [[system(ORCA_SYSTEM), user(ORCA["question"])],
+                [system(ORCA_SYSTEM), user("Hi there")],
+                [system("You are a pirate."), user("Hi there")],  # kept, not duplicated
+                [system(ORCA_SYSTEM)] + HH_PROMPT]
+    for p, msgs in zip(out, expected):
+        text = dec(qs_tok, p.prompt_ids)
+        assert text == chat(qs_tok, msgs)
+        assert text.count("<|im_start|>system") == 1
+    assert ORCA_SYSTEM not in dec(qs_tok, out[2].prompt_ids)
+    assert dec(qs_tok, out[2].chosen_ids) == "Ahoy!" + EOS
+    assert t.render_prompt(ORCA["question"]) == dec(qs_tok, out[0].prompt_ids)
+
+
+# ---------------------------------------------------------------------------------------
+# 8. Truncation
+# ---------------------------------------------------------------------------------------
+
+def test_prompt_cut_from_the_left_responses_from_the_right(qs_tok):
+    long_prompt = "Context: " + " ".join(f"fact{i}" for i in range(80)) + " QUESTION: why?"
+    long_reply = " ".join(f"because{i}" for i in range(60))
+    rows = [{"prompt": long_prompt, "chosen": long_reply, "rejected": "No idea."},
+            {"prompt": "Short?", "chosen": "Yes.", "rejected": "No."}]
+    out, report, _, _ = tokenize(qs_tok, rows, chat_template="none", max_length=40,
+                                 max_prompt_length=16)
+    p, q = out
+    full_prompt = enc(qs_tok, long_prompt, special=True)
+    assert p.prompt_ids == full_prompt[-16:]  # the end is kept
+    assert dec(qs_tok, p.prompt_ids).endswith("QUESTION: why?")
+    room = 40 - 16
+    assert p.chosen_ids == enc(qs_tok, long_reply + EOS)[:room]  # the start is kept
+    assert dec(qs_tok, p.chosen_ids).startswith("because0 because1")
+    assert p.rejected_ids == enc(qs_tok, "No idea." + EOS)  # short: untouched, eos kept
+    assert q.prompt_ids == enc(qs_tok, "Short?", special=True)
+    assert (report.prompt_truncated, report.response_truncated, report.dropped_too_long) == \
+        (1, 1, 0)
+    assert "1 prompts cut from the left" in report.summary()
+    assert "1 responses cut" in report.summary()
+
+
+def test_templated_prompt_keeps_the_generation_prompt_when_cut(qs_tok):
+    turns = [user(" ".join(f"history{i}" for i in range(50))), asst("Noted."),
+             user("Final question?")]
+    row = {"prompt": turns, "chosen": [asst("Answer.")], "rejected": [asst("Nope.")]}
+    (p,), report, _, _ = tokenize(qs_tok, [row], max_length=40, max_prompt_length=20)
+    full = enc(qs_tok, chat(qs_tok, turns))
+    assert len(full) > 20 and p.prompt_ids == full[-20:]
+    assert dec(qs_tok, p.prompt_ids).endswith("Final question?" + EOS + "\n" + GEN)
+    assert p.chosen_ids[-1] == qs_tok.eos_token_id  # fits: not cut
+    assert (report.prompt_truncated, report.response_truncated) == (1, 0)
+
+
+def test_pair_dropped_only_when_no_room_is_left(qs_tok):
+    # a validated recipe always leaves room: the prompt limit is below the total limit
+    with pytest.raises(RecipeError, match="max_prompt_length"):
+        recipe(data={"max_length": 16, "max_prompt_length": 16})
+    long = {"prompt": " ".join(f"w{i}" for i in range(40)), "chosen": "yes " * 30,
+            "rejected": "no"}
+    out, report, _, _ = tokenize(qs_tok, [long], chat_template="none", max_length=16,
+                                 max_prompt_length=15)
+    assert len(out) == 1 and len(out[0].prompt_ids) == 15  # one token of room: still kept
+    assert len(out[0].chosen_ids) == len(out[0].rejected_ids) == 1
+    assert report.dropped_too_long == 0 and report.response_truncated == 2
+    # a prompt that fills the whole budget (only reachable by editing a recipe after
+    # validation) drops the pair and counts it; others are kept
+    r = recipe(data={"chat_template": "none", "max_length": 16, "max_prompt_length": 15})
+    r.data.max_prompt_length = 16
+    rep = DataReport()
+    pairs = normalise_rows([long, {"prompt": "Hi", "chosen": "a", "rejected": "b"}], r, rep)
+    out = Tokenizer(qs_tok, r, False)(pairs, rep)
+    assert len(out) == 1 and rep.dropped_too_long == 1 and rep.pairs == 1
+    assert "1 dropped (no room for a response)" in rep.summary()
+
+
+# ---------------------------------------------------------------------------------------
+# Property tests: malformed rows are counted skips, kept pairs are valid and right
+# ---------------------------------------------------------------------------------------
+
+_WORDS = st.sampled_from([
+    "Hi", "Paris", "yes", "no", "The sky is blue", "The sky is blueish", "  ", "", "\n",
+    "café ☕", "日本語", "🎸 guitar", "\n\nHuman: hi", "\n\nAssistant: ok", "<|im_end|>",
+    "\n\nHuman: Hi\n\nAssistant: A", "\n\nHuman: Hi\n\nAssistant: B", "5", "nan"])
+# no lone surrogates, huge integers or NaN here: those are the known bugs below
+_TEXT = _WORDS | st.text(st.characters(blacklist_categories=("Cs",)), max_size=10)
+_SCALAR = (st.none() | st.booleans() | st.integers(-5, 5) | _TEXT
+           | st.floats(-10, 10, allow_nan=False))
+_KEYS = ["prompt", "chosen", "rejected", "weight", "completions", "responses", "scores",
+         "instruction", "question", "input", "messages", "role", "content", "extra"]
+_JSONISH = st.recursive(_SCALAR, lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(st.sampled_from(_KEYS), inner, max_size=3),
+                        max_leaves=6)
+_ROLE = st.sampled_from(["system", "user", "assistant", "tool", "bot", "Human", ""]) | _SCALAR
+_MESSAGE = (st.fixed_dictionaries({"role": _ROLE, "content": _SCALAR})
+            | st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]),
+                                     "content": _TEXT})
+            | st.dictionaries(st.sampled_from(["role", "content", "name"]), _SCALAR,
+                              max_size=3))
+_COMPLETION = st.fixed_dictionaries(
+    {"response": _SCALAR},
+    optional={"overall_score": _SCALAR, "fine-grained_score": _SCALAR,
+              "annotations": _JSONISH, "model": _TEXT})
+_FIELD = (_JSONISH | _TEXT | st.lists(_MESSAGE, max_size=4) | st.lists(_COMPLETION, max_size=4)
+          | st.lists(_SCALAR, max_size=4))
+_ROW = _JSONISH | st.dictionaries(st.sampled_from(_KEYS), _FIELD, max_size=6)
+
+
+def _strings(v):
+    """Every string inside a JSON-like value."""
+    if isinstance(v, str):
+        yield v
+    elif isinstance(v, dict):
+        for x in v.values():
+            yield from _strings(x)
+    elif isinstance(v, list):
+        for x in v:
+            yield from _strings(x)
+
+
+def _from_side(text: str, row: dict, side: str) -> bool:
+    """The reply text comes from this side of the row (or its scored responses)."""
+    sources = [row.get(side), row.get("completions"), row.get("responses")]
+    return any(text in s for src in sources for s in _strings(src))
+
+
+_VOCAB = ["the", "guitar", "Paris", "chords", "practice", "café", "日本", "🎸", "42", "why?",
+          "daily,", "slowly.", "Sure!", "no", "blue", "sky", "tea"]
+_PHRASE = st.lists(st.sampled_from(_VOCAB), min_size=1, max_size=5).map(" ".join)
+FORMATS = ["standard", "orca", "conversational", "implicit_conversation", "ultrafeedback",
+           "hh", "shared_text", "ranked_completions", "ranked_lists"]
+
+
+@st.composite
+def _known_rows(draw):
+    """A valid row of a random format, with the prompt and replies it must give."""
+    fmt = draw(st.sampled_from(FORMATS))
+    q = draw(_PHRASE)
+    c, rj = draw(_PHRASE), draw(_PHRASE)
+    assume(c != rj)
+    earlier = draw(st.lists(st.tuples(_PHRASE, _PHRASE), max_size=2))
+    turns = [m for u, a in earlier for m in (user(u), asst(a))] + [user(q)]
+    if draw(st.booleans()):
+        turns = [system(draw(_PHRASE))] + turns
+    if fmt == "standard":
+        return {"prompt": q, "chosen": c, "rejected": rj}, [user(q)], c, rj
+    if fmt == "orca":
+        return ({"system": "You are helpful.", "question": q, "chosen": c, "rejected": rj},
+                [user(q)], c, rj)
+    if fmt == "conversational":
+        return {"prompt": turns, "chosen": [asst(c)], "rejected": [asst(rj)]}, turns, c, rj
+    if fmt == "implicit_conversation":
+        return ({"chosen": turns + [asst(c)], "rejected": turns + [asst(rj)]}, turns, c, rj)
+    if fmt == "ultrafeedback":
+        return ({"prompt": q, "prompt_id": "x", "chosen": turns + [asst(c)],
+                 "rejected": turns + [asst(rj)], "messages": turns + [asst(c)],
+                 "score_chosen": 8.0, "score_rejected": 2.0}, turns, c, rj)
+    if fmt == "hh":
+        hh_turns = [m for m in turns if m["role"] != "system"]
+        text = "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
+                       for m in hh_turns) + "\n\nAssistant: "
+        return {"chosen": text + c, "rejected": text + rj}, hh_turns, c, rj
+    if fmt == "shared_text":
+        assume(c[0] != rj[0])
+        return {"chosen": q + " " + c, "rejected": q + " " + rj}, [user(q + " ")], c, rj
+    others = draw(st.lists(_PHRASE, max_size=2))
+    texts = [c, rj] + others
+    assume(len(set(texts)) == len(texts))
+    rank = [len(texts), 0] + list(range(1, len(others) + 1))  # c best, rj worst
+    order = draw(st.permutations(list(range(len(texts)))))
+    texts, scores = [texts[k] for k in order], [rank[k] for k in order]
+    if fmt == "ranked_completions":
+        row = {"instruction": q, "completions": [
+            {"response": t, "overall_score": float(s), "model": "m"} for t, s in
+            zip(texts, scores)]}
+    else:
+        row = {"prompt": q, "responses": texts, "scores": scores}
+    return row, [user(q)], c, rj
+
+
+@st.composite
+def _mutated_rows(draw):
+    """A valid row of a known format with up to three random defects (a key dropped, a field
+    replaced by junk, an extra key, a message's role or content broken, a message added)."""
+    row = copy.deepcopy(draw(_known_rows())[0])
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(st.sampled_from(["drop", "replace", "extra", "message"]))
+        keys = sorted(row)
+        if op == "drop" and keys:
+            del row[draw(st.sampled_from(keys))]
+        elif op == "replace" and keys:
+            row[draw(st.sampled_from(keys))] = draw(_FIELD)
+        elif op == "extra":
+            row[draw(st.sampled_from(_KEYS + ["source", "id"]))] = draw(_FIELD)
+        else:
+            lists = [k for k in keys if isinstance(row[k], list) and row[k]
+                     and all(isinstance(m, dict) for m in row[k])]
+            if not lists:
+                continue
+            msgs = row[draw(st.sampled_from(lists))]
+            k = draw(st.integers(0, len(msgs) - 1))
+            how = draw(st.sampled_from(["role", "content", "del", "append"]))
+            if how == "role":
+                msgs[k]["role"] = draw(_ROLE)
+            elif how == "content":
+                msgs[k]["content"] = draw(_SCALAR)
+            elif how == "del":
+                msgs[k].pop(draw(st.sampled_from(sorted(msgs[k]) or ["role"])), None)
+            else:
+                msgs.append(draw(_MESSAGE))
+    return row
+
+
+@settings(max_examples=100, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(_mutated_rows() | _mutated_rows() | _ROW, min_size=1, max_size=5))
+def test_malformed_rows_are_counted_skips_or_valid_pairs(qs_tok, rows):
+    r = recipe()
+    report = DataReport()
+    try:
+        pairs = normalise_rows(rows, r, report, source="rows")
+        out = Tokenizer(qs_tok, r, any(not isinstance(p.prompt, str) for p in pairs))(
+            pairs, report) if pairs else []
+    except DataError:
+        return  # one clear error is allowed; anything else fails the test
+    # every row is accounted for: a pair, or a counted skip
+    assert report.rows == len(rows)
+    assert len(out) + sum(report.skipped.values()) + report.dropped_too_long == len(rows)
+    assert report.pairs == len(out)
+    kept = {p.row for p in pairs}
+    for ex in report.examples:
+        where, _, reason = ex.partition(": ")
+        assert where.startswith("rows row ") and reason
+        assert int(where.removeprefix("rows row ")) not in kept  # names a skipped row
+    assert len(report.examples) == min(5, sum(report.skipped.values()))
+    assert len(out) == len(pairs)  # default limits: nothing dropped
+    for p, pair in zip(out, pairs):
+        row = rows[pair.row - 1]
+        assert p.prompt_ids and p.chosen_ids and p.rejected_ids
+        assert p.chosen_ids[-1] == p.rejected_ids[-1] == qs_tok.eos_token_id
+        assert pair.chosen.strip() and pair.rejected.strip() and pair.chosen != pair.rejected
+        assert math.isfinite(p.weight)
+        # each side is its own reply, taken from that side of the row
+        assert _from_side(pair.chosen, row, "chosen")
+        assert _from_side(pair.rejected, row, "rejected")
+        assert dec(qs_tok, p.chosen_ids) == pair.chosen + EOS
+        assert dec(qs_tok, p.rejected_ids) == pair.rejected + EOS
+        rendered = Tokenizer(qs_tok, r, True).render_prompt(pair.prompt)
+        assert dec(qs_tok, p.prompt_ids) == rendered
+    # data.strict: the first bad row is a DataError that names it
+    strict = recipe(data={"strict": True})
+    if report.skipped:
+        where, _, reason = report.examples[0].partition(": ")
+        with pytest.raises(DataError) as ei:
+            normalise_rows(rows, strict, DataReport(strict=True), source="rows")
+        assert f"Bad row ({where}): {reason}" in str(ei.value)
+    else:
+        again = normalise_rows(rows, strict, DataReport(strict=True), source="rows")
+        assert len(again) == len(pairs)
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(known=st.lists(_known_rows(), min_size=1, max_size=4),
+       system_prompt=st.none() | st.just("Be brief."))
+def test_kept_pairs_are_never_silently_wrong(qs_tok, known, system_prompt):
+    rows = [k[0] for k in known]
+    data = {"system_prompt": system_prompt} if system_prompt else {}
+    out, report, t, pairs = tokenize(qs_tok, rows, **data)
+    assert len(out) == len(rows) and not report.skipped
+    for p, (_, msgs, chosen, rejected) in zip(out, known):
+        expect = list(msgs)
+        if system_prompt and expect[0]["role"] != "system":
+            expect = [system(system_prompt)] + expect
+        assert dec(qs_tok, p.prompt_ids) == chat(qs_tok, expect)
+        got_c, got_r = dec(qs_tok, p.chosen_ids), dec(qs_tok, p.rejected_ids)
+        assert got_c == chosen + EOS and got_r == rejected + EOS
+        if rejected not in chosen:
+            assert rejected not in got_c
+        if chosen not in rejected:
+            assert chosen not in got_r
+
+
+# ---------------------------------------------------------------------------------------
+# Bugs found while writing these tests (strict xfail: they pass once fixed)
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.xfail(reason="BUG: _ranked_pair sorts NaN scores (JSON NaN, pandas NaN) as "
+                          "numbers; the sort breaks, a worse response becomes chosen or the "
+                          "row is skipped as a tie", strict=True)
+def test_nan_score_never_gives_a_worse_chosen():
+    nan = float("nan")
+    rows = [{"prompt": "q1", "responses": ["s3", "snan", "s1", "s5"], "scores": [3, nan, 1, 5]},
+            {"prompt": "q2", "responses": ["s1", "snan", "s5"], "scores": [1, nan, 5]},
+            dict(UF_RAW, completions=[dict(UF_RAW["completions"][0], overall_score=nan)]
+                 + UF_RAW["completions"][1:])]
+    pairs, report = normalise(rows)
+    for p in pairs:  # kept (NaN ignored) or skipped, but never a worse response as chosen
+        assert p.chosen in ("s5", UF_D)
+    assert "all responses have the same score" not in report.skipped
+
+
+@pytest.mark.xfail(reason="BUG: normalise_rows accepts NaN / infinite row weights "
+                          "(float('nan') parses), which turn the weighted loss into NaN",
+                   strict=True)
+def test_non_finite_row_weight_is_a_counted_skip():
+    rows = [dict(ORCA, weight=w) for w in ("nan", float("nan"), float("inf"), "-Infinity")]
+    pairs, report = normalise(rows)
+    assert all(math.isfinite(p.weight) for p in pairs)
+    assert len(pairs) + sum(report.skipped.values()) == 4
+
+
+@pytest.mark.xfail(reason="BUG: a huge JSON integer as weight or score raises OverflowError "
+                          "from float(), not a counted skip / DataError", strict=True)
+def test_huge_integer_weight_or_score_is_a_counted_skip():
+    rows = [dict(ORCA, weight=10 ** 400),
+            {"prompt": "q", "responses": ["a", "b"], "scores": [10 ** 400, 1]},
+            ORCA]
+    try:
+        pairs, report = normalise(rows)
+    except DataError:
+        return
+    assert len(pairs) + sum(report.skipped.values()) == 3
+    assert all(math.isfinite(p.weight) for p in pairs)
+
+
+@pytest.mark.xfail(reason="BUG: a lone surrogate (valid JSON escape, e.g. a cut emoji "
+                          "'\\ud83d') reaches the Rust tokenizer, which raises TypeError",
+                   strict=True)
+def test_lone_surrogate_in_text_is_not_a_crash(tmp_path, qs_tok):
+    rows = [ORCA,
+            dict(ORCA, question="Describe this emoji: \ud83d"),
+            {"prompt": [user("Hi")], "chosen": [asst("Hello \ud83d")], "rejected": [asst("No.")]}]
+    path = tmp_path / "scraped.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert "\\ud83d" in path.read_text()  # valid JSON, read back as a lone surrogate
+    try:
+        out, report = prepare_sources([DataSource(str(path))], recipe(str(path)), qs_tok,
+                                      what="training")
+    except DataError:
+        return
+    assert len(out) + sum(report.skipped.values()) == 3
+    for p in out:
+        assert p.chosen_ids[-1] == qs_tok.eos_token_id
+
+
+@pytest.mark.xfail(reason="BUG: when chosen and rejected carry different conversations beside "
+                          "an explicit prompt, chosen's context is used for both (or the prompt "
+                          "for both), so a reply is trained after turns it never answered",
+                   strict=True)
+def test_chosen_and_rejected_with_different_conversations_are_skipped():
+    rows = [
+        {"prompt": [user("Hi")],
+         "chosen": [user("Hi"), asst("Hello."), user("More?"), asst("Sure!")],
+         "rejected": [user("Hi"), asst("No.")]},
+        {"prompt": "Hi",
+         "chosen": [user("Hi"), asst("Hello."), user("More?"), asst("Sure!")],
+         "rejected": [user("Hi"), asst("No.")]},
+    ]
+    pairs, report = normalise(rows)
+    assert pairs == [] and sum(report.skipped.values()) == 2
+
+
+@pytest.mark.xfail(reason="BUG: _load_pairs keys report.mixed (and row locations) by file "
+                          "name only; two sources named train.jsonl overwrite each other",
+                   strict=True)
+def test_mixed_counts_keep_sources_with_the_same_file_name_apart(tmp_path, qs_tok):
+    paths = []
+    for name, n in (("orca", 10), ("hh", 10)):
+        (tmp_path / name).mkdir()
+        paths.append(str(write_jsonl(tmp_path / name / "train.jsonl",
+                                     [dict(ORCA, question=f"{name} {i}") for i in range(n)])))
+    r = recipe_from_dict({"model": {"name_or_path": "m"}, "data": {"train": [
+        {"path": paths[0], "samples": 3}, {"path": paths[1], "samples": 5}]}})
+    out, report = prepare_sources(r.data.train, r, qs_tok, what="training")
+    assert len(out) == 8
+    assert sorted(report.mixed.values()) == [3, 5]
+
+
+@pytest.mark.xfail(reason="BUG: recipe.validate checks column names of data.columns and "
+                          "data.train sources, but not of eval.data sources", strict=True)
+def test_eval_source_columns_are_validated():
+    with pytest.raises(RecipeError, match="promt"):
+        recipe_from_dict({"model": {"name_or_path": "m"}, "data": {"train": "a.jsonl"},
+                          "eval": {"data": [{"path": "e.jsonl",
+                                             "columns": {"promt": "question"}}]}})
