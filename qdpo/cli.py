@@ -355,7 +355,10 @@ def eval_cmd(
     if json_out:  # keep stdout pure JSON: progress and notes go to stderr
         ui.console = ui.err_console
     try:
-        res = eval_trained(run, [DataSource(path=d, split=split) for d in data], max_pairs)
+        # a path that exists from here means this file, not one beside the run's recipe
+        srcs = [DataSource(path=str(Path(d).resolve()) if Path(d).exists() else d, split=split)
+                for d in data]
+        res = eval_trained(run, srcs, max_pairs)
     finally:
         ui.console = saved
     if json_out:
