@@ -12,6 +12,7 @@ import dataclasses
 import glob
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import pickle
@@ -318,9 +319,12 @@ def _ranked_pair(row: dict[str, Any], cols: dict[str, str], how: str,
             text = r
             score = scores[k] if isinstance(scores, list) and k < len(scores) else None
         try:
-            items.append((float(score), text))  # type: ignore[arg-type]
-        except (TypeError, ValueError):
+            value = float(score)  # type: ignore[arg-type]
+        except (TypeError, ValueError, OverflowError):
+            value = math.nan
+        if not math.isfinite(value):
             return f"response {k + 1} has no numeric score"
+        items.append((value, text))
     items.sort(key=lambda x: -x[0])
     best = items[0]
     worse = [x for x in items[1:] if x[0] < best[0]]
@@ -394,6 +398,10 @@ def normalise_rows(rows: list[dict[str, Any]], recipe: Recipe, report: DataRepor
         if err:
             report.skip(err, where)
             continue
+        if prompt is not None and c_prefix is not None and r_prefix is not None \
+                and c_prefix != r_prefix:
+            report.skip("chosen and rejected carry different conversations", where)
+            continue
         if prompt is None or (isinstance(prompt, str) and not prompt and c_prefix):
             # implicit prompt: both sides carry the conversation before the reply
             if c_prefix is None or c_prefix != r_prefix:
@@ -438,9 +446,18 @@ def normalise_rows(rows: list[dict[str, Any]], recipe: Recipe, report: DataRepor
         if cols["weight"] in row and row[cols["weight"]] is not None:
             try:
                 weight = float(row[cols["weight"]])
-            except (TypeError, ValueError):
-                report.skip("weight is not a number", where)
+            except (TypeError, ValueError, OverflowError):
+                weight = math.nan
+            if not math.isfinite(weight) or weight < 0:
+                report.skip("weight is not a finite number >= 0", where)
                 continue
+        texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
+        try:
+            for t in texts + [chosen, rejected]:
+                t.encode("utf-8")
+        except UnicodeEncodeError:
+            report.skip("text is not valid Unicode (a lone surrogate, e.g. a cut emoji)", where)
+            continue
         pairs.append(Pair(prompt, chosen, rejected, weight, i + 1, source))
     return pairs
 
@@ -665,10 +682,11 @@ class PreparedData:
 def _load_pairs(sources: list[DataSource], recipe: Recipe, report: DataReport) -> list[Pair]:
     """All sources' pairs, each scaled by its weight or cut to its sample count."""
     pairs: list[Pair] = []
+    names = [Path(s.path).name for s in sources]
     for k, s in enumerate(sources):
         rows = read_rows(s, recipe)
-        got = normalise_rows(rows, recipe, report, source=Path(s.path).name,
-                             columns=s.columns)
+        name = names[k] if names.count(names[k]) == 1 else s.path  # keep namesakes apart
+        got = normalise_rows(rows, recipe, report, source=name, columns=s.columns)
         want = s.samples if s.samples is not None else round(len(got) * s.weight)
         if got and want != len(got):
             rng = random.Random(recipe.train.seed * 7919 + k)
@@ -677,7 +695,7 @@ def _load_pairs(sources: list[DataSource], recipe: Recipe, report: DataReport) -
             else:  # upsample: every pair as often as fits, the rest drawn at random
                 reps, rest = divmod(want, len(got))
                 got = got * reps + rng.sample(got, rest)
-            report.mixed[Path(s.path).name] = len(got)
+            report.mixed[name] = len(got)
         pairs.extend(got)
     return pairs
 

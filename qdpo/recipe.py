@@ -441,7 +441,8 @@ def validate(r: Recipe) -> Recipe:
     _check(bool(r.data.train), "data.train", r.data.train,
            "give at least one training source (a file path or a hub dataset id)")
     for key, cols in [("data.columns", r.data.columns)] + [
-            (f"data.train[{i}].columns", s.columns) for i, s in enumerate(r.data.train)]:
+            (f"data.train[{i}].columns", s.columns) for i, s in enumerate(r.data.train)] + [
+            (f"eval.data[{i}].columns", s.columns) for i, s in enumerate(r.eval.data)]:
         for k in cols:
             _check(k in COLUMN_FIELDS, f"{key}.{k}", k,
                    f"the fields that can be mapped are {', '.join(COLUMN_FIELDS)}")

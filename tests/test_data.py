@@ -396,7 +396,7 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, qs_tok):
         "prompt has unknown role 'bot'": 1,
         "row is not an object": 1,
         "chosen has non-string message content": 1,
-        "weight is not a number": 1,
+        "weight is not a finite number >= 0": 1,
         "chosen is a int, not text or messages": 1,
         "missing prompt (and chosen/rejected share no prefix)": 1,
         "empty prompt": 1,

@@ -4,7 +4,7 @@ quickstart tokenizer's chat template; several sources mixed in one recipe; syste
 truncation; and property tests that a malformed row is always a counted skip (or, with
 data.strict, a DataError naming it) and a kept pair is never silently wrong.
 
-Bugs found while writing these tests are at the end, as strict xfails (they pass once fixed).
+The tests at the end pin bugs found while writing these tests (fixed since).
 """
 
 from __future__ import annotations
@@ -812,12 +812,9 @@ def test_kept_pairs_are_never_silently_wrong(qs_tok, known, system_prompt):
 
 
 # ---------------------------------------------------------------------------------------
-# Bugs found while writing these tests (strict xfail: they pass once fixed)
+# Bugs found while writing these tests (fixed)
 # ---------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(reason="BUG: _ranked_pair sorts NaN scores (JSON NaN, pandas NaN) as "
-                          "numbers; the sort breaks, a worse response becomes chosen or the "
-                          "row is skipped as a tie", strict=True)
 def test_nan_score_never_gives_a_worse_chosen():
     nan = float("nan")
     rows = [{"prompt": "q1", "responses": ["s3", "snan", "s1", "s5"], "scores": [3, nan, 1, 5]},
@@ -830,9 +827,6 @@ def test_nan_score_never_gives_a_worse_chosen():
     assert "all responses have the same score" not in report.skipped
 
 
-@pytest.mark.xfail(reason="BUG: normalise_rows accepts NaN / infinite row weights "
-                          "(float('nan') parses), which turn the weighted loss into NaN",
-                   strict=True)
 def test_non_finite_row_weight_is_a_counted_skip():
     rows = [dict(ORCA, weight=w) for w in ("nan", float("nan"), float("inf"), "-Infinity")]
     pairs, report = normalise(rows)
@@ -840,8 +834,6 @@ def test_non_finite_row_weight_is_a_counted_skip():
     assert len(pairs) + sum(report.skipped.values()) == 4
 
 
-@pytest.mark.xfail(reason="BUG: a huge JSON integer as weight or score raises OverflowError "
-                          "from float(), not a counted skip / DataError", strict=True)
 def test_huge_integer_weight_or_score_is_a_counted_skip():
     rows = [dict(ORCA, weight=10 ** 400),
             {"prompt": "q", "responses": ["a", "b"], "scores": [10 ** 400, 1]},
@@ -854,9 +846,6 @@ def test_huge_integer_weight_or_score_is_a_counted_skip():
     assert all(math.isfinite(p.weight) for p in pairs)
 
 
-@pytest.mark.xfail(reason="BUG: a lone surrogate (valid JSON escape, e.g. a cut emoji "
-                          "'\\ud83d') reaches the Rust tokenizer, which raises TypeError",
-                   strict=True)
 def test_lone_surrogate_in_text_is_not_a_crash(tmp_path, qs_tok):
     rows = [ORCA,
             dict(ORCA, question="Describe this emoji: \ud83d"),
@@ -874,10 +863,6 @@ def test_lone_surrogate_in_text_is_not_a_crash(tmp_path, qs_tok):
         assert p.chosen_ids[-1] == qs_tok.eos_token_id
 
 
-@pytest.mark.xfail(reason="BUG: when chosen and rejected carry different conversations beside "
-                          "an explicit prompt, chosen's context is used for both (or the prompt "
-                          "for both), so a reply is trained after turns it never answered",
-                   strict=True)
 def test_chosen_and_rejected_with_different_conversations_are_skipped():
     rows = [
         {"prompt": [user("Hi")],
@@ -891,9 +876,6 @@ def test_chosen_and_rejected_with_different_conversations_are_skipped():
     assert pairs == [] and sum(report.skipped.values()) == 2
 
 
-@pytest.mark.xfail(reason="BUG: _load_pairs keys report.mixed (and row locations) by file "
-                          "name only; two sources named train.jsonl overwrite each other",
-                   strict=True)
 def test_mixed_counts_keep_sources_with_the_same_file_name_apart(tmp_path, qs_tok):
     paths = []
     for name, n in (("orca", 10), ("hh", 10)):
@@ -907,8 +889,6 @@ def test_mixed_counts_keep_sources_with_the_same_file_name_apart(tmp_path, qs_to
     assert sorted(report.mixed.values()) == [3, 5]
 
 
-@pytest.mark.xfail(reason="BUG: recipe.validate checks column names of data.columns and "
-                          "data.train sources, but not of eval.data sources", strict=True)
 def test_eval_source_columns_are_validated():
     with pytest.raises(RecipeError, match="promt"):
         recipe_from_dict({"model": {"name_or_path": "m"}, "data": {"train": "a.jsonl"},
