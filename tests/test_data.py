@@ -21,6 +21,7 @@ from qdpo.data import (
 )
 from qdpo.errors import DataError, QdpoError
 from qdpo.recipe import DataSource, load_recipe, recipe_from_dict
+from tiny import asst, user, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "recipes" / "quickstart"
@@ -104,19 +105,6 @@ def tokenize(tok, rows, **data):
     pairs = normalise_rows(rows, r, report, source="rows")
     t = Tokenizer(tok, r, any(not isinstance(p.prompt, str) for p in pairs))
     return t(pairs, report), report, t
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def asst(text):
-    return {"role": "assistant", "content": text}
 
 
 def standard_rows(n: int) -> list[dict]:

@@ -27,6 +27,7 @@ from qdpo.data import (
 )
 from qdpo.errors import DataError, RecipeError
 from qdpo.recipe import DataSource, recipe_from_dict
+from tiny import asst, system, user, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 QS_MODEL = REPO / "recipes" / "quickstart" / "model"
@@ -80,23 +81,6 @@ def tokenize(tok, rows, **data):
     pairs = normalise_rows(rows, r, report, source="rows")
     t = Tokenizer(tok, r, any(not isinstance(p.prompt, str) for p in pairs))
     return t(pairs, report), report, t, pairs
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def system(text):
-    return {"role": "system", "content": text}
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def asst(text):
-    return {"role": "assistant", "content": text}
 
 
 def assert_valid(tok, p, chosen: str, rejected: str, prompt_msgs=None):

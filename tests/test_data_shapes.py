@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, PretrainedConfig
 from qdpo.data import DataReport, Tokenizer, normalise_rows, prepare
 from qdpo.errors import DataError, QdpoError
 from qdpo.recipe import recipe_from_dict
-from tiny import QUICKSTART
+from tiny import QUICKSTART, asst, user
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +28,6 @@ def pairs_of(rows, **data):
     r = recipe(**data)
     rep = DataReport(strict=r.data.strict)
     return normalise_rows(rows, r, rep, source="rows"), rep
-
-
-def user(t):
-    return {"role": "user", "content": t}
-
-
-def asst(t):
-    return {"role": "assistant", "content": t}
 
 
 def test_orca_style_standard_row_with_column_mapping():

@@ -56,3 +56,22 @@ def qdpo(*args: Any, stdin: str | None = None, subprocess: bool = False, timeout
     finally:
         sys.argv, sys.stdin = saved
     return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def write_jsonl(path: Path, rows: Any) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def system(text: str) -> dict[str, str]:
+    return {"role": "system", "content": text}
+
+
+def user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def asst(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
