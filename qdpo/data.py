@@ -451,6 +451,12 @@ def normalise_rows(rows: list[dict[str, Any]], recipe: Recipe, report: DataRepor
             if not math.isfinite(weight) or weight < 0:
                 report.skip("weight is not a finite number >= 0", where)
                 continue
+        sys_col = cols.get("system")
+        sys_text = row.get(sys_col) if sys_col else None
+        if isinstance(sys_text, str) and sys_text.strip():  # a per-row system prompt column
+            msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            if msgs[0]["role"] != "system":
+                prompt = [{"role": "system", "content": sys_text}] + list(msgs)
         texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
         try:
             for t in texts + [chosen, rejected]:

@@ -29,7 +29,7 @@ LOSS_TYPES = (
     "simpo", "orpo",
 )
 REFERENCE_FREE_LOSSES = ("simpo", "orpo", "sft")
-COLUMN_FIELDS = ("prompt", "chosen", "rejected", "weight", "responses", "scores")
+COLUMN_FIELDS = ("prompt", "chosen", "rejected", "weight", "responses", "scores", "system")
 # Names other tools use, for the "did you mean" hint.
 _LOSS_ALIASES = {"dpo": "sigmoid", "cdpo": "sigmoid", "slic": "hinge", "rso": "hinge",
                  "nll": "sft", "rpo": "sigmoid", "exo": "exo_pair", "nca": "nca_pair",

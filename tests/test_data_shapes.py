@@ -39,6 +39,17 @@ def test_orca_style_standard_row_with_column_mapping():
     assert rep.formats["standard"] == 1
 
 
+def test_orca_system_column_mapped():
+    row = {"system": "You are an AI assistant.", "question": "Translate 'hello' to French.",
+           "chosen": "Bonjour.", "rejected": "Hola."}
+    (p,), _ = pairs_of([row], columns={"prompt": "question", "system": "system"})
+    assert p.prompt == [{"role": "system", "content": "You are an AI assistant."},
+                        user("Translate 'hello' to French.")]
+    (q,), _ = pairs_of([dict(row, system="")], columns={"prompt": "question",
+                                                         "system": "system"})
+    assert q.prompt == "Translate 'hello' to French."
+
+
 def test_ultrafeedback_binarized_row_full_conversations():
     row = {"prompt": "How do I boil an egg?", "prompt_id": "ab12",
            "chosen": [user("How do I boil an egg?"), asst("Simmer it for 9 minutes.")],
