@@ -146,7 +146,9 @@ def merge(path: str | Path, out: str | Path, dtype: str = "bf16", from_nf4: bool
     if from_nf4:
         need += n // 2
     avail = available_memory()
-    ui.info(f"merge: {n / 1e9:.2f} B parameters in {dtype} need about {need / 2**30:.1f} GiB of "
+    count = f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+    size = f"{need / 2**30:.1f} GiB" if need >= 2**30 else f"{need / 2**20:.0f} MiB"
+    ui.info(f"merge: {count} parameters in {dtype} need about {size} of "
             f"{'RAM' if dev.type == 'cpu' else 'GPU memory'}"
             + (f" ({avail / 2**30:.1f} GiB available)" if avail and dev.type == "cpu" else ""))
     if avail and dev.type == "cpu" and need > avail * 1.05:
