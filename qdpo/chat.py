@@ -10,12 +10,12 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 
 from qdpo import console as ui
-from qdpo.data import resolve_chat_template
+from qdpo.data import Tokenizer
 from qdpo.errors import DataError
 from qdpo.model import reference_mode
 
@@ -47,8 +47,8 @@ class Generator:
     def __init__(self, model: Any, tokenizer: Any, recipe: Any):
         self.model = model
         self.tok = tokenizer
-        self.template = resolve_chat_template(tokenizer, recipe.data.chat_template, False)
-        self.system_prompt = recipe.data.system_prompt
+        # the same prompt rendering as training (template, system prompt)
+        self.format = Tokenizer(tokenizer, recipe, conversational=False)
         self.device = next(model.parameters()).device
         eos = {tokenizer.eos_token_id}
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -58,21 +58,19 @@ class Generator:
             eos.update(gen_eos)
         self.eos = sorted(e for e in eos if e is not None)
 
-    def render(self, messages: list[dict[str, str]]) -> tuple[str, bool]:
-        """(text, templated) for a conversation that the model should continue."""
-        if self.system_prompt and (not messages or messages[0]["role"] != "system"):
-            messages = [{"role": "system", "content": self.system_prompt}] + messages
-        if self.template is None:
-            return "\n".join(m["content"] for m in messages if m["role"] != "system"), False
-        return self.tok.apply_chat_template(messages, chat_template=self.template,
-                                            tokenize=False, add_generation_prompt=True), True
+    @property
+    def system_prompt(self) -> str | None:
+        return self.format.system_prompt
+
+    @system_prompt.setter
+    def system_prompt(self, text: str | None) -> None:
+        self.format.system_prompt = text
 
     def _inputs(self, conversations: list[list[dict[str, str]]]) -> dict[str, torch.Tensor]:
-        rendered = [self.render(c) for c in conversations]
-        templated = rendered[0][1]
+        rendered = [self.format.render_prompt(c) for c in conversations]
         self.tok.padding_side = "left"
-        enc = self.tok([r[0] for r in rendered], return_tensors="pt", padding=True,
-                       add_special_tokens=not templated)
+        enc = self.tok(rendered, return_tensors="pt", padding=True,
+                       add_special_tokens=self.format.template is None)
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def generate(self, conversations: list[list[dict[str, str]]], sampling: Sampling,
@@ -220,16 +218,3 @@ def generate_file(gen: Generator, prompts: Path, out: Path, sampling: Sampling,
             advance(len(chunk))
     tmp.replace(out)
     return len(convs)
-
-
-def iter_lines(lines: Iterable[str]) -> Callable[[str], str]:
-    """A `read` for chat_loop from a fixed list of lines (tests, scripted sessions)."""
-    it = iter(lines)
-
-    def read(prompt: str) -> str:
-        try:
-            return next(it)
-        except StopIteration:
-            raise EOFError from None
-
-    return read

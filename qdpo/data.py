@@ -504,6 +504,7 @@ class Tokenizer:
         self.tok = tokenizer
         self.recipe = recipe
         self.conversational = conversational
+        self.system_prompt = recipe.data.system_prompt  # chat's /system changes it
         self.template = resolve_chat_template(tokenizer, recipe.data.chat_template,
                                               conversational)
         self.eos = tokenizer.eos_token
@@ -548,8 +549,8 @@ class Tokenizer:
 
     def prompt_messages(self, prompt: list[dict[str, str]] | str) -> list[dict[str, str]]:
         msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if self.recipe.data.system_prompt and msgs[0]["role"] != "system":
-            msgs = [{"role": "system", "content": self.recipe.data.system_prompt}] + msgs
+        if self.system_prompt and msgs[0]["role"] != "system":
+            msgs = [{"role": "system", "content": self.system_prompt}] + msgs
         return msgs
 
     def _completion(self, msgs: list[dict[str, str]], prompt_text: str, reply: str) -> str:
@@ -601,7 +602,9 @@ class Tokenizer:
     def render_prompt(self, prompt: list[dict[str, str]] | str) -> str:
         """The text a generation for this prompt starts from (chat and generate use it)."""
         if self.template is None:
-            return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+            if isinstance(prompt, str):
+                return prompt
+            return "\n".join(m["content"] for m in prompt if m["role"] != "system")
         return self._render(self.prompt_messages(prompt), True)
 
     def encode_prompt(self, text: str, templated: bool) -> list[int]:
