@@ -1,39 +1,77 @@
 #!/usr/bin/env bash
-# The GPU benchmark of issue 3, as one script for a device session (see ../shared/gpu/README.md).
-# From the project root on the GPU machine, after `bash ../shared/gpu/make_site.sh` here and
-# `carry: [".gpu-site"]`:   bash tests/gpu_bench.sh
-# Same protocol as the TRL reference table: QLoRA NF4 + double quant, bf16, LoRA r=16 alpha=32
-# dropout 0 on all linear layers, gradient checkpointing, paged 8-bit AdamW, 8 pairs per step,
-# 8 steps (the first 2 not timed), prompt 128-512 + responses 64-512 tokens.
+# qdpo against TRL on the same GPU in the same call (issue 10), for a device session.
+# Prepare here: `bash ../shared/gpu/make_site.sh --with-trl`, then run on the device machine
+# from the project root with `carry: [".gpu-site"]`:   bash tests/gpu_bench.sh
+# Protocol of ../shared/gpu/README.md's TRL table: QLoRA NF4 + double quant, bf16, LoRA r=16
+# alpha=32 dropout 0 on all linear layers, gradient checkpointing, paged 8-bit AdamW, 8 pairs per
+# optimizer step, 8 steps (the first 2 not timed), prompt 128-512 + responses 64-512 tokens.
+# Each piece has its own time limit and the whole script a deadline (BUDGET seconds), most
+# important pieces first, so one failure or a slow start still leaves figures. Without CUDA it
+# runs a smoke version on the quickstart model (SMOKE), to check the script itself.
 set -uo pipefail
-export PYTHONPATH="$PWD/.gpu-site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONPATH="$PWD/.gpu-site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT="${OUT:-/tmp/qdpo-bench}"
+BUDGET="${BUDGET:-520}"
 mkdir -p "$OUT"
-R=recipes/llama31-8b-ultrafeedback.yaml
+START=$(date +%s)
+if python3 -c 'import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  R=recipes/llama31-8b-ultrafeedback.yaml; SMALL=(--shape llama-3.2-1b); BIG=(--shape llama-3.1-8b)
+  TRL_SMALL=llama1b; TRL_BIG=llama8b; STEPS=8; WARM=2
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+else
+  R=recipes/quickstart.yaml; SMALL=(); BIG=(); TRL_SMALL=tiny; TRL_BIG=tiny; STEPS=3; WARM=1
+  echo "no CUDA: smoke run on the quickstart model" | tee "$OUT/gpu.txt"
+fi
 COMMON=(train.pairs_per_step=8 train.micro_batch_pairs=2 lora.r=16 lora.alpha=32 lora.dropout=0
-        train.optimizer=paged_adamw_8bit --steps 8 --warmup 2)
-run() {  # name, then arguments
-  local name=$1; shift
-  echo "== $name"
-  timeout 900 python3 -m qdpo bench "$R" "${COMMON[@]}" "$@" --json "$OUT/$name.json" \
-    > "$OUT/$name.log" 2>&1 || echo "   failed: see $OUT/$name.log"
-  tail -n 6 "$OUT/$name.log"
+        lora.target_modules=all-linear model.double_quant=true train.optimizer=paged_adamw_8bit
+        --steps "$STEPS" --warmup "$WARM")
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+piece() {  # name, limit seconds, command...
+  local name=$1 limit=$2; shift 2
+  local l; l=$(left)
+  (( l < 30 )) && { echo "== $name: skipped (deadline)"; return; }
+  (( limit > l )) && limit=$l
+  echo "== $name (limit ${limit}s, $(left)s left)"
+  local t0; t0=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "   rc=$rc in $(( $(date +%s) - t0 ))s"
+  (( rc != 0 )) && tail -n 15 "$OUT/$name.log"
 }
-run 1b --shape llama-3.2-1b --prompt-len 128-512 --response-len 64-512 \
-    train.max_tokens=8192 --layouts padded,shared_prefix
-run 8b --shape llama-3.1-8b --prompt-len 128-512 --response-len 64-512 \
-    train.max_tokens=8192 --layouts padded,shared_prefix
-run 8b-long --shape llama-3.1-8b --prompt-len 2048-4096 --response-len 1024-4096 \
-    train.max_tokens=16384 --layouts shared_prefix
+qbench() {  # name, limit, bench arguments...
+  local name=$1 limit=$2; shift 2
+  piece "$name" "$limit" python3 -m qdpo bench "$R" "${COMMON[@]}" "$@" --json "$OUT/q-$name.json"
+}
+python3 -c 'import torch, transformers, peft, bitsandbytes, trl; print("torch", torch.__version__,
+"transformers", transformers.__version__, "peft", peft.__version__, "bnb", bitsandbytes.__version__,
+"trl", trl.__version__)' 2>&1 | tee "$OUT/versions.txt"
+
+qbench 1b-sdpa 150 "${SMALL[@]}" train.max_tokens=8192 --layouts shared_prefix,padded
+piece trl-1b 150 python3 .gpu-site/bin/trl_anchor.py "$TRL_SMALL" "$OUT/trl.jsonl" --steps "$STEPS"
+qbench 8b-sdpa 150 "${BIG[@]}" train.max_tokens=8192 --layouts shared_prefix
+piece trl-8b 240 python3 .gpu-site/bin/trl_anchor.py "$TRL_BIG" "$OUT/trl.jsonl" --steps "$STEPS"
+qbench 1b-flex 120 "${SMALL[@]}" train.max_tokens=8192 model.attn_implementation=flex_attention \
+    --layouts shared_prefix
+qbench 8b-flex 150 "${BIG[@]}" train.max_tokens=8192 model.attn_implementation=flex_attention \
+    --layouts shared_prefix
+
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
-rows = []
-for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
-    rows += [(f.stem, r) for r in json.loads(f.read_text())]
-print(f"{'run':8} {'layout':14} {'ref':10} {'tok/s':>8} {'e2e':>8} {'alloc':>6} {'resv':>6} {'MFU':>6}")
-for name, r in rows:
-    mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
-    print(f"{name:8} {r['layout']:14} {r['reference']:10} {r['tokens_per_s']:8,.0f} "
-          f"{r['e2e_tokens_per_s']:8,.0f} {r['peak_alloc_gib'] or 0:6.2f} "
-          f"{r['peak_reserved_gib'] or 0:6.2f} {mfu:>6}")
+out = pathlib.Path(sys.argv[1])
+print(f"{'run':10} {'layout':14} {'ref':10} {'attn':15} {'tok/s':>8} {'e2e':>8} {'step s':>7} "
+      f"{'alloc':>6} {'resv':>6} {'MFU':>6} {'pad':>5}")
+for f in sorted(out.glob("q-*.json")):
+    for r in json.loads(f.read_text()):
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
+        print(f"{f.stem[2:]:10} {r['layout']:14} {r['reference']:10} {r['extra']['attn']:15} "
+              f"{r['tokens_per_s']:8,.0f} {r['e2e_tokens_per_s']:8,.0f} {r['step_time_s']:7.2f} "
+              f"{r['peak_alloc_gib'] or 0:6.2f} {r['peak_reserved_gib'] or 0:6.2f} {mfu:>6} "
+              f"{r['padding_fraction']:5.0%}")
+trl = out / "trl.jsonl"
+for line in (trl.read_text().splitlines() if trl.exists() else []):
+    r = json.loads(line)
+    print(f"{'trl-' + r['arch']:10} {'padded':14} {'online':10} {'sdpa':15} "
+          f"{r['tokens_per_s']:8,.0f} {r['tokens_total'] / r['train_s']:8,.0f} {r['step_s_median']:7.2f} "
+          f"{r['peak_alloc_gib'] or 0:6.2f} {r['peak_reserved_gib'] or 0:6.2f}")
 PY
+echo "total $(( $(date +%s) - START ))s"
