@@ -16,17 +16,19 @@ Layouts:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import random
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import torch
 
+from qdpo import attention
+from qdpo.attention import CHOSEN, PROMPT, REJECTED
 from qdpo.data import PairTokens
+from qdpo.errors import ModelError
 
 LAYOUTS = ("padded", "packed", "shared_prefix")
-
-# Side of each token in a segment, for the shared-prefix mask.
-PROMPT, CHOSEN, REJECTED = 0, 1, 2
 
 
 @dataclass
@@ -63,48 +65,6 @@ class PackedBatch:
     @property
     def real_slots(self) -> int:
         return int((self.segments >= 0).sum())
-
-    def attention_mask(self, impl: str = "sdpa", dtype: torch.dtype = torch.float32):
-        """The mask in the form the attention implementation takes.
-
-        padded: the plain [R, T] padding mask (the model adds causality). Others: a 4-D mask
-        [R, 1, T, T] (bool for sdpa, additive for eager) or a FlexAttention BlockMask.
-        """
-        if self.layout == "padded":
-            return (self.segments >= 0).long()
-        if impl == "flex_attention":
-            return self._block_mask()
-        allowed = self._allowed()
-        if impl == "eager":
-            neg = torch.finfo(dtype).min
-            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-                ~allowed, neg)
-        return allowed
-
-    def _allowed(self) -> torch.Tensor:
-        seg, side = self.segments, self.sides
-        t = seg.shape[1]
-        causal = torch.ones(t, t, dtype=torch.bool, device=seg.device).tril()
-        same = seg[:, :, None] == seg[:, None, :]
-        hidden = (side[:, :, None] == REJECTED) & (side[:, None, :] == CHOSEN)
-        allowed = same & causal & ~hidden
-        # padding attends to itself only, so no softmax row is empty (no NaN)
-        allowed |= torch.eye(t, dtype=torch.bool, device=seg.device)
-        return allowed[:, None]
-
-    def _block_mask(self):
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        seg, side = self.segments, self.sides
-
-        def mask_mod(b, h, q, kv):
-            return ((seg[b, q] == seg[b, kv]) & (kv <= q)
-                    & ~((side[b, q] == REJECTED) & (side[b, kv] == CHOSEN))) | (q == kv)
-
-        r, t = seg.shape
-        # compiled on CUDA: the eager path evaluates mask_mod over the whole T x T grid
-        return create_block_mask(mask_mod, B=r, H=None, Q_LEN=t, KV_LEN=t, device=seg.device,
-                                 _compile=seg.device.type == "cuda")
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,3 +255,80 @@ def micro_batches(order: Sequence[int], data: Sequence[PairTokens], pairs_per_mi
     """One optimizer step's pairs as micro-batches in the given layout."""
     for group in group_by_budget(order, data, layout, max_tokens, pairs_per_micro):
         yield make_batch([data[i] for i in group], group, pad_id, layout, row_tokens)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How pairs become micro-batches: built once from the recipe, passed everywhere.
+
+    Training uses the plan as is; no-grad passes (evaluation, the reference pass) keep no
+    activations for backward and take a `scaled` copy with more pairs and tokens per micro-batch.
+    """
+
+    layout: str  # padded / packed / shared_prefix
+    kernel: str  # the model's attention implementation (attention.py builds its masks)
+    pad_id: int
+    pairs_per_micro: int
+    max_tokens: int | None = None  # token budget per micro-batch (overrides pairs_per_micro)
+    row_tokens: int | None = None  # cap on a packed row's length
+
+    def micro_batches(self, ids: Sequence[int],
+                      data: Sequence[PairTokens]) -> Iterator[PackedBatch]:
+        return micro_batches(ids, data, self.pairs_per_micro, self.pad_id, self.layout,
+                             self.max_tokens, self.row_tokens)
+
+    def scaled(self, factor: int, pairs: int | None = None) -> "BatchPlan":
+        """A plan for a no-grad pass: `factor` times the pairs and token budget."""
+        return replace(self, pairs_per_micro=pairs or factor * self.pairs_per_micro,
+                       max_tokens=factor * self.max_tokens if self.max_tokens else None)
+
+
+# Micro-batch scale of the no-grad passes: evaluation keeps the policy's graph off, the
+# reference pass also skips LoRA, so each fits about this many times a training micro-batch.
+EVAL_SCALE, REFERENCE_SCALE = 2, 4
+
+
+def plan_batches(layout: str, kernel: str, hidden_size: int, pad_id: int, pairs_per_micro: int,
+                 max_tokens: int | None) -> BatchPlan:
+    """The batch plan for a model: `auto` picks shared-prefix rows when the kernel takes them."""
+    custom = attention.supports_layout_masks(kernel)
+    if layout == "auto":
+        layout = "shared_prefix" if custom else "padded"
+    elif layout != "padded" and not custom:
+        raise ModelError(f"train.layout {layout} needs an attention implementation that takes "
+                         f"custom masks ({', '.join(attention.LAYOUT_MASK_KERNELS)}), not "
+                         f"{kernel}. Set model.attn_implementation or train.layout: padded.")
+    return BatchPlan(layout, kernel, pad_id, pairs_per_micro, max_tokens,
+                     attention.row_cap(kernel, hidden_size))
+
+
+# ---------------------------------------------------------------------------------------
+# Which pairs form a step
+# ---------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def pair_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The shuffled order of epoch `epoch`; cached, since every step of the epoch reads it."""
+    order = list(range(n))
+    random.Random(seed * 1000003 + epoch).shuffle(order)
+    return tuple(order)
+
+
+def step_pairs(n: int, pairs_per_step: int, seed: int, step: int) -> tuple[list[int], float]:
+    """The data indices of optimizer step `step` (0-based) and the epoch position after it.
+
+    A pure function of the step number, so a resumed run sees exactly the pairs an
+    uninterrupted one would have seen (and any number of ranks can agree on it).
+    """
+    start = step * pairs_per_step
+    out = []
+    for pos in range(start, start + pairs_per_step):
+        epoch, i = divmod(pos, n)
+        out.append(pair_order(n, seed, epoch)[i])
+    return out, (start + pairs_per_step) / n
+
+
+def pairs_used(n: int, pairs_per_step: int, seed: int, start: int, stop: int) -> list[int]:
+    """Every pair index that steps start..stop-1 read (what the reference pass must cover)."""
+    return sorted({i for s in range(start, stop)
+                   for i in step_pairs(n, pairs_per_step, seed, s)[0]})

@@ -149,14 +149,34 @@ class BenchResult:
 def run_bench(recipe: Recipe, *, steps: int = 8, warmup: int = 2, shape: str | None = None,
               prompt_len: tuple[int, int] = (128, 512), response_len: tuple[int, int] = (64, 512),
               random_weights: bool = True, quiet: bool = False) -> BenchResult:
-    from qdpo.model import (attach_lora, default_device, load_base, random_quantized_base,
-                            resolve_layout, trainable_parameters)
-    from qdpo.train import (StepContext, autocast_for, loss_params,
-                            make_optimizer, make_scheduler, memory_stats, train_step)
+    """Reference pass (when the recipe precomputes it) and `steps` real optimizer steps."""
+    from qdpo import reference
+    from qdpo.device import compute_dtype, default_device, reset_peak_memory
+    from qdpo.train import step_context
 
     if steps <= warmup:
         raise QdpoError(f"--steps ({steps}) must be larger than --warmup ({warmup}).")
     device = default_device()
+    model, config = _bench_model(recipe, shape, random_weights, device)
+    dtype = compute_dtype(recipe.model.compute_dtype, device)
+    pps = recipe.train.pairs_per_step
+    data = synthetic_pairs(steps * pps, config.vocab_size, prompt_len, response_len,
+                           recipe.train.seed)
+    ctx = step_context(recipe, model, 0, device, dtype, steps)
+    reset_peak_memory(device)
+    ref_s = 0.0
+    if ctx.objective.needs_reference and recipe.train.reference in ("auto", "precompute"):
+        ctx.reference, ref_s = reference.ensure(model, data, range(len(data)), ctx.plan, device,
+                                                dtype, key=None, what="bench")
+    times, tokens, slots = _time_steps(ctx, data, steps, warmup, pps, quiet)
+    return _result(recipe, shape, config, ctx, data, times, tokens, slots, warmup, ref_s,
+                   prompt_len, response_len)
+
+
+def _bench_model(recipe: Recipe, shape: str | None, random_weights: bool,
+                 device: torch.device) -> tuple[Any, Any]:
+    from qdpo.model import attach_lora, load_base, random_quantized_base
+
     config = bench_config(recipe, shape) if (random_weights or shape) else None
     torch.manual_seed(recipe.train.seed)
     if config is not None:
@@ -164,45 +184,21 @@ def run_bench(recipe: Recipe, *, steps: int = 8, warmup: int = 2, shape: str | N
     else:
         base = load_base(recipe, device)
         config = base.config
-    model = attach_lora(base, recipe)
-    from qdpo.model import compute_dtype
+    return attach_lora(base, recipe), config
 
-    dtype = compute_dtype(recipe.model.compute_dtype, device)
-    layout = resolve_layout(recipe, model, device)
-    pps = recipe.train.pairs_per_step
-    data = synthetic_pairs(steps * pps, config.vocab_size, prompt_len, response_len,
-                           recipe.train.seed)
-    params = trainable_parameters(model)
-    optimizer = make_optimizer(recipe, params, device)
-    scheduler = make_scheduler(recipe, optimizer, steps)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    ref_table = None
-    ref_s = 0.0
-    ref_mode = recipe.train.reference
-    if recipe.needs_reference and ref_mode in ("auto", "precompute"):
-        from qdpo import reference as refcache
 
-        ref_table = refcache.ReferenceTable.empty(len(data))
-        t0 = time.monotonic()
-        budget = 4 * recipe.train.max_tokens if recipe.train.max_tokens else None
-        refcache.precompute(model, ref_table, range(len(data)), data, 0, device, layout.name,
-                            budget, 4 * recipe.train.micro_batch_pairs, layout.row_tokens,
-                            autocast_for(device, dtype))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        ref_s = time.monotonic() - t0
-    ctx = StepContext(model, optimizer, scheduler, None, params, recipe, loss_params(recipe),
-                      device, dtype, layout, 0, ref_table)
-    model.train()
-    times, tokens, slots, real = [], [], 0, 0
+def _time_steps(ctx: Any, data: list[PairTokens], steps: int, warmup: int, pps: int,
+                quiet: bool) -> tuple[list[float], list[int], int]:
+    from qdpo.device import synchronize
+    from qdpo.train import train_step
+
+    ctx.model.train()
+    times, tokens, slots = [], [], 0
     for s in range(steps):
         t0 = time.monotonic()
         idx = list(range(s * pps, (s + 1) * pps))
         m = train_step(ctx, data, idx)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(ctx.device)
         times.append(time.monotonic() - t0)
         tokens.append(sum(data[i].num_tokens for i in idx))
         if m is not None:
@@ -210,24 +206,32 @@ def run_bench(recipe: Recipe, *, steps: int = 8, warmup: int = 2, shape: str | N
         if not quiet:
             ui.info(f"  step {s + 1}/{steps}: {times[-1]:.2f} s, {tokens[-1] / times[-1]:,.0f} "
                     f"tok/s" + (" (warm-up, not timed)" if s < warmup else ""))
-    from qdpo.batching import segment_cost
+    return times, tokens, slots
 
-    real = sum(segment_cost(p, layout.name) for p in data)
-    steady_t = sum(times[warmup:])
-    steady_tok = sum(tokens[warmup:])
+
+def _result(recipe: Recipe, shape: str | None, config: Any, ctx: Any, data: list[PairTokens],
+            times: list[float], tokens: list[int], slots: int, warmup: int, ref_s: float,
+            prompt_len: tuple[int, int], response_len: tuple[int, int]) -> BenchResult:
+    from qdpo.batching import segment_cost
+    from qdpo.device import memory_stats
+
+    layout, device, pps = ctx.plan.layout, ctx.device, recipe.train.pairs_per_step
+    steps = len(times)
+    steady_t, steady_tok = sum(times[warmup:]), sum(tokens[warmup:])
+    real = sum(segment_cost(p, layout) for p in data)
     mem = memory_stats(device)
     peak = peak_flops(device)
     mfu = None
     if peak:
-        processed = sum(segment_cost(data[i], layout.name) for i in range(warmup * pps, len(data)))
+        processed = sum(segment_cost(data[i], layout) for i in range(warmup * pps, len(data)))
         seq = sum(len(p.prompt_ids) + (len(p.chosen_ids) + len(p.rejected_ids)) / 2
                   for p in data) / len(data)
-        online_ref = recipe.needs_reference and ref_table is None
+        online_ref = ctx.objective.needs_reference and ctx.reference is None
         mfu = flops_per_token(config, seq / 2, online_ref) * processed / steady_t / peak
     return BenchResult(
         shape=shape or HUB_SHAPES.get(recipe.model.name_or_path, recipe.model.name_or_path),
-        layout=layout.name, reference=("precompute" if ref_table is not None else
-                                       "online" if recipe.needs_reference else "none"),
+        layout=layout, reference=("precompute" if ctx.reference is not None else
+                                  "online" if ctx.objective.needs_reference else "none"),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         steps_timed=steps - warmup, pairs_per_step=pps,
         tokens_per_s=steady_tok / steady_t, e2e_tokens_per_s=sum(tokens) / (sum(times) + ref_s),
@@ -235,7 +239,7 @@ def run_bench(recipe: Recipe, *, steps: int = 8, warmup: int = 2, shape: str | N
         peak_alloc_gib=mem.get("mem/peak_alloc_gib"),
         peak_reserved_gib=mem.get("mem/peak_reserved_gib"), mfu=mfu,
         padding_fraction=max(0.0, 1 - real / slots) if slots else 0.0,
-        extra={"attn": layout.attn, "max_tokens": recipe.train.max_tokens,
+        extra={"attn": ctx.plan.kernel, "max_tokens": recipe.train.max_tokens,
                "micro_batch_pairs": recipe.train.micro_batch_pairs,
                "prompt_len": list(prompt_len), "response_len": list(response_len)})
 

@@ -349,7 +349,7 @@ def eval_cmd(
 
     from qdpo import console as ui
     from qdpo.recipe import DataSource
-    from qdpo.train import eval_trained
+    from qdpo.evaluate import eval_trained
 
     saved = ui.console
     if json_out:  # keep stdout pure JSON: progress and notes go to stderr

@@ -80,7 +80,20 @@ class TensorBoardSink:
         self.w.close()
 
 
-def open_sinks(run_dir: Path, tensorboard: bool) -> list[Any]:
+class MetricSinks:
+    """Every metric record goes to each sink: metrics.jsonl, and TensorBoard when asked for."""
+
+    def __init__(self, sinks: list[Any]):
+        self.sinks = sinks
+
+    def write(self, record: dict[str, Any]) -> None:
+        for s in self.sinks:
+            s.write(record)
+
+
+@contextlib.contextmanager
+def metric_sinks(run_dir: Path, tensorboard: bool) -> Iterator[MetricSinks]:
+    """The run's metric files, closed however the run ends."""
     sinks: list[Any] = [JsonlSink(run_dir / "metrics.jsonl")]
     if tensorboard:
         try:
@@ -88,7 +101,11 @@ def open_sinks(run_dir: Path, tensorboard: bool) -> list[Any]:
         except ImportError:
             warn("output.tensorboard is on but tensorboard is not installed "
                  "(pip install 'qdpo[tensorboard]'); writing metrics.jsonl only.")
-    return sinks
+    try:
+        yield MetricSinks(sinks)
+    finally:
+        for s in sinks:
+            s.close()
 
 
 class _Stats(ProgressColumn):
@@ -144,6 +161,12 @@ class TrainDisplay:
         if self.progress is not None:
             self.progress.stop()
 
+    def __enter__(self) -> "TrainDisplay":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:  # the terminal is left clean however the run ends
+        self.close()
+
 
 @contextlib.contextmanager
 def task_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
@@ -164,3 +187,74 @@ def metrics_table(title: str, rows: list[tuple[str, Any]]) -> Table:
     for k, v in rows:
         t.add_row(k, fmt(v, k))
     return t
+
+
+# ---------------------------------------------------------------------------------------
+# What a training run says: data, model, plan, evals, the summary
+# ---------------------------------------------------------------------------------------
+
+def data_report(data: Any) -> None:
+    info(f"data: {data.train_report.summary()}")
+    for ex in data.train_report.examples[:3]:
+        info(f"  skipped {ex}")
+    if data.eval:
+        info(f"eval: {len(data.eval)} held-out pairs")
+
+
+def model_banner(recipe: Any, minfo: Any) -> None:
+    q = recipe.model.quantization
+    info(f"model: {recipe.model.name_or_path} ({q if q != 'none' else 'not quantized'}, "
+         f"{minfo.quantized_layers} 4-bit layers) on {minfo.device.type}, compute "
+         f"{str(minfo.dtype).removeprefix('torch.')}; LoRA r={minfo.lora_r} alpha "
+         f"{minfo.lora_alpha:g} dropout {minfo.lora_dropout:g}"
+         + (f" (from {recipe.lora.init_adapter})" if recipe.lora.init_adapter else "") + ": "
+         f"{minfo.trainable_params:,} trainable of {minfo.total_params:,} params")
+    if recipe.needs_reference:
+        info(f"reference: same weights, {minfo.reference} (no second copy)")
+    else:
+        info(f"reference: none needed by {', '.join(recipe.loss_types)} (no reference pass)")
+
+
+def plan_banner(plan: Any, pairs_per_step: int, steps: int) -> None:
+    size = (f"{plan.max_tokens} tokens per micro-batch" if plan.max_tokens else
+            f"{plan.pairs_per_micro} pairs per micro-batch")
+    info(f"layout: {plan.layout} ({plan.kernel} attention), {size}, {pairs_per_step} pairs per "
+         f"step, {steps} steps")
+
+
+def eval_line(label: str, ev: dict[str, float]) -> str:
+    return (f"{label}: acc {ev['rewards/accuracies']:.3f}  margin {ev['rewards/margins']:.3f}  "
+            f"loss {ev['loss']:.4f}")
+
+
+def run_summary(result: Any, recipe: Any, seconds: float) -> None:
+    """The table at the end of a run, and what to make of it."""
+    rows: list[tuple[str, Any]] = [("steps", result.steps), ("time", f"{seconds:.0f} s")]
+    if not recipe.needs_reference:
+        rows.append(("reference pass", f"none ({', '.join(recipe.loss_types)} is "
+                                       "reference-free)"))
+    elif recipe.train.reference == "online":
+        rows.append(("reference pass", "online, every step"))
+    else:
+        rows.append(("reference pass", f"precomputed once, {result.reference_seconds:.1f} s"))
+    for k in ("loss", "rewards/accuracies", "rewards/margins", "tokens_per_s",
+              "mem/peak_alloc_gib"):
+        if k in result.last_train:
+            rows.append((f"train {k}", result.last_train[k]))
+    for k in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
+              "rewards/rejected"):
+        if k in result.final_eval:
+            rows.append((f"eval {k}", result.final_eval[k]))
+    console.print(metrics_table("qdpo run summary", rows))
+    if result.interrupted:
+        info(f"[yellow]interrupted[/] at step {result.steps}; resume with "
+             f"`qdpo train <recipe> --resume`")
+        return
+    acc = result.final_eval.get("rewards/accuracies")
+    if acc is not None:
+        verdict = "clearly above chance" if acc >= 0.9 else \
+            "above chance" if acc > 0.6 else "near chance: the preference was not learned"
+        info(f"held-out reward accuracy {acc:.3f} over {int(result.final_eval['pairs'])} "
+             f"pairs: {verdict}")
+    info(f"adapter saved to {result.run_dir} (peft format; "
+         f"PeftModel.from_pretrained(base, '{result.run_dir}'))")

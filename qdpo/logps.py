@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from qdpo import attention
 from qdpo.batching import PackedBatch
 
 # Bytes of fp32 logits one chunk may hold (the peak of the head's part of a step).
@@ -42,16 +43,20 @@ def _head_fn(head: torch.nn.Module, softcap: float | None):
     return fn
 
 
-def token_logps(model: Any, batch: PackedBatch) -> torch.Tensor:
+def batch_mask(model: Any, batch: PackedBatch) -> Any:
+    """The attention mask of `batch` for this model's kernel (build once, use for both passes)."""
+    device = batch.input_ids.device
+    return attention.build_mask(batch, attention.model_kernel(model),
+                                attention.mask_dtype(model, device))
+
+
+def token_logps(model: Any, batch: PackedBatch, mask: Any = None) -> torch.Tensor:
     """log p(target | prefix) for every scored token, shape [N] float32."""
     lm = causal_lm(model)
     decoder = lm.get_decoder()
-    impl = getattr(lm.config, "_attn_implementation", None) or "sdpa"
-    dtype = next((p.dtype for p in decoder.parameters() if p.is_floating_point()),
-                 torch.float32)
-    if torch.is_autocast_enabled(batch.input_ids.device.type):
-        dtype = torch.get_autocast_dtype(batch.input_ids.device.type)
-    out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask(impl, dtype),
+    if mask is None:
+        mask = batch_mask(model, batch)
+    out = decoder(input_ids=batch.input_ids, attention_mask=mask,
                   position_ids=batch.position_ids, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.pred_index)
@@ -70,8 +75,8 @@ def token_logps(model: Any, batch: PackedBatch) -> torch.Tensor:
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def sequence_logps(model: Any, batch: PackedBatch) -> SequenceLogps:
-    tok = token_logps(model, batch)
+def sequence_logps(model: Any, batch: PackedBatch, mask: Any = None) -> SequenceLogps:
+    tok = token_logps(model, batch, mask)
     p = batch.num_pairs
     sums = tok.new_zeros(2 * p).index_add(0, batch.seq_index, tok)
     public_len = torch.minimum(batch.chosen_lengths, batch.rejected_lengths).repeat(2)

@@ -24,7 +24,7 @@ ORPO) where TRL has them; the docstring of each function says where and why this
 """
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Sequence
 
 import torch
@@ -35,6 +35,7 @@ __all__ = [
     "LossOutput",
     "LossParams",
     "LossSpec",
+    "Objective",
     "PreferenceBatch",
     "apply_ld_alpha",
     "compute_loss",
@@ -53,9 +54,9 @@ class LossParams:
     dpop_lambda: float = 50.0  # DPO-Positive (Smaug) penalty weight
     ld_alpha: float | None = None  # LD-DPO alpha in [0, 1]; None = off
     discopop_tau: float = 0.05  # DiscoPOP temperature
-    # BCO running mean of the implicit rewards (reward units, i.e. already times beta). The
-    # trainer owns it: after each step it folds the batch mean of the "bco_rewards_mean" metric
-    # into a running mean (TRL's RunningMoments) and passes the result in here.
+    # BCO running mean of the implicit rewards (reward units, i.e. already times beta).
+    # Objective owns it: after each step `Objective.observe` folds the step's mean of the
+    # "bco_rewards_mean" metric into a running mean over all pairs (TRL's RunningMoments).
     bco_delta: float = 0.0
 
 
@@ -306,7 +307,7 @@ def bco_pair_loss(batch: PreferenceBatch, params: LossParams) -> LossOutput:
 
     Jung, Kim, Kim, Kim 2024, "Binary Classifier Optimization for Large Language Model
     Alignment", arXiv:2404.04656. TRL keeps delta as a running mean of ``mean(cat(r_c, r_r))``
-    over all steps; here the loss stays pure and the *trainer* updates ``params.bco_delta`` from
+    over all steps; here the loss stays pure and :class:`Objective` updates ``bco_delta`` from
     the per-pair metric ``bco_rewards_mean = (r_c + r_r) / 2`` (its batch mean equals TRL's).
     """
     _, cl, rl = _ref_terms(batch, "bco_pair")
@@ -558,7 +559,7 @@ LOSSES: dict[str, LossSpec] = dict(
               "beta 0.01-0.1"),
         _spec("bco_pair", bco_pair_loss, True,
               "BCO: Jung et al. 2024, arXiv:2404.04656",
-              "beta 0.1; the trainer keeps bco_delta as the running mean reward"),
+              "beta 0.1; delta is the running mean reward of all pairs so far"),
         _spec("sppo_hard", sppo_hard_loss, True,
               "SPPO: Wu et al. 2024, arXiv:2405.00675",
               "beta 1e-3 (the paper's eta = 1/beta = 1e3)"),
@@ -732,3 +733,66 @@ def compute_loss(
         rejected_rewards=outputs[reward_idx].rejected_rewards,
         metrics=metrics,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# the objective: what a run optimises, built once from the recipe's loss section
+
+
+class Objective:
+    """The losses a run optimises, their weights and parameters, and the state they carry.
+
+    Built once from the recipe's loss section (`from_config`): every field of the section whose
+    name is a field of :class:`LossParams` becomes a parameter, so a new loss knob is declared in
+    those two places and nowhere else. Calling the objective on a :class:`PreferenceBatch`
+    gives the combined :class:`LossOutput`.
+
+    State: BCO's ``delta`` is the running mean of the implicit rewards over every pair trained on
+    so far (TRL's RunningMoments); `observe` folds in each optimizer step's mean reward, and the
+    checkpoint saves it (`state_dict`), so a resumed run continues with the same delta.
+    """
+
+    def __init__(self, names: Sequence[str], params: LossParams,
+                 weights: Sequence[float] | None = None):
+        self.names = tuple(_names(list(names)))
+        self.weights = None if weights is None else tuple(float(w) for w in weights)
+        _check_params(params)
+        self.params = params
+        self.reward_count = 0  # pairs folded into params.bco_delta
+
+    @classmethod
+    def from_config(cls, loss: object) -> "Objective":
+        """From any object with the loss section's attributes (`type`, `weights`, knobs)."""
+        known = {f.name for f in fields(LossParams)}
+        params = LossParams(**{k: getattr(loss, k) for k in known if hasattr(loss, k)})
+        types = getattr(loss, "type")
+        return cls([types] if isinstance(types, str) else list(types), params,
+                   getattr(loss, "weights", None))
+
+    @property
+    def needs_reference(self) -> bool:
+        return needs_reference(self.names)
+
+    @property
+    def sorts_across_pairs(self) -> bool:
+        """Whether a pair's loss depends on the other pairs of its batch (AOT's quantiles)."""
+        return any(n in ("aot", "aot_unpaired") for n in self.names)
+
+    def __call__(self, batch: PreferenceBatch) -> LossOutput:
+        return compute_loss(self.names, batch, self.params, self.weights)
+
+    def observe(self, metrics: dict[str, float], pairs: int) -> None:
+        """Fold an optimizer step's metrics into the objective's state (BCO's running mean)."""
+        mean = metrics.get("bco_rewards_mean")
+        if mean is None or pairs <= 0:
+            return
+        total = self.reward_count + pairs
+        self.params.bco_delta += (mean - self.params.bco_delta) * pairs / total
+        self.reward_count = total
+
+    def state_dict(self) -> dict[str, float]:
+        return {"bco_delta": self.params.bco_delta, "reward_count": self.reward_count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.params.bco_delta = float(state.get("bco_delta", 0.0))
+        self.reward_count = int(state.get("reward_count", 0))

@@ -18,28 +18,14 @@ from typing import Any, Iterator
 
 import torch
 
+from qdpo import attention
 from qdpo.cache import cache_dir
+from qdpo.device import compute_dtype, default_device
 from qdpo.errors import ModelError
 from qdpo.recipe import Recipe
 
 REFERENCE_ADAPTER = "reference"
 POLICY_ADAPTER = "default"
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
-    if setting == "fp32":
-        return torch.float32
-    if setting == "bf16":
-        return torch.bfloat16
-    if setting == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def _model_path(recipe: Recipe) -> str:
@@ -118,53 +104,6 @@ def base_weights_path(recipe: Recipe) -> str:
     return materialize_random(recipe) if recipe.model.random_init else _model_path(recipe)
 
 
-def _attn_impl(recipe: Recipe, device: torch.device) -> str | None:
-    setting = recipe.model.attn_implementation
-    if setting != "auto":
-        return setting
-    return "sdpa"
-
-
-# FlexAttention skips masked blocks, but its block mask is built per row: keep rows bounded.
-FLEX_ROW_TOKENS = 16384
-
-
-def dense_row_tokens(hidden_size: int) -> int:
-    """Longest packed row under a dense [T, T] mask.
-
-    SDPA computes every query against every key of a row, so a row of T tokens wastes
-    attention work that grows with T; per token that work is ~4*T*d FLOPs against ~24*d^2 for
-    the linear layers, so rows of about d/2 tokens keep the waste under a few percent
-    (2048 for an 8B model, the 256 floor for tiny ones). FlexAttention skips masked blocks
-    and needs no cap.
-    """
-    return max(256, min(4096, hidden_size // 2))
-
-
-@dataclass
-class Layout:
-    name: str  # padded / packed / shared_prefix
-    attn: str  # the model's attention implementation
-    row_tokens: int | None  # cap on a packed row's length
-
-
-def resolve_layout(recipe: Recipe, model: Any, device: torch.device) -> Layout:
-    """The layout the recipe asks for, or for auto the fastest this attention supports."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    attn = getattr(lm.config, "_attn_implementation", None) or "sdpa"
-    want = recipe.train.layout
-    custom_masks = attn in ("sdpa", "eager", "flex_attention")
-    if want == "auto":
-        want = "shared_prefix" if custom_masks else "padded"
-    elif want != "padded" and not custom_masks:
-        raise ModelError(f"train.layout {want} needs an attention implementation that takes "
-                         f"custom masks (sdpa, eager or flex_attention), not {attn}. Set "
-                         "model.attn_implementation or train.layout: padded.")
-    hidden = getattr(lm.config, "hidden_size", 4096)
-    row = FLEX_ROW_TOKENS if attn == "flex_attention" else dense_row_tokens(hidden)
-    return Layout(want, attn, row)
-
-
 def load_base(recipe: Recipe, device: torch.device | None = None,
               quantize: bool | None = None, dtype: torch.dtype | None = None) -> Any:
     """The base causal LM, quantized per the recipe, frozen, on `device`."""
@@ -185,7 +124,7 @@ def load_base(recipe: Recipe, device: torch.device | None = None,
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    attn = _attn_impl(recipe, device)
+    attn = attention.kernel_for(recipe.model.attn_implementation, device)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -201,9 +140,7 @@ def load_base(recipe: Recipe, device: torch.device | None = None,
                          f"{str(e).splitlines()[0] if str(e) else ''}. Check model.name_or_path; "
                          "without network only local directories and already-downloaded hub "
                          "models load.") from None
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.config.use_cache = False
+    _freeze(model)
     return model
 
 
@@ -218,7 +155,7 @@ def random_quantized_base(config: Any, recipe: Recipe, device: torch.device) -> 
     from transformers import AutoModelForCausalLM
 
     cdtype = compute_dtype(recipe.model.compute_dtype, device)
-    attn = _attn_impl(recipe, device)
+    attn = attention.kernel_for(recipe.model.attn_implementation, device)
     with torch.device(device), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config, dtype=cdtype, attn_implementation=attn)
@@ -241,10 +178,27 @@ def random_quantized_base(config: Any, recipe: Recipe, device: torch.device) -> 
                 setattr(module, child_name, q.to(device))
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    _freeze(model)
+    return model
+
+
+def _freeze(model: Any) -> None:
+    """Base weights frozen, no KV cache, and 4-bit layers kept in their trainable format.
+
+    bitsandbytes (0.48 and later) repacks a 4-bit weight for a faster CPU kernel the first time
+    a layer runs in eval mode without gradients (on CPUs with AVX512-BF16), and keeps it
+    repacked: every later training forward then goes through a kernel with no autograd
+    formula, and gradients through the base are silently wrong. qdpo runs eval-mode passes
+    (the reference, evaluation) between training steps, so the repacking is switched off.
+    """
+    import bitsandbytes as bnb
+
     for p in model.parameters():
         p.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
     model.config.use_cache = False
-    return model
 
 
 @dataclass
@@ -256,6 +210,10 @@ class ModelInfo:
     total_params: int
     quantized_layers: int
     reference: str  # "adapters disabled" or "frozen initial adapter"
+    # the LoRA that trains, as peft built it (with lora.init_adapter: the adapter's own settings)
+    lora_r: int = 0
+    lora_alpha: float = 0.0
+    lora_dropout: float = 0.0
 
 
 def _lora_config(recipe: Recipe) -> Any:
@@ -314,8 +272,14 @@ def load_model(recipe: Recipe, device: torch.device | None = None) -> tuple[Any,
     info = ModelInfo(device, compute_dtype(recipe.model.compute_dtype, device),
                      base_weights_path(recipe), trainable, total, nq,
                      "frozen initial adapter" if recipe.lora.init_adapter else
-                     "adapters disabled")
+                     "adapters disabled", **_trained_lora(model))
     return model, info
+
+
+def _trained_lora(model: Any) -> dict[str, Any]:
+    cfg = model.peft_config[POLICY_ADAPTER]
+    return {"lora_r": int(cfg.r), "lora_alpha": float(cfg.lora_alpha),
+            "lora_dropout": float(cfg.lora_dropout)}
 
 
 def has_reference_adapter(model: Any) -> bool:
@@ -340,6 +304,11 @@ def reference_mode(model: Any) -> Iterator[None]:
                     yield
     finally:
         model.train(was_training)
+
+
+def hidden_size(model: Any) -> int:
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return int(getattr(lm.config, "hidden_size", 4096))
 
 
 def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:

@@ -480,6 +480,14 @@ def validate(r: Recipe) -> Recipe:
     _check(1 <= t.micro_batch_pairs <= t.pairs_per_step, "train.micro_batch_pairs",
            t.micro_batch_pairs, f"it must be between 1 and train.pairs_per_step "
                                 f"({t.pairs_per_step})")
+    sorting = [x for x in types_ if x in ("aot", "aot_unpaired")]
+    if sorting and (t.micro_batch_pairs != t.pairs_per_step or t.max_tokens):
+        raise RecipeError(
+            f"loss.type {sorting[0]} sorts log-ratios across the pairs of a batch, so splitting "
+            f"an optimizer step into micro-batches would change what it optimises. Set "
+            f"train.micro_batch_pairs to train.pairs_per_step ({t.pairs_per_step}) and leave "
+            f"train.max_tokens unset (now micro_batch_pairs {t.micro_batch_pairs}, max_tokens "
+            f"{t.max_tokens}).")
     _check(t.epochs > 0, "train.epochs", t.epochs, "it must be > 0")
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps,
            "it must be >= 1 or null")

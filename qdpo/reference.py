@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-from array import array
 import os
+import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from qdpo.batching import micro_batches
-from qdpo.data import PairTokens
-from qdpo.logps import SequenceLogps, sequence_logps
+from qdpo import console as ui
+from qdpo.batching import REFERENCE_SCALE, BatchPlan
 from qdpo.cache import cache_dir
+from qdpo.data import PairTokens
+from qdpo.device import autocast_for, synchronize
+from qdpo.logps import SequenceLogps, sequence_logps
 from qdpo.model import reference_mode
 from qdpo.recipe import Recipe
 
@@ -120,23 +123,47 @@ def save_cached(key: str, table: ReferenceTable) -> None:
 
 
 def precompute(model: Any, table: ReferenceTable, ids: Sequence[int], data: Sequence[PairTokens],
-               pad_id: int, device: torch.device, layout: str, max_tokens: int | None,
-               pairs_per_micro: int, row_tokens: int | None, autocast: Any,
+               plan: BatchPlan, device: torch.device, autocast: Any,
                progress: Callable[[int], None] | None = None) -> int:
-    """Fill the table for `ids` that are missing; returns how many pairs were computed."""
+    """Fill the table for `ids` that are missing; returns how many pairs were computed.
+
+    `plan` is the reference plan (a scaled copy of the training plan: no activations are kept).
+    """
     todo = table.missing(sorted(set(ids)))
     if not todo:
         return 0
-    was_training = model.training
-    model.eval()  # no dropout in the reference
-    with reference_mode(model), autocast:
-        for batch in micro_batches(todo, data, pairs_per_micro, pad_id, layout, max_tokens,
-                                   row_tokens):
-            ids_b = batch.pair_ids
-            lp = sequence_logps(model, batch.to(device))
-            table.put(ids_b, lp)
+    with reference_mode(model), autocast:  # eval mode: no dropout in the reference
+        for batch in plan.micro_batches(todo, data):
+            table.put(batch.pair_ids, sequence_logps(model, batch.to(device)))
             if progress:
-                progress(len(ids_b))
-    if was_training:
-        model.train()
+                progress(batch.num_pairs)
     return len(todo)
+
+
+def ensure(model: Any, data: Sequence[PairTokens], ids: Sequence[int], plan: BatchPlan,
+           device: torch.device, dtype: torch.dtype, key: str | None = None,
+           what: str = "train") -> tuple[ReferenceTable, float]:
+    """Reference log-probs of `ids`, loaded from the cache under `key` or computed and cached.
+
+    Returns the table and the seconds spent. `key` None (random benchmark weights) computes
+    without touching the disk cache. `plan` is the training plan; the pass scales it itself.
+    """
+    t0 = time.monotonic()
+    table = load_cached(key, len(data)) if key else ReferenceTable.empty(len(data))
+    wanted = sorted(set(ids))
+    missing = table.missing(wanted)
+    if not missing:
+        ui.info(f"reference: {what} log-probs reused from cache ({len(wanted)} pairs, "
+                f"{cache_path(key)})")
+        return table, time.monotonic() - t0
+    with ui.task_progress(f"reference pass ({what})", len(missing)) as advance:
+        precompute(model, table, missing, data, plan.scaled(REFERENCE_SCALE), device,
+                   autocast_for(device, dtype), advance)
+    synchronize(device)
+    dt = time.monotonic() - t0
+    if key:
+        save_cached(key, table)
+        reused = len(wanted) - len(missing)
+        ui.info(f"reference: {what} log-probs for {len(missing)} pairs computed in {dt:.1f} s"
+                + (f" ({reused} reused from cache)" if reused else "") + "; cached for later runs")
+    return table, dt

@@ -1,39 +1,42 @@
-"""The training loop, written out: data, model, then step after step, top to bottom.
+"""The training loop: `setup` builds the runtime objects once, the loop runs, `finish` saves.
 
 An optimizer step is defined in pairs (train.pairs_per_step) whatever the micro-batching, and
-the loss is the mean of per-pair losses over the step, so changing micro_batch_pairs changes
-memory and speed, never the optimisation.
+the loss is the mean of per-pair losses over the step, so changing micro_batch_pairs or
+max_tokens changes memory and speed, never the optimisation.
+
+The recipe is read here, in `setup`, and nowhere below it: the loop and the step see the
+runtime objects it builds (an Objective, a BatchPlan, the model, the optimizer).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 import signal
-import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from qdpo import checkpoint
 from qdpo import console as ui
-from qdpo.batching import PackedBatch, micro_batches
-from qdpo.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
-from qdpo.data import PairTokens, prepare
+from qdpo import reference
+from qdpo.attention import model_kernel
+from qdpo.batching import BatchPlan, pairs_used, plan_batches, step_pairs
+from qdpo.data import PairTokens, PreparedData, prepare
+from qdpo.device import autocast_for, memory_stats, reset_peak_memory, total_memory_gib
 from qdpo.errors import QdpoError
-from qdpo.losses import LossParams, PreferenceBatch, compute_loss
-from qdpo.model import (Layout, ModelInfo, default_device, load_model, load_tokenizer,
-                        reference_mode, resolve_layout, save_adapter, trainable_parameters)
-from qdpo import reference as refcache
-from qdpo.logps import SequenceLogps, sequence_logps
+from qdpo.evaluate import eval_plan, evaluate
+from qdpo.forward import MetricAccumulator, forward_pair_batch
+from qdpo.losses import Objective
+from qdpo.model import (ModelInfo, hidden_size, load_model, load_tokenizer, save_adapter,
+                        trainable_parameters)
 from qdpo.recipe import Recipe
 from qdpo.rundir import RunDir
 
-NONFINITE_LIMIT = 5
+NONFINITE_LIMIT = 5  # optimizer steps in a row with a non-finite loss before giving up
 
 
 @dataclass
@@ -48,166 +51,24 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------
-# Pieces the loop (and `qdpo eval`, `qdpo bench`) use
+# One optimizer step (shared with `qdpo bench`)
 # ---------------------------------------------------------------------------------------
-
-def loss_params(recipe: Recipe) -> LossParams:
-    lc = recipe.loss
-    return LossParams(beta=lc.beta, label_smoothing=lc.label_smoothing,
-                      simpo_gamma=lc.simpo_gamma, orpo_lambda=lc.orpo_lambda,
-                      dpop_lambda=lc.dpop_lambda, ld_alpha=lc.ld_alpha,
-                      discopop_tau=lc.discopop_tau)
-
-
-def autocast_for(device: torch.device, dtype: torch.dtype):
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast("cuda", dtype=dtype)
-    return nullcontext()
-
-
-def forward_pair_batch(model: Any, batch: PackedBatch, recipe: Recipe, params: LossParams,
-                       reference: SequenceLogps | None = None):
-    """Policy log-probs, reference log-probs (online unless given), and the loss output."""
-    need_ref = recipe.needs_reference
-    if need_ref and reference is None:
-        with reference_mode(model):
-            reference = sequence_logps(model, batch)
-    pol = sequence_logps(model, batch)
-    pb = PreferenceBatch(
-        policy_chosen_logps=pol.chosen, policy_rejected_logps=pol.rejected,
-        chosen_lengths=batch.chosen_lengths, rejected_lengths=batch.rejected_lengths,
-        reference_chosen_logps=reference.chosen if need_ref else None,
-        reference_rejected_logps=reference.rejected if need_ref else None,
-        weights=batch.weights,
-        policy_chosen_public_logps=pol.chosen_public,
-        policy_rejected_public_logps=pol.rejected_public,
-        reference_chosen_public_logps=reference.chosen_public if need_ref else None,
-        reference_rejected_public_logps=reference.rejected_public if need_ref else None)
-    out = compute_loss(recipe.loss_types, pb, params, recipe.loss.weights)
-    return pol, reference, out
-
-
-class MetricAccumulator:
-    """Sums per-pair values over a step (or an eval pass) and reports the field's names."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, Any] = {}  # device tensors: no GPU sync per micro-batch
-        self.n = 0
-
-    def add(self, pol: SequenceLogps, ref: SequenceLogps | None, out: Any) -> None:
-        p = pol.chosen.shape[0]
-        self.n += p
-        vals = {
-            "loss": out.losses.detach().float().sum(),
-            "rewards/chosen": out.chosen_rewards.float().sum(),
-            "rewards/rejected": out.rejected_rewards.float().sum(),
-            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().sum(),
-            "rewards/margins": (out.chosen_rewards - out.rejected_rewards).float().sum(),
-            "logps/chosen": pol.chosen.detach().float().sum(),
-            "logps/rejected": pol.rejected.detach().float().sum(),
-        }
-        if ref is not None:
-            vals["logps/ref_chosen"] = ref.chosen.float().sum()
-            vals["logps/ref_rejected"] = ref.rejected.float().sum()
-        for k, v in out.metrics.items():
-            vals[k] = v.detach().float().sum()
-        for k, v in vals.items():
-            self.sums[k] = self.sums[k] + v.detach() if k in self.sums else v.detach()
-
-    def result(self, prefix: str = "") -> dict[str, float]:
-        return {prefix + k: float(v) / max(1, self.n) for k, v in self.sums.items()}
-
-
-def evaluate(model: Any, data: list[PairTokens], recipe: Recipe, pad_id: int,
-             device: torch.device, dtype: torch.dtype, layout: Layout,
-             reference: refcache.ReferenceTable | None = None) -> dict[str, float]:
-    """Preference metrics of the policy against its reference on held-out pairs."""
-    params = loss_params(recipe)
-    acc = MetricAccumulator()
-    was_training = model.training
-    model.eval()
-    mb = recipe.eval.micro_batch_pairs or 2 * recipe.train.micro_batch_pairs
-    budget = 2 * recipe.train.max_tokens if recipe.train.max_tokens else None
-    with torch.no_grad(), autocast_for(device, dtype):
-        for batch in micro_batches(range(len(data)), data, mb, pad_id, layout.name, budget,
-                                   layout.row_tokens):
-            batch.to(device)
-            ref = reference.get(batch.pair_ids, device) if reference is not None else None
-            pol, ref, out = forward_pair_batch(model, batch, recipe, params, ref)
-            acc.add(pol, ref, out)
-    if was_training:
-        model.train()
-    res = acc.result()
-    res["pairs"] = acc.n
-    return res
-
-
-def eval_trained(path: str | Path, sources: list[Any], max_pairs: int | None = None,
-                 micro_batch_pairs: int | None = None) -> dict[str, float]:
-    """`qdpo eval`: a trained adapter against its reference on any data source."""
-    from qdpo.data import prepare_sources
-    from qdpo.model import load_trained
-    from qdpo.rundir import open_trained
-
-    src = open_trained(path)
-    device = default_device()
-    model, tok = load_trained(src, device)
-    recipe = src.recipe
-    if micro_batch_pairs:
-        recipe.eval.micro_batch_pairs = micro_batch_pairs
-    pairs, report = prepare_sources(sources, recipe, tok)
-    if max_pairs:
-        pairs = pairs[:max_pairs]
-    ui.info(f"eval data: {report.summary()}")
-    layout = resolve_layout(recipe, model, device)
-    from qdpo.model import compute_dtype
-
-    res = evaluate(model, pairs, recipe, tok.pad_token_id, device,
-                   compute_dtype(recipe.model.compute_dtype, device), layout)
-    return res
-
-
-def build_reference(model: Any, recipe: Recipe, data: list[PairTokens], ids: list[int],
-                    base_path: str, pad_id: int, device: torch.device, dtype: torch.dtype,
-                    layout: Layout, what: str) -> tuple[refcache.ReferenceTable, float]:
-    """Load or compute the reference log-probs of `ids`; returns the table and seconds spent."""
-    t0 = time.monotonic()
-    key = refcache.cache_key(recipe, base_path, data, dtype)
-    table = refcache.load_cached(key, len(data))
-    missing = table.missing(sorted(set(ids)))
-    if not missing:
-        ui.info(f"reference: {what} log-probs reused from cache ({len(set(ids))} pairs, "
-                f"{refcache.cache_path(key)})")
-        return table, time.monotonic() - t0
-    reused = len(set(ids)) - len(missing)
-    budget = 4 * recipe.train.max_tokens if recipe.train.max_tokens else None
-    with ui.task_progress(f"reference pass ({what})", len(missing)) as advance:
-        refcache.precompute(model, table, missing, data, pad_id, device, layout.name, budget,
-                            4 * recipe.train.micro_batch_pairs, layout.row_tokens,
-                            autocast_for(device, dtype), advance)
-    refcache.save_cached(key, table)
-    dt = time.monotonic() - t0
-    ui.info(f"reference: {what} log-probs for {len(missing)} pairs computed in {dt:.1f} s"
-            + (f" ({reused} reused from cache)" if reused else "") + "; cached for later runs")
-    return table, dt
-
 
 @dataclass
 class StepContext:
-    """What one optimizer step needs; shared by `train` and `qdpo bench`."""
+    """What one optimizer step needs."""
 
     model: Any
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    scaler: Any
+    scaler: Any  # torch.amp.GradScaler with fp16, else None
     params: list[torch.nn.Parameter]
-    recipe: Recipe
-    loss_params: LossParams
+    objective: Objective
+    plan: BatchPlan
     device: torch.device
     dtype: torch.dtype
-    layout: Layout
-    pad_id: int
-    reference: refcache.ReferenceTable | None = None
+    max_grad_norm: float
+    reference: reference.ReferenceTable | None = None  # precomputed, else online
 
 
 def train_step(ctx: StepContext, data: list[PairTokens], idx: list[int]) -> dict[str, Any] | None:
@@ -216,15 +77,13 @@ def train_step(ctx: StepContext, data: list[PairTokens], idx: list[int]) -> dict
     Returns the step's metrics, or None when the loss or gradient was not finite (the step is
     then skipped: gradients dropped, optimizer and schedule untouched).
     """
-    r = ctx.recipe
     acc = MetricAccumulator()
     tokens = slots = 0
     with autocast_for(ctx.device, ctx.dtype):
-        for batch in micro_batches(idx, data, r.train.micro_batch_pairs, ctx.pad_id,
-                                   ctx.layout.name, r.train.max_tokens, ctx.layout.row_tokens):
+        for batch in ctx.plan.micro_batches(idx, data):
             batch.to(ctx.device)
             ref = ctx.reference.get(batch.pair_ids, ctx.device) if ctx.reference else None
-            pol, ref, out = forward_pair_batch(ctx.model, batch, r, ctx.loss_params, ref)
+            pol, ref, out = forward_pair_batch(ctx.model, batch, ctx.objective, ref)
             loss = out.losses.sum() / len(idx)
             (ctx.scaler.scale(loss) if ctx.scaler else loss).backward()
             acc.add(pol, ref, out)
@@ -232,8 +91,8 @@ def train_step(ctx: StepContext, data: list[PairTokens], idx: list[int]) -> dict
             slots += batch.slots
     if ctx.scaler:
         ctx.scaler.unscale_(ctx.optimizer)
-    clip = r.train.max_grad_norm or float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(ctx.params, clip))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(ctx.params,
+                                                     ctx.max_grad_norm or float("inf")))
     metrics = acc.result()
     # With fp16 the loss scaler expects overflowing gradients now and then: it skips that
     # optimizer step and lowers the scale itself. Only a non-finite loss is our problem.
@@ -251,30 +110,28 @@ def train_step(ctx: StepContext, data: list[PairTokens], idx: list[int]) -> dict
         ctx.optimizer.step()
     ctx.scheduler.step()
     ctx.optimizer.zero_grad(set_to_none=True)
+    ctx.objective.observe(metrics, len(idx))
     metrics.update({"lr": lr, "grad_norm": grad_norm, "tokens": tokens, "token_slots": slots})
     return metrics
 
 
-@functools.lru_cache(maxsize=4)
-def pair_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    """The shuffled order of epoch `epoch`; cached, since every step of the epoch reads it."""
-    order = list(range(n))
-    random.Random(seed * 1000003 + epoch).shuffle(order)
-    return tuple(order)
+# ---------------------------------------------------------------------------------------
+# Setup: the recipe becomes runtime objects, once
+# ---------------------------------------------------------------------------------------
 
-
-def step_pairs(n: int, pairs_per_step: int, seed: int, step: int) -> tuple[list[int], float]:
-    """The data indices of optimizer step `step` (0-based) and the epoch position after it.
-
-    A pure function of the step number, so a resumed run sees exactly the pairs an
-    uninterrupted one would have seen.
-    """
-    start = step * pairs_per_step
-    out = []
-    for pos in range(start, start + pairs_per_step):
-        epoch, i = divmod(pos, n)
-        out.append(pair_order(n, seed, epoch)[i])
-    return out, (start + pairs_per_step) / n
+@dataclass
+class Setup:
+    recipe: Recipe
+    run: RunDir
+    tokenizer: Any
+    data: PreparedData
+    minfo: ModelInfo
+    ctx: StepContext
+    steps: int
+    start_step: int
+    eval_plan: BatchPlan
+    eval_reference: reference.ReferenceTable | None
+    reference_seconds: float
 
 
 def total_steps(recipe: Recipe, n: int) -> int:
@@ -283,9 +140,9 @@ def total_steps(recipe: Recipe, n: int) -> int:
     return max(1, math.ceil(recipe.train.epochs * n / recipe.train.pairs_per_step))
 
 
-def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter],
+def make_optimizer(t: Any, params: list[torch.nn.Parameter],
                    device: torch.device) -> torch.optim.Optimizer:
-    t = recipe.train
+    """The recipe's optimizer (`t` is its train section) over the LoRA parameters."""
     kw = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
               weight_decay=t.weight_decay)
     if t.optimizer in ("paged_adamw_8bit", "adamw_8bit"):
@@ -297,9 +154,9 @@ def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter],
     return torch.optim.AdamW(params, **kw)
 
 
-def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer,
+def make_scheduler(t: Any, optimizer: torch.optim.Optimizer,
                    steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    t = recipe.train
+    """Linear warmup, then linear / cosine decay or constant, over `steps` optimizer steps."""
     warm = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_ratio * steps))
     kind = t.lr_scheduler
 
@@ -308,8 +165,7 @@ def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer,
             return (step + 1) / (warm + 1)
         if kind == "constant":
             return 1.0
-        progress = (step - warm) / max(1, steps - warm)
-        progress = min(1.0, max(0.0, progress))
+        progress = min(1.0, max(0.0, (step - warm) / max(1, steps - warm)))
         if kind == "linear":
             return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -317,26 +173,169 @@ def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def memory_stats(device: torch.device) -> dict[str, float]:
-    if device.type != "cuda":
-        return {}
-    gib = 2**30
-    return {"mem/peak_alloc_gib": torch.cuda.max_memory_allocated() / gib,
-            "mem/peak_reserved_gib": torch.cuda.max_memory_reserved() / gib}
+def step_context(recipe: Recipe, model: Any, pad_id: int, device: torch.device,
+                 dtype: torch.dtype, steps: int) -> StepContext:
+    """Objective, batch plan, optimizer, schedule and scaler for `model` (train and bench)."""
+    t = recipe.train
+    params = trainable_parameters(model)
+    optimizer = make_optimizer(t, params, device)
+    plan = plan_batches(t.layout, model_kernel(model), hidden_size(model), pad_id,
+                        t.micro_batch_pairs, t.max_tokens)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return StepContext(model, optimizer, make_scheduler(t, optimizer, steps), scaler, params,
+                       Objective.from_config(recipe.loss), plan, device, dtype,
+                       t.max_grad_norm)
+
+
+def setup(recipe: Recipe, resume: str | None, overwrite: bool) -> Setup:
+    run = RunDir(Path(recipe.output.dir))
+    resume_from = run.prepare_for_training(recipe, resume=resume, overwrite=overwrite)
+    torch.manual_seed(recipe.train.seed)
+    random.seed(recipe.train.seed)
+    tokenizer = load_tokenizer(recipe)
+    data = prepare(recipe, tokenizer)
+    ui.data_report(data)
+    model, minfo = load_model(recipe)
+    ui.model_banner(recipe, minfo)
+    reset_peak_memory(minfo.device)
+    steps = total_steps(recipe, len(data.train))
+    ctx = step_context(recipe, model, tokenizer.pad_token_id, minfo.device, minfo.dtype, steps)
+    start = 0
+    if resume_from is not None:
+        start = checkpoint.restore(resume_from, model, ctx.optimizer, ctx.scheduler, ctx.scaler,
+                                   ctx.objective)
+        run.truncate_metrics(start)
+        ui.info(f"resumed from {resume_from} at step {start}/{steps}")
+    run.write_run_info(recipe, minfo, data, steps)
+    ui.plan_banner(ctx.plan, recipe.train.pairs_per_step, steps)
+    ev_plan = eval_plan(ctx.plan, recipe.eval.micro_batch_pairs)
+    eval_ref, ref_seconds = None, 0.0
+    if ctx.objective.needs_reference and recipe.train.reference in ("auto", "precompute"):
+        with out_of_memory_message(recipe, minfo.device, lambda: "in the reference pass"):
+            ctx.reference, eval_ref, ref_seconds = _precompute_reference(
+                recipe, ctx, data, minfo.base_path, start, steps)
+    return Setup(recipe, run, tokenizer, data, minfo, ctx, steps, start, ev_plan, eval_ref,
+                 ref_seconds)
+
+
+def _precompute_reference(recipe: Recipe, ctx: StepContext, data: PreparedData, base_path: str,
+                          start: int, steps: int) -> tuple[Any, Any, float]:
+    """Reference log-probs of the pairs the remaining steps use, and of the eval pairs."""
+    t = recipe.train
+    used = pairs_used(len(data.train), t.pairs_per_step, t.seed, start, steps)
+    sets = [("train", data.train, used)]
+    if data.eval:
+        sets.append(("eval", data.eval, list(range(len(data.eval)))))
+    tables, seconds = [], 0.0
+    for what, pairs, ids in sets:
+        key = reference.cache_key(recipe, base_path, pairs, ctx.dtype)
+        table, dt = reference.ensure(ctx.model, pairs, ids, ctx.plan, ctx.device, ctx.dtype,
+                                     key, what)
+        tables.append(table)
+        seconds += dt
+    return tables[0], (tables[1] if data.eval else None), seconds
 
 
 # ---------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------
 
-class _Interrupt:
+def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
+          live: bool | None = None,
+          on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+    """Run DPO (or a relative) as the recipe says; returns the final metrics and run dir."""
+    t_start = time.monotonic()
+    s = setup(recipe, resume, overwrite)
+    ctx, data, out = s.ctx, s.data, recipe.output
+    n, pps, seed = len(data.train), recipe.train.pairs_per_step, recipe.train.seed
+    evaluate_every, evaluate_at_start = recipe.eval.every_steps, recipe.eval.at_start
+    history: list[dict[str, Any]] = []
+    final_eval: dict[str, float] = {}
+    bad_steps, done, interrupted = 0, s.start_step, False
+
+    def run_eval(step: int) -> dict[str, float]:
+        ev = evaluate(ctx.model, data.eval, ctx.objective, s.eval_plan, ctx.device, ctx.dtype,
+                      s.eval_reference)
+        sinks.write({"step": step, **{f"eval/{k}": v for k, v in ev.items()}})
+        return ev
+
+    with ui.metric_sinks(s.run.path, out.tensorboard) as sinks, \
+            ui.TrainDisplay(s.steps, s.start_step, live=live) as display, \
+            Interrupt() as intr, \
+            out_of_memory_message(recipe, ctx.device, lambda: f"at step {done + 1}"):
+        if data.eval and evaluate_at_start and s.start_step == 0:
+            display.message(ui.eval_line("eval before training", run_eval(0)))
+        ctx.model.train()
+        for step in range(s.start_step, s.steps):
+            t0 = time.monotonic()
+            idx, epoch = step_pairs(n, pps, seed, step)
+            metrics = train_step(ctx, data.train, idx)
+            if metrics is None:
+                bad_steps += 1
+                display.message(f"[yellow]step {step + 1}: non-finite loss or gradient, step "
+                                f"skipped ({bad_steps} in a row)[/]")
+                if bad_steps >= NONFINITE_LIMIT:
+                    raise _nonfinite_error(bad_steps, step, s.run.path)
+                continue
+            bad_steps, done = 0, step + 1
+            dt = time.monotonic() - t0
+            metrics.update({"step": done, "epoch": round(epoch, 4), "step_time_s": dt,
+                            "tokens_per_s": metrics["tokens"] / dt, **memory_stats(ctx.device)})
+            if done % recipe.train.log_every_steps == 0 or done == s.steps:
+                sinks.write(metrics)
+            history.append(metrics)
+            display.update(done, metrics)
+            if on_step:
+                on_step(done, metrics)
+            if data.eval and evaluate_every and done % evaluate_every == 0 and done != s.steps:
+                display.message(ui.eval_line(f"eval @ step {done}", run_eval(done)))
+            if out.save_every_steps and done % out.save_every_steps == 0 and done != s.steps:
+                save(s, done)
+            if intr.requested:
+                interrupted = True
+                display.message(f"checkpoint saved to {save(s, done)}; continue with "
+                                f"`qdpo train ... --resume`")
+                break
+        else:
+            done = s.steps
+        if not interrupted and data.eval:
+            final_eval = run_eval(done)
+    last = history[-1] if history else {}
+    return finish(s, done, final_eval, last, history, interrupted, time.monotonic() - t_start)
+
+
+def save(s: Setup, step: int) -> Path:
+    c = s.ctx
+    return checkpoint.save(s.run.path, step, c.model, s.tokenizer, c.optimizer, c.scheduler,
+                           c.scaler, c.objective, s.recipe.output.keep_last)
+
+
+def finish(s: Setup, done: int, final_eval: dict[str, float], last: dict[str, float],
+           history: list[dict[str, Any]], interrupted: bool, seconds: float) -> TrainResult:
+    """Save the final checkpoint and adapter (unless interrupted), write and show the summary."""
+    if not interrupted:
+        if done > s.start_step:  # lets a later run extend this one (more steps or epochs)
+            save(s, done)
+        s.run.save_final(lambda d: save_adapter(s.ctx.model, s.tokenizer, d))
+    result = TrainResult(s.run.path, done, final_eval, last, history, interrupted,
+                         s.reference_seconds)
+    s.run.write_summary(result, seconds, s.recipe)
+    ui.run_summary(result, s.recipe, seconds)
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Stopping cleanly
+# ---------------------------------------------------------------------------------------
+
+class Interrupt:
     """First Ctrl-C / SIGTERM: finish the step, checkpoint, stop. Second: exit at once."""
 
     def __init__(self) -> None:
         self.requested = False
         self.old: dict[int, Any] = {}
 
-    def __enter__(self) -> "_Interrupt":
+    def __enter__(self) -> "Interrupt":
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self.old[sig] = signal.signal(sig, self.handle)
@@ -356,234 +355,30 @@ class _Interrupt:
             signal.signal(sig, h)
 
 
-def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
-          live: bool | None = None,
-          on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
-    """Run DPO (or a relative) as the recipe says; returns the final metrics and run dir."""
-    t_start = time.monotonic()
-    run = RunDir(Path(recipe.output.dir))
-    resume_from = run.prepare_for_training(recipe, resume=resume, overwrite=overwrite)
-    torch.manual_seed(recipe.train.seed)
-    random.seed(recipe.train.seed)
+class out_of_memory_message:
+    """Turn a CUDA out-of-memory error into one message saying what to change."""
 
-    tokenizer = load_tokenizer(recipe)
-    data = prepare(recipe, tokenizer)
-    ui.info(f"data: {data.train_report.summary()}")
-    for ex in data.train_report.examples[:3]:
-        ui.info(f"  skipped {ex}")
-    if data.eval:
-        ui.info(f"eval: {len(data.eval)} held-out pairs")
+    def __init__(self, recipe: Recipe, device: torch.device, where: Callable[[], str]):
+        self.recipe, self.device, self.where = recipe, device, where
 
-    device = default_device()
-    model, minfo = load_model(recipe, device)
-    dtype = minfo.dtype
-    _announce_model(recipe, minfo)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    def __enter__(self) -> None:
+        return None
 
-    layout = resolve_layout(recipe, model, device)
-    params = trainable_parameters(model)
-    n = len(data.train)
-    steps = total_steps(recipe, n)
-    optimizer = make_optimizer(recipe, params, device)
-    scheduler = make_scheduler(recipe, optimizer, steps)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    lparams = loss_params(recipe)
-    pad_id = tokenizer.pad_token_id
-    start_step = 0
-    history: list[dict[str, Any]] = []
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        _load_adapter_weights(model, resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start_step = state["trainer"]["step"]
-        run.truncate_metrics(start_step)
-        ui.info(f"resumed from {resume_from} at step {start_step}/{steps}")
-    run.write_run_info(recipe, minfo, data, steps)
-    budget = recipe.train.max_tokens
-    ui.info(f"layout: {layout.name} ({layout.attn} attention), "
-            + (f"{budget} tokens per micro-batch" if budget else
-               f"{recipe.train.micro_batch_pairs} pairs per micro-batch")
-            + f", {recipe.train.pairs_per_step} pairs per step, {steps} steps")
-    ref_table = eval_ref = None
-    ref_seconds = 0.0
-    if recipe.needs_reference and recipe.train.reference in ("auto", "precompute"):
-        used = sorted({i for s in range(start_step, steps)
-                       for i in step_pairs(n, recipe.train.pairs_per_step, recipe.train.seed,
-                                           s)[0]})
-        try:
-            ref_table, ref_seconds = build_reference(model, recipe, data.train, used,
-                                                     minfo.base_path, pad_id, device, dtype,
-                                                     layout, "train")
-            if data.eval:
-                eval_ref, dt = build_reference(model, recipe, data.eval,
-                                               list(range(len(data.eval))), minfo.base_path,
-                                               pad_id, device, dtype, layout, "eval")
-                ref_seconds += dt
-        except torch.cuda.OutOfMemoryError:
-            raise _oom_error(recipe, device, start_step, "the reference pass") from None
-    sinks = ui.open_sinks(run.path, recipe.output.tensorboard)
-
-    def save(step: int) -> Path:
-        return save_checkpoint(run.path, step, lambda d: save_adapter(model, tokenizer, d),
-                               optimizer, scheduler, {"step": step}, recipe.output.keep_last)
-
-    def log(record: dict[str, Any]) -> None:
-        for s in sinks:
-            s.write(record)
-
-    ctx = StepContext(model, optimizer, scheduler, scaler, params, recipe, lparams, device,
-                      dtype, layout, pad_id, ref_table)
-    if data.eval and recipe.eval.at_start and start_step == 0:
-        ev0 = evaluate(model, data.eval, recipe, pad_id, device, dtype, layout, eval_ref)
-        log({"step": 0, **{f"eval/{k}": v for k, v in ev0.items()}})
-        ui.info(f"eval before training: acc {ev0['rewards/accuracies']:.3f}  "
-                f"margin {ev0['rewards/margins']:.3f}  loss {ev0['loss']:.4f}")
-    display = ui.TrainDisplay(steps, start_step, live=live)
-    model.train()
-    last: dict[str, float] = {}
-    final_eval: dict[str, float] = {}
-    bad_steps = 0
-    interrupted = False
-    step = start_step
-    try:
-        with _Interrupt() as intr:
-            for step in range(start_step, steps):
-                t0 = time.monotonic()
-                idx, epoch = step_pairs(n, recipe.train.pairs_per_step, recipe.train.seed, step)
-                metrics = train_step(ctx, data.train, idx)
-                if metrics is None:
-                    bad_steps += 1
-                    display.message(f"[yellow]step {step + 1}: non-finite loss or gradient, "
-                                    f"step skipped ({bad_steps} in a row)[/]")
-                    if bad_steps >= NONFINITE_LIMIT:
-                        raise QdpoError(
-                            f"{bad_steps} optimizer steps in a row had a non-finite loss or "
-                            f"gradient (last at step {step + 1}). Lower train.learning_rate, "
-                            "check the data, or use compute_dtype: bf16 instead of fp16. The "
-                            f"last good checkpoint in {run.path / 'checkpoints'} is kept.")
-                    continue
-                bad_steps = 0
-                dt = time.monotonic() - t0
-                metrics.update({"step": step + 1, "epoch": round(epoch, 4),
-                                "tokens_per_s": metrics["tokens"] / dt, "step_time_s": dt})
-                metrics.update(memory_stats(device))
-                last = metrics
-                done = step + 1
-                if done % recipe.train.log_every_steps == 0 or done == steps:
-                    log(metrics)
-                history.append(metrics)
-                display.update(done, metrics)
-                if on_step:
-                    on_step(done, metrics)
-                if data.eval and recipe.eval.every_steps and done % recipe.eval.every_steps == 0 \
-                        and done != steps:
-                    ev = evaluate(model, data.eval, recipe, pad_id, device, dtype, layout,
-                                  eval_ref)
-                    log({"step": done, **{f"eval/{k}": v for k, v in ev.items()}})
-                    display.message(f"eval @ step {done}: acc {ev['rewards/accuracies']:.3f}  "
-                                    f"margin {ev['rewards/margins']:.3f}  loss {ev['loss']:.4f}")
-                if recipe.output.save_every_steps and done % recipe.output.save_every_steps == 0 \
-                        and done != steps:
-                    save(done)
-                if intr.requested:
-                    interrupted = True
-                    path = save(done)
-                    display.message(f"checkpoint saved to {path}; continue with "
-                                    f"`qdpo train ... --resume`")
-                    break
-            else:
-                step = steps
-    except torch.cuda.OutOfMemoryError:
-        raise _oom_error(recipe, device, step) from None
-    finally:  # whatever ends the loop, the terminal and the metric files are left clean
-        display.close()
-        if sys.exc_info()[0] is not None:
-            for s in sinks:
-                s.close()
-    done = step if not interrupted else step + 1
-    try:
-        if not interrupted:
-            if data.eval:
-                final_eval = evaluate(model, data.eval, recipe, pad_id, device, dtype, layout,
-                                      eval_ref)
-                log({"step": done, **{f"eval/{k}": v for k, v in final_eval.items()}})
-            if done > start_step:  # lets a later run extend this one (more steps or epochs)
-                save(done)
-            run.save_final(lambda d: save_adapter(model, tokenizer, d))
-    finally:
-        for s in sinks:
-            s.close()
-    result = TrainResult(run.path, done, final_eval, last, history, interrupted, ref_seconds)
-    run.write_summary(result, time.monotonic() - t_start, recipe)
-    _print_summary(result, recipe, time.monotonic() - t_start)
-    return result
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        if kind is None or not issubclass(kind, torch.cuda.OutOfMemoryError):
+            return
+        r, peak = self.recipe, memory_stats(self.device).get("mem/peak_alloc_gib", 0.0)
+        raise QdpoError(
+            f"Out of GPU memory {self.where()} (max_length {r.data.max_length}, max_tokens "
+            f"{r.train.max_tokens}, {r.train.micro_batch_pairs} pairs per micro-batch; peak "
+            f"allocated {peak:.1f} GiB of {total_memory_gib(self.device):.1f} GiB). Lower "
+            "train.micro_batch_pairs (gradient accumulation keeps the step size), lower "
+            "data.max_length, keep model.gradient_checkpointing on, or use optimizer "
+            "paged_adamw_8bit. Resume from the last checkpoint with --resume.") from None
 
 
-def _load_adapter_weights(model: Any, ckpt: Path) -> None:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    f = ckpt / "adapter_model.safetensors"
-    set_peft_model_state_dict(model, load_file(str(f)), adapter_name="default")
-
-
-def _announce_model(recipe: Recipe, info: ModelInfo) -> None:
-    q = recipe.model.quantization
-    ui.info(f"model: {recipe.model.name_or_path} ({q if q != 'none' else 'not quantized'}, "
-            f"{info.quantized_layers} 4-bit layers) on {info.device.type}, compute "
-            f"{str(info.dtype).removeprefix('torch.')}; LoRA r={recipe.lora.r}: "
-            f"{info.trainable_params:,} trainable of {info.total_params:,} params")
-    if recipe.needs_reference:
-        ui.info(f"reference: same weights, {info.reference} (no second copy)")
-    else:
-        ui.info(f"reference: none needed by {', '.join(recipe.loss_types)} (no reference pass)")
-
-
-def _oom_error(recipe: Recipe, device: torch.device, step: int,
-               where: str | None = None) -> QdpoError:
-    stats = memory_stats(device)
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30 \
-        if device.type == "cuda" else 0
+def _nonfinite_error(bad_steps: int, step: int, run_dir: Path) -> QdpoError:
     return QdpoError(
-        f"Out of GPU memory {'in ' + where if where else f'at step {step + 1}'} "
-        f"(max_length {recipe.data.max_length}, max_tokens {recipe.train.max_tokens}, "
-        f"{recipe.train.micro_batch_pairs} pairs per micro-batch; peak allocated "
-        f"{stats.get('mem/peak_alloc_gib', 0):.1f} GiB of {total:.1f} GiB). Lower "
-        "train.micro_batch_pairs (gradient accumulation keeps the step size), lower "
-        "data.max_length, keep model.gradient_checkpointing on, or use optimizer "
-        "paged_adamw_8bit. Resume from the last checkpoint with --resume.")
-
-
-def _print_summary(result: TrainResult, recipe: Recipe, seconds: float) -> None:
-    rows: list[tuple[str, Any]] = [("steps", result.steps), ("time", f"{seconds:.0f} s")]
-    if not recipe.needs_reference:
-        rows.append(("reference pass", f"none ({', '.join(recipe.loss_types)} is "
-                                       "reference-free)"))
-    elif recipe.train.reference == "online":
-        rows.append(("reference pass", "online, every step"))
-    else:
-        rows.append(("reference pass", f"precomputed once, {result.reference_seconds:.1f} s"))
-    for k in ("loss", "rewards/accuracies", "rewards/margins", "tokens_per_s",
-              "mem/peak_alloc_gib"):
-        if k in result.last_train:
-            rows.append((f"train {k}", result.last_train[k]))
-    for k in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
-              "rewards/rejected"):
-        if k in result.final_eval:
-            rows.append((f"eval {k}", result.final_eval[k]))
-    ui.console.print(ui.metrics_table("qdpo run summary", rows))
-    if result.interrupted:
-        ui.info(f"[yellow]interrupted[/] at step {result.steps}; resume with "
-                f"`qdpo train <recipe> --resume`")
-        return
-    acc = result.final_eval.get("rewards/accuracies")
-    if acc is not None:
-        verdict = "clearly above chance" if acc >= 0.9 else \
-            "above chance" if acc > 0.6 else "near chance: the preference was not learned"
-        ui.info(f"held-out reward accuracy {acc:.3f} over {int(result.final_eval['pairs'])} "
-                f"pairs: {verdict}")
-    ui.info(f"adapter saved to {result.run_dir} (peft format; "
-            f"PeftModel.from_pretrained(base, '{result.run_dir}'))")
+        f"{bad_steps} optimizer steps in a row had a non-finite loss or gradient (last at step "
+        f"{step + 1}). Lower train.learning_rate, check the data, or use compute_dtype: bf16 "
+        f"instead of fp16. The last good checkpoint in {run_dir / 'checkpoints'} is kept.")

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
+from qdpo.attention import build_mask
 from qdpo.batching import (CHOSEN, LAYOUTS, PROMPT, REJECTED, group_by_budget, make_batch,
                            segment_cost)
 from qdpo.data import PairTokens
@@ -85,7 +86,7 @@ def test_shared_prefix_computes_prompt_once_and_hides_chosen():
     assert b.real_slots == sum(segment_cost(p, "shared_prefix") for p in pairs)
     assert b.real_slots == sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
                                for p in pairs)
-    mask = b.attention_mask("sdpa")[0, 0]
+    mask = build_mask(b, "sdpa")[0, 0]
     seg, side, pos = b.segments[0], b.sides[0], b.position_ids[0]
     for q in range(seg.shape[0]):
         for k in range(seg.shape[0]):
@@ -101,19 +102,18 @@ def test_shared_prefix_computes_prompt_once_and_hides_chosen():
 
 def test_wrong_mask_would_change_the_numbers(monkeypatch):
     """The equivalence test can fail: letting rejected see chosen changes rejected log-probs."""
-    import qdpo.batching as batching
+    import qdpo.attention as attention
 
     model = tiny_lora_model("llama")
     pairs = make_pairs()
     lp0, *_ = run_layout(model, pairs, "padded")
-    def leaky(self):  # same segment and causal, but rejected may see chosen
-        seg = self.segments
+    def leaky(seg, side):  # same segment and causal, but rejected may see chosen
         t = seg.shape[1]
         causal = torch.ones(t, t, dtype=torch.bool).tril()
         return (((seg[:, :, None] == seg[:, None, :]) & causal)
                 | torch.eye(t, dtype=torch.bool))[:, None]
 
-    monkeypatch.setattr(batching.PackedBatch, "_allowed", leaky)
+    monkeypatch.setattr(attention, "allowed_matrix", leaky)
     lp, *_ = run_layout(model, pairs, "shared_prefix")
     assert (lp.rejected - lp0.rejected).abs().max() > 1e-3
 

@@ -6,6 +6,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
+from qdpo.attention import build_mask
 from qdpo.batching import padded_batch
 from qdpo.data import prepare
 from qdpo.logps import sequence_logps
@@ -64,14 +65,14 @@ def test_reference_is_base_and_policy_moves(setup):
     base = load_base(r)  # an independent copy, only for the comparison
     batch = padded_batch(data.train[:4], range(4), tok.pad_token_id)
     with torch.no_grad():
-        base_out = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask()).logits
+        base_out = base(input_ids=batch.input_ids, attention_mask=build_mask(batch, "sdpa")).logits
     train_a_little(model, batch, 3)
     model.eval()
     with torch.no_grad():
-        policy = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask()).logits
+        policy = model(input_ids=batch.input_ids, attention_mask=build_mask(batch, "sdpa")).logits
         with reference_mode(model):
-            ref = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask()).logits
-    mask = batch.attention_mask().bool()
+            ref = model(input_ids=batch.input_ids, attention_mask=build_mask(batch, "sdpa")).logits
+    mask = build_mask(batch, "sdpa").bool()
     assert torch.allclose(ref[mask], base_out[mask], atol=1e-5)
     assert (policy[mask] - base_out[mask]).abs().max() > 1e-2
     # the reference forward left the adapters trainable and active

@@ -1,0 +1,115 @@
+"""Attention: which kernel the model runs, and the mask a micro-batch gives it.
+
+One room decides, so the loader, the batch layouts and the log-prob pass cannot disagree:
+- `kernel_for` picks the `attn_implementation` a model is loaded with;
+- `supports_layout_masks` and `row_cap` tell the batch plan what the kernel can take;
+- `build_mask` turns a PackedBatch's plain tensors (segment and side of every token) into the
+  mask that kernel wants, once per micro-batch, so the reference and policy passes share it.
+
+Masks by kernel and layout:
+- padded layout: the plain [R, T] padding mask; the model adds causality itself.
+- packed and shared-prefix layouts: a 4-D mask [R, 1, T, T] of what each token may see (its own
+  segment, causally, and a rejected token never sees the chosen tokens of its pair); boolean for
+  sdpa, additive for eager, or a FlexAttention BlockMask that lets the kernel skip masked blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# Side of each token in a segment (PackedBatch.sides); the shared-prefix mask uses it.
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
+
+KERNELS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
+# Kernels that take a custom 4-D or block mask, which packed and shared-prefix rows need.
+LAYOUT_MASK_KERNELS = ("sdpa", "eager", "flex_attention")
+
+# FlexAttention skips masked blocks, but its block mask is built per row: keep rows bounded.
+FLEX_ROW_TOKENS = 16384
+
+
+def kernel_for(setting: str, device: torch.device) -> str:
+    """The attention implementation to load the model with.
+
+    `auto` is sdpa on every device for now. On CUDA it was measured against FlexAttention
+    (H200, 2026-11-27, Llama-3.2-1B and 3.1-8B shapes, shared-prefix rows of varying length):
+    sdpa trained at 11.5k and 6.3k tokens/s, while FlexAttention did not finish its first
+    micro-batch within two minutes (it recompiles for every new row length). FlexAttention
+    becomes the CUDA default once row lengths are bucketed and that is measured faster.
+    """
+    if setting != "auto":
+        return setting
+    return "sdpa"  # every device, until FlexAttention is measured faster on CUDA
+
+
+def model_kernel(model: Any) -> str:
+    """The kernel a loaded model actually runs (peft wrapper or plain causal LM)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(lm.config, "_attn_implementation", None) or "sdpa"
+
+
+def supports_layout_masks(kernel: str) -> bool:
+    return kernel in LAYOUT_MASK_KERNELS
+
+
+def row_cap(kernel: str, hidden_size: int) -> int:
+    """Longest packed row a kernel should get.
+
+    SDPA with a dense mask computes every query against every key of a row, so a row of T
+    tokens wastes attention work that grows with T; per token that work is ~4*T*d FLOPs against
+    ~24*d^2 for the linear layers, so rows of about d/2 tokens keep the waste under a few
+    percent (2048 for an 8B model, the 256 floor for tiny ones). FlexAttention skips masked
+    blocks and is bounded only by the size of its block mask.
+    """
+    if kernel == "flex_attention":
+        return FLEX_ROW_TOKENS
+    return max(256, min(4096, hidden_size // 2))
+
+
+def mask_dtype(model: Any, device: torch.device) -> torch.dtype:
+    """The dtype an additive (eager) mask must have: the autocast dtype, else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return next((p.dtype for p in lm.parameters() if p.is_floating_point()), torch.float32)
+
+
+def build_mask(batch: Any, kernel: str, dtype: torch.dtype = torch.float32) -> Any:
+    """The attention mask of one micro-batch in the form `kernel` takes."""
+    if batch.layout == "padded":
+        return (batch.segments >= 0).long()
+    if kernel == "flex_attention":
+        return _block_mask(batch.segments, batch.sides)
+    allowed = allowed_matrix(batch.segments, batch.sides)
+    if kernel == "eager":
+        neg = torch.finfo(dtype).min
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, neg)
+    return allowed
+
+
+def allowed_matrix(segments: torch.Tensor, sides: torch.Tensor) -> torch.Tensor:
+    """[R, 1, T, T] bool: may query token q see key token k."""
+    t = segments.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    same = segments[:, :, None] == segments[:, None, :]
+    hidden = (sides[:, :, None] == REJECTED) & (sides[:, None, :] == CHOSEN)
+    allowed = same & causal & ~hidden
+    # padding attends to itself only, so no softmax row is empty (no NaN)
+    allowed |= torch.eye(t, dtype=torch.bool, device=segments.device)
+    return allowed[:, None]
+
+
+def _block_mask(seg: torch.Tensor, side: torch.Tensor) -> Any:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, kv):
+        return ((seg[b, q] == seg[b, kv]) & (kv <= q)
+                & ~((side[b, q] == REJECTED) & (side[b, kv] == CHOSEN))) | (q == kv)
+
+    r, t = seg.shape
+    # compiled on CUDA: the eager path evaluates mask_mod over the whole T x T grid
+    return create_block_mask(mask_mod, B=r, H=None, Q_LEN=t, KV_LEN=t, device=seg.device,
+                             _compile=seg.device.type == "cuda")

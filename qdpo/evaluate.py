@@ -1,0 +1,67 @@
+"""Held-out preference metrics of a policy against its reference; `qdpo eval`.
+
+Evaluation runs the same forward as training (forward.py), without gradients and with a
+scaled batch plan, so its numbers are the training metrics on unseen pairs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from qdpo import console as ui
+from qdpo.batching import EVAL_SCALE, BatchPlan, plan_batches
+from qdpo.data import PairTokens
+from qdpo.device import autocast_for, compute_dtype, default_device
+from qdpo.forward import MetricAccumulator, forward_pair_batch
+from qdpo.losses import Objective
+from qdpo.reference import ReferenceTable
+
+def evaluate(model: Any, data: Sequence[PairTokens], objective: Objective, plan: BatchPlan,
+             device: torch.device, dtype: torch.dtype,
+             reference: ReferenceTable | None = None) -> dict[str, float]:
+    """Mean per-pair metrics over `data`; `plan` is already the eval plan (scaled)."""
+    acc = MetricAccumulator()
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast_for(device, dtype):
+        for batch in plan.micro_batches(range(len(data)), data):
+            batch.to(device)
+            ref = reference.get(batch.pair_ids, device) if reference is not None else None
+            pol, ref, out = forward_pair_batch(model, batch, objective, ref)
+            acc.add(pol, ref, out)
+    model.train(was_training)
+    res = acc.result()
+    res["pairs"] = acc.n
+    return res
+
+
+def eval_plan(train_plan: BatchPlan, eval_micro_batch_pairs: int | None) -> BatchPlan:
+    """The eval plan: the recipe's eval.micro_batch_pairs, else twice the training batch."""
+    return train_plan.scaled(EVAL_SCALE, pairs=eval_micro_batch_pairs)
+
+
+def eval_trained(path: str | Path, sources: list[Any], max_pairs: int | None = None,
+                 micro_batch_pairs: int | None = None) -> dict[str, float]:
+    """`qdpo eval`: a trained adapter against its reference on any data source."""
+    from qdpo.attention import model_kernel
+    from qdpo.data import prepare_sources
+    from qdpo.model import hidden_size, load_trained
+    from qdpo.rundir import open_trained
+
+    src = open_trained(path)
+    device = default_device()
+    model, tok = load_trained(src, device)
+    recipe = src.recipe
+    pairs, report = prepare_sources(sources, recipe, tok)
+    if max_pairs:
+        pairs = pairs[:max_pairs]
+    ui.info(f"eval data: {report.summary()}")
+    t = recipe.train
+    plan = plan_batches(t.layout, model_kernel(model), hidden_size(model),
+                        tok.pad_token_id, t.micro_batch_pairs, t.max_tokens)
+    return evaluate(model, pairs, Objective.from_config(recipe.loss),
+                    eval_plan(plan, micro_batch_pairs or recipe.eval.micro_batch_pairs),
+                    device, compute_dtype(recipe.model.compute_dtype, device))
