@@ -15,9 +15,9 @@ import json
 import math
 import multiprocessing
 import os
-import pickle
 import random
 import re
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -742,7 +742,88 @@ def data_fingerprint(recipe: Recipe, tokenizer: Any) -> str:
 
 
 def _cache_file(key: str) -> Path:
-    return cache_dir() / "data" / f"{key}.pkl"
+    return cache_dir() / "data" / f"{key}.safetensors"
+
+
+def _pairs_to_arrays(pairs: list[PairTokens], prefix: str) -> dict[str, Any]:
+    """Token ids of all pairs as one flat int32 array plus per-pair lengths and weights."""
+    import numpy as np
+
+    flat = array("i")
+    lengths = array("q")
+    for p in pairs:
+        flat.extend(p.prompt_ids)
+        flat.extend(p.chosen_ids)
+        flat.extend(p.rejected_ids)
+        lengths.extend((len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)))
+    return {f"{prefix}.ids": np.frombuffer(flat, dtype=np.int32) if flat else
+            np.zeros(0, np.int32),
+            f"{prefix}.lengths": np.frombuffer(lengths, dtype=np.int64).reshape(-1, 3)
+            if lengths else np.zeros((0, 3), np.int64),
+            f"{prefix}.weights": np.array([p.weight for p in pairs], dtype=np.float64)}
+
+
+def _pairs_from_arrays(arrays: dict[str, Any], prefix: str) -> list[PairTokens]:
+    ids = arrays[f"{prefix}.ids"].tolist()
+    out, pos = [], 0
+    for (lp, lc, lr), w in zip(arrays[f"{prefix}.lengths"].tolist(),
+                               arrays[f"{prefix}.weights"].tolist()):
+        out.append(PairTokens(ids[pos:pos + lp], ids[pos + lp:pos + lp + lc],
+                              ids[pos + lp + lc:pos + lp + lc + lr], w))
+        pos += lp + lc + lr
+    return out
+
+
+_COUNTERS = ("skipped", "formats")
+
+
+def _report_to_dict(r: DataReport | None) -> dict[str, Any] | None:
+    if r is None:
+        return None
+    d = dataclasses.asdict(r)
+    for k in _COUNTERS:  # keys may be tuples: keep them as [key, count] pairs
+        d[k] = [[list(key) if isinstance(key, tuple) else key, n] for key, n in d[k].items()]
+    return d
+
+
+def _report_from_dict(d: dict[str, Any] | None) -> DataReport | None:
+    if d is None:
+        return None
+    d = dict(d)
+    for k in _COUNTERS:
+        d[k] = Counter({tuple(key) if isinstance(key, list) else key: n for key, n in d[k]})
+    return DataReport(**d)
+
+
+def _write_cache(path: Path, data: PreparedData) -> None:
+    """Tokenized pairs in safetensors (numbers only) and the reports as json metadata: a
+    format that cannot run code when read, unlike pickle."""
+    from safetensors.numpy import save_file
+
+    arrays = {**_pairs_to_arrays(data.train, "train"), **_pairs_to_arrays(data.eval, "eval")}
+    meta = {"reports": json.dumps({"train": _report_to_dict(data.train_report),
+                                   "eval": _report_to_dict(data.eval_report),
+                                   "conversational": data.tokenizer.conversational})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(arrays, str(tmp), metadata=meta)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_cache(path: Path, recipe: Recipe, tokenizer: Any) -> PreparedData:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = json.loads(f.metadata()["reports"])
+        arrays = {k: f.get_tensor(k) for k in f.keys()}
+    report = _report_from_dict(meta["train"])
+    report.cached = True
+    return PreparedData(_pairs_from_arrays(arrays, "train"), _pairs_from_arrays(arrays, "eval"),
+                        report, _report_from_dict(meta["eval"]),
+                        Tokenizer(tokenizer, recipe, meta["conversational"]))
 
 
 def prepare(recipe: Recipe, tokenizer: Any, use_cache: bool = True,
@@ -751,23 +832,12 @@ def prepare(recipe: Recipe, tokenizer: Any, use_cache: bool = True,
     key = data_fingerprint(recipe, tokenizer) if use_cache else None
     if key is not None and _cache_file(key).exists():
         try:
-            with _cache_file(key).open("rb") as f:
-                train, ev, report, eval_report, conversational = pickle.load(f)
-            report.cached = True
-            return PreparedData(train, ev, report, eval_report,
-                                Tokenizer(tokenizer, recipe, conversational))
+            return _read_cache(_cache_file(key), recipe, tokenizer)
         except Exception:  # a damaged cache is rebuilt, never trusted
             pass
     data = _prepare(recipe, tokenizer, progress)
     if key is not None:
-        path = _cache_file(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        with tmp.open("wb") as f:
-            pickle.dump((data.train, data.eval, data.train_report, data.eval_report,
-                         data.tokenizer.conversational),
-                        f, protocol=pickle.HIGHEST_PROTOCOL)
-        tmp.replace(path)
+        _write_cache(_cache_file(key), data)
     return data
 
 

@@ -221,6 +221,10 @@ def export(path: str | Path, fmt: str, out: str | Path, outtype: str = "f16",
     if fmt not in FORMATS:
         raise QdpoError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}.")
     out = Path(out)
+    if fmt == "gguf-lora" and outtype not in ("f32", "f16", "bf16"):
+        raise QdpoError(f"--outtype {outtype} is for a merged model (--format gguf); a GGUF "
+                        "LoRA adapter is written as f16, bf16 or f32 (llama.cpp applies "
+                        "adapters unquantized). Use --outtype f16.")
     if fmt == "peft":
         return export_peft(path, out, overwrite)
     from qdpo import gguf_export
@@ -231,9 +235,7 @@ def export(path: str | Path, fmt: str, out: str | Path, outtype: str = "f16",
         from qdpo.model import load_config
 
         cfg = load_config(src.base_path, src.recipe).to_dict()
-        gguf_export.export_gguf_lora(src.adapter_dir, out, base_config=cfg,
-                                     outtype=outtype if outtype in ("f32", "f16", "bf16")
-                                     else "f16")
+        gguf_export.export_gguf_lora(src.adapter_dir, out, base_config=cfg, outtype=outtype)
         ui.info(f"GGUF LoRA adapter written to {out}; use it on top of a GGUF of "
                 f"{src.base_path} (llama.cpp: --lora {out}; Ollama: ADAPTER {out})")
         return out

@@ -26,7 +26,11 @@ from qdpo.checkpoint import atomic_dir, list_checkpoints
 from qdpo.errors import RunDirError
 from qdpo.recipe import Recipe, recipe_from_dict
 
-# Keys a resumed run may change without changing what the finished run computes.
+# Keys a resumed run may change. Most change only speed, memory or what is logged and kept;
+# train.max_steps and train.epochs change the run's length, and so the horizon of the
+# learning-rate schedule: the resumed steps follow the new schedule, which an uninterrupted run
+# of the old length would not have (the resume message says so).
+LENGTH_KEYS = {"train.max_steps", "train.epochs"}
 RESUME_SAFE = {
     "train.max_steps", "train.epochs", "train.micro_batch_pairs", "train.log_every_steps",
     "eval.every_steps", "eval.max_pairs", "eval.micro_batch_pairs", "output.save_every_steps",
@@ -48,6 +52,18 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def recipe_changes(old: Recipe, new: Recipe) -> list[str]:
     a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def _say_resume_changes(old: Recipe, new: Recipe) -> None:
+    from qdpo import console as ui
+
+    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
+    changed = [k for k in recipe_changes(old, new) if k != "output.dir"]
+    for k in changed:
+        ui.info(f"resume: {k} {a.get(k)} -> {b.get(k)}")
+    if LENGTH_KEYS & set(changed):
+        ui.info("resume: the run's length changed, so the learning-rate schedule now spans the "
+                "new number of steps (the steps already taken are kept as they were)")
 
 
 class RunDir:
@@ -87,6 +103,7 @@ class RunDir:
                         f"Cannot resume {self.path}: the recipe changed in keys that change "
                         f"the result: {', '.join(changed)}. Put them back, or start a new run "
                         "(another output.dir, or --overwrite).")
+                _say_resume_changes(self.recipe(), recipe)
                 return ckpt
             if self.is_run() and resume != "auto":
                 raise RunDirError(f"No checkpoint to resume at '{resume}'.")

@@ -108,6 +108,11 @@ def test_gguf_exports_through_cli(small_run, tmp_path):
     assert any(t.name.endswith(".lora_a") for t in reader.tensors)
     res = qdpo("export", small_run, "--format", "onnx", "--out", tmp_path / "x")
     assert res.returncode == 2 and "peft, gguf, gguf-lora" in res.stderr
+    # a LoRA adapter is never quantized: q8_0 is refused, not silently written as f16
+    res = qdpo("export", small_run, "--format", "gguf-lora", "--out", tmp_path / "q.gguf",
+               "--outtype", "q8_0")
+    assert res.returncode == 2 and "--outtype f16" in res.stderr
+    assert not (tmp_path / "q.gguf").exists()
 
 
 def test_nonfinite_steps_skipped_then_stop(tmp_path, monkeypatch):
