@@ -97,7 +97,8 @@ def allowed_matrix(segments: torch.Tensor, sides: torch.Tensor) -> torch.Tensor:
     same = segments[:, :, None] == segments[:, None, :]
     hidden = (sides[:, :, None] == REJECTED) & (sides[:, None, :] == CHOSEN)
     allowed = same & causal & ~hidden
-    # padding attends to itself only, so no softmax row is empty (no NaN)
+    # every token sees itself, so no softmax row is empty (no NaN); padding (segment -1) may
+    # also see earlier padding of its row, never a real token, and no real token sees it
     allowed |= torch.eye(t, dtype=torch.bool, device=segments.device)
     return allowed[:, None]
 

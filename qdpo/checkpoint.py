@@ -86,9 +86,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, torch.Tensor):
-        name = f"t{len(tensors)}"
-        tensors[name] = obj.detach().cpu().contiguous()
-        return {"__tensor__": name}
+        # the same tensor may appear several times (bitsandbytes' 8-bit optimizers share one
+        # quantization map between parameters): store it once; safetensors refuses shared memory
+        key = f"t{obj.device}:{obj.data_ptr()}:{obj.dtype}:{tuple(obj.shape)}:{obj.stride()}"
+        if key not in tensors:
+            tensors[key] = obj.detach().cpu().clone().contiguous()
+        return {"__tensor__": key}
     if isinstance(obj, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
             return {k: _encode(v, tensors) for k, v in obj.items()}

@@ -456,3 +456,57 @@ def test_ld_alpha_none_is_identity_and_missing_public_is_an_error():
         compute_loss("sigmoid", b, LossParams(ld_alpha=0.5))
     # reference-free only: ld_alpha is not used, so it is not an error
     compute_loss("simpo", make_batch(LD, reference=False), LossParams(ld_alpha=0.5))
+
+
+# ------------------------------------------------------------------------------------------
+# Objective: what a run optimises, built from the recipe's loss section
+
+
+def test_objective_from_config_takes_knobs_by_field_name():
+    from types import SimpleNamespace
+
+    section = SimpleNamespace(type=["simpo", "sft"], weights=[1.0, 0.5], beta=2.0,
+                              simpo_gamma=0.75, label_smoothing=0.0, not_a_knob=3)
+    obj = L.Objective.from_config(section)
+    assert obj.names == ("simpo", "sft") and obj.weights == (1.0, 0.5)
+    assert obj.params == LossParams(beta=2.0, simpo_gamma=0.75)
+    assert not obj.needs_reference
+    one = L.Objective.from_config(SimpleNamespace(type="sigmoid", orpo_lambda=0.3))
+    assert one.names == ("sigmoid",) and one.weights is None and one.params.orpo_lambda == 0.3
+    assert L.Objective(["sigmoid", "sft"], LossParams()).needs_reference
+    assert not L.Objective(["simpo"], LossParams()).needs_reference
+    with pytest.raises(ValueError, match="beta"):
+        L.Objective.from_config(SimpleNamespace(type="sigmoid", beta=0.0))
+
+
+def test_objective_call_is_compute_loss():
+    p = LossParams(beta=0.3, simpo_gamma=0.2)
+    obj = L.Objective(["sigmoid", "simpo"], p, [1.0, 0.25])
+    batch = make_batch(BATCHES["mixed"], weights=[1.0, 0.5, 2.0])
+    out, want = obj(batch), compute_loss(["sigmoid", "simpo"], batch, p, [1.0, 0.25])
+    assert torch.equal(out.losses, want.losses)
+    assert torch.equal(out.chosen_rewards, want.chosen_rewards)
+    assert out.metrics.keys() == want.metrics.keys()
+
+
+def test_objective_observe_keeps_pair_weighted_bco_mean():
+    obj = L.Objective(["bco_pair"], LossParams())
+    obj.observe({"loss": 0.7}, 5)  # no BCO metric: nothing to fold in
+    assert obj.state_dict() == {"bco_delta": 0.0, "reward_count": 0}
+    obj.observe({"bco_rewards_mean": 1.0}, 2)
+    obj.observe({"bco_rewards_mean": 4.0}, 1)
+    assert obj.params.bco_delta == pytest.approx(2.0) and obj.reward_count == 3
+    fresh = L.Objective(["bco_pair"], LossParams())
+    fresh.load_state_dict(obj.state_dict())
+    assert fresh.state_dict() == obj.state_dict()
+
+
+def test_bco_loss_depends_on_delta():
+    batch = make_batch(BATCHES["mixed"])
+    obj = L.Objective(["bco_pair"], LossParams(beta=0.5))
+    before = obj(batch).losses
+    obj.observe({"bco_rewards_mean": 0.8}, 4)
+    after = obj(batch).losses
+    p = LossParams(beta=0.5, bco_delta=0.8)
+    close(after, HAND["bco_pair"](BATCHES["mixed"], p))
+    assert (after - before).abs().min() > 1e-3

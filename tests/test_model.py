@@ -110,3 +110,29 @@ def test_init_adapter_becomes_frozen_reference(setup, tmp_path):
             ref1 = sequence_logps(m2, batch)
     assert torch.allclose(ref1.chosen, ref0.chosen, atol=1e-5)  # reference never moves
     assert (after.chosen - ref1.chosen).abs().max() > 1e-3
+
+
+def lora_grads(model, batch):
+    model.train()
+    model.zero_grad()
+    lp = sequence_logps(model, batch)
+    (lp.chosen.sum() + lp.rejected.sum()).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_eval_forward_leaves_training_gradients_alone(setup):
+    """bitsandbytes repacks a 4-bit weight for a CPU kernel without autograd the first time a
+    layer runs in eval mode without gradients (AVX512-BF16 CPUs); qdpo must switch that off."""
+    r, tok, data = setup
+    model, _ = load_model(r)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.support_avx512bf16_for_cpu is False for m in layers)
+    batch = padded_batch(data.train[:4], range(4), tok.pad_token_id)
+    before = lora_grads(model, batch)
+    model.eval()
+    with torch.no_grad():
+        sequence_logps(model, batch)
+    after = lora_grads(model, batch)
+    assert before and before.keys() == after.keys()
+    for n in before:
+        assert torch.allclose(before[n], after[n], atol=1e-5), n

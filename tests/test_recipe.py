@@ -656,3 +656,24 @@ def test_infinite_and_nan_values_are_rejected():
               "loss.beta=.inf", "train.learning_rate=inf"):
         with pytest.raises(RecipeError, match="must be a number"):
             build(o)
+
+
+# ---------------------------------------------------------------------------------------
+# Losses that sort across the pairs of a batch take a whole step per micro-batch
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss", ["aot", "aot_unpaired", "[sigmoid,aot]"])
+@pytest.mark.parametrize("split", [["train.micro_batch_pairs=4"],
+                                   ["train.micro_batch_pairs=8", "train.max_tokens=512"]])
+def test_sorting_losses_refuse_split_steps(loss, split):
+    msg = error_of(f"loss.type={loss}", "train.pairs_per_step=8", *split)
+    assert "train.micro_batch_pairs" in msg and "train.pairs_per_step (8)" in msg
+
+
+@pytest.mark.parametrize("loss", ["aot", "aot_unpaired"])
+def test_sorting_losses_accept_whole_steps(loss):
+    r = build(f"loss.type={loss}", "train.pairs_per_step=8", "train.micro_batch_pairs=8")
+    assert r.train.micro_batch_pairs == r.train.pairs_per_step == 8
+    # other losses may split a step
+    assert build("train.pairs_per_step=8", "train.micro_batch_pairs=4").train.max_tokens is None
+    build("train.pairs_per_step=8", "train.micro_batch_pairs=8", "train.max_tokens=512")

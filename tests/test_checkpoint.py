@@ -1,0 +1,171 @@
+"""Checkpoints: trainer state in safetensors + json (never unpickled), save / restore."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import random
+
+import pytest
+import torch
+
+from qdpo import checkpoint as ck
+from qdpo.errors import QdpoError
+from qdpo.losses import LossParams, Objective
+from test_batching import tiny_lora_model
+from tiny import quickstart_recipe
+
+
+def nested_state():
+    return {
+        "tensors": [torch.arange(6, dtype=torch.float32).reshape(2, 3)[:, 1:],  # a strided view
+                    torch.tensor(3.5), torch.tensor([1, 2], dtype=torch.int64),
+                    torch.ones(2, dtype=torch.bfloat16), torch.tensor([True, False])],
+        "pair": (1, "two", (3.0, None)),
+        "by_index": {0: {"step": torch.tensor(7.0)}, 12: {"lr": 0.5}},
+        "__tensor__": "a key that looks like a tag",
+        "floats": [math.inf, -math.inf, 0.1, -0.0],
+        "none": None, "flag": True, "empty": {},
+        "python_rng": random.getstate(),
+    }
+
+
+def assert_same(a, b):
+    assert type(a) is type(b), (a, b)
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def test_state_round_trip_in_safetensors_and_plain_json(tmp_path):
+    state = nested_state()
+    ck.write_state(state, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ck.STATE_JSON, ck.STATE_TENSORS]
+    tree = json.loads((tmp_path / ck.STATE_JSON).read_text())  # plain json, no pickle
+    assert isinstance(tree, dict)
+    assert_same(ck.read_state(tmp_path), state)
+    assert ck.read_state(tmp_path)["python_rng"] == random.getstate()
+
+
+def test_state_refuses_what_it_cannot_store(tmp_path):
+    with pytest.raises(TypeError, match="object"):
+        ck.write_state({"x": object()}, tmp_path)
+
+
+def test_legacy_torch_file_still_loads(tmp_path):
+    state = {"optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": []},
+             "rng": {"python": random.getstate(), "torch": torch.random.get_rng_state()},
+             "trainer": {"step": 4}}
+    torch.save(state, tmp_path / ck.LEGACY_STATE)
+    assert_same(ck.read_state(tmp_path), state)
+
+
+class Payload:
+    """Unpickling this would call `_touch(marker)`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (_touch, (self.marker,))
+
+
+def _touch(path):
+    open(path, "w").close()
+
+
+def test_legacy_file_with_a_pickled_object_is_refused(tmp_path):
+    marker = tmp_path / "payload-ran"
+    torch.save({"trainer": {"step": 1}, "evil": Payload(marker)}, tmp_path / ck.LEGACY_STATE)
+    with pytest.raises((pickle.UnpicklingError, QdpoError)):
+        ck.read_state(tmp_path)
+    assert not marker.exists()
+    # the control: a plain unpickle of the same file would have run it
+    torch.load(tmp_path / ck.LEGACY_STATE, weights_only=False)
+    assert marker.exists()
+
+
+def test_8bit_optimizer_state_round_trip(tmp_path):
+    """bitsandbytes' 8-bit optimizers share quantization maps between parameters, and
+    safetensors refuses tensors that share memory: the state must still round-trip."""
+    from qdpo.train import make_optimizer
+
+    t = quickstart_recipe(tmp_path, "train.optimizer=adamw_8bit").train
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 64))
+    opt = make_optimizer(t, list(model.parameters()), torch.device("cpu"))
+    model(torch.randn(4, 64)).sum().backward()
+    opt.step()
+    ck.write_state({"optimizer": opt.state_dict()}, tmp_path)
+    fresh = make_optimizer(t, list(model.parameters()), torch.device("cpu"))
+    fresh.load_state_dict(ck.read_state(tmp_path)["optimizer"])
+    for p in model.parameters():
+        assert torch.equal(fresh.state[p]["state1"], opt.state[p]["state1"])
+
+
+def runtime(seed):
+    """A tiny LoRA model with the optimizer, schedule, scaler and objective of a run."""
+    model = tiny_lora_model("llama")
+    with torch.no_grad():  # distinct LoRA weights per seed
+        g = torch.Generator().manual_seed(seed)
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    return model, opt, sched, scaler, Objective(["bco_pair"], LossParams())
+
+
+def test_save_restore_round_trip(tmp_path):
+    model, opt, sched, scaler, obj = runtime(seed=1)
+    ids = torch.randint(3, 250, (2, 12))
+    scaler.scale(model(input_ids=ids).logits.float().pow(2).mean()).backward()
+    scaler.step(opt)
+    scaler.update(new_scale=37.0)
+    sched.step()
+    obj.params.bco_delta, obj.reward_count = 0.25, 10
+    path = ck.save(tmp_path, 3, model, None, opt, sched, scaler, obj, keep_last=2)
+    assert path == ck.checkpoint_path(tmp_path, 3) and ck.list_checkpoints(tmp_path) == [path]
+    assert not list(path.glob("*.pt"))
+    after_save = torch.rand(3), random.random()
+
+    model2, opt2, sched2, scaler2, obj2 = runtime(seed=2)
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    assert any(not torch.equal(p, lora[n]) for n, p in model2.named_parameters() if n in lora)
+    assert ck.restore(path, model2, opt2, sched2, scaler2, obj2) == 3
+    assert torch.equal(torch.rand(3), after_save[0])  # RNG states restored
+    assert random.random() == after_save[1]
+    for n, p in model2.named_parameters():
+        if n in lora:
+            assert torch.equal(p, lora[n]), n
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["state"].keys() == s2["state"].keys() and s1["state"]
+    for i in s1["state"]:
+        for k, v in s1["state"][i].items():
+            assert torch.equal(v, s2["state"][i][k]), (i, k)
+    assert s2["param_groups"] == s1["param_groups"]
+    assert sched2.last_epoch == sched.last_epoch == 1
+    assert sched2.get_last_lr() == sched.get_last_lr()
+    assert scaler2.get_scale() == 37.0
+    assert obj2.state_dict() == {"bco_delta": 0.25, "reward_count": 10}
+
+
+def test_restore_refuses_an_incomplete_checkpoint(tmp_path):
+    model, opt, sched, scaler, obj = runtime(seed=1)
+    path = ck.save(tmp_path, 1, model, None, opt, sched, scaler, obj, keep_last=1)
+    (path / ck.META).unlink()
+    assert ck.list_checkpoints(tmp_path) == []
+    with pytest.raises(QdpoError, match="not a complete"):
+        ck.restore(path, model, opt, sched, scaler, obj)
