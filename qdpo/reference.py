@@ -153,8 +153,9 @@ def ensure(model: Any, data: Sequence[PairTokens], ids: Sequence[int], plan: Bat
     wanted = sorted(set(ids))
     missing = table.missing(wanted)
     if not missing:
-        ui.info(f"reference: {what} log-probs reused from cache ({len(wanted)} pairs, "
-                f"{cache_path(key)})")
+        if key:
+            ui.info(f"reference: {what} log-probs reused from cache ({len(wanted)} pairs, "
+                    f"{cache_path(key)})")
         return table, time.monotonic() - t0
     with ui.task_progress(f"reference pass ({what})", len(missing)) as advance:
         precompute(model, table, missing, data, plan.scaled(REFERENCE_SCALE), device,
