@@ -154,6 +154,9 @@ class RunDir:
             "random_init": recipe.model.random_init, "device": str(minfo.device),
             "compute_dtype": str(minfo.dtype).removeprefix("torch."),
             "reference": minfo.reference, "trainable_params": minfo.trainable_params,
+            # what trains: with lora.init_adapter these are the adapter's, not the recipe's
+            "lora": {"r": minfo.lora_r, "alpha": minfo.lora_alpha,
+                     "dropout": minfo.lora_dropout},
             "train_pairs": len(data.train), "eval_pairs": len(data.eval), "total_steps": steps,
             "data": data.train_report.summary(),
         }

@@ -136,3 +136,20 @@ def test_eval_forward_leaves_training_gradients_alone(setup):
     assert before and before.keys() == after.keys()
     for n in before:
         assert torch.allclose(before[n], after[n], atol=1e-5), n
+
+
+def test_init_adapter_reports_the_adapters_own_lora(setup, tmp_path, capsys):
+    """Starting from an adapter, what trains is that adapter's r/alpha/dropout, not the
+    recipe's defaults: the model info and the banner say so."""
+    from qdpo.console import model_banner
+
+    r, tok, _ = setup
+    small = quickstart_recipe(tmp_path, "lora.r=4", "lora.alpha=8")
+    model, _ = load_model(small)
+    save_adapter(model, tok, tmp_path / "sft4")
+    r2 = quickstart_recipe(tmp_path, f"lora.init_adapter={tmp_path / 'sft4'}")
+    assert r2.lora.r == 16  # the recipe's own setting differs
+    _, info = load_model(r2)
+    assert (info.lora_r, info.lora_alpha) == (4, 8.0)
+    model_banner(r2, info)
+    assert "LoRA r=4 alpha 8" in capsys.readouterr().out
