@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qdpo.cache import cache_dir
+from qdpo.cache import cache_dir, write_atomically
 from qdpo.errors import DataError
 from qdpo.recipe import DataSource, Recipe
 
@@ -804,13 +804,8 @@ def _write_cache(path: Path, data: PreparedData) -> None:
     meta = {"reports": json.dumps({"train": _report_to_dict(data.train_report),
                                    "eval": _report_to_dict(data.eval_report),
                                    "conversational": data.tokenizer.conversational})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
+    with write_atomically(path) as tmp:
         save_file(arrays, str(tmp), metadata=meta)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _read_cache(path: Path, recipe: Recipe, tokenizer: Any) -> PreparedData:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from array import array
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import torch
 
 from qdpo import console as ui
 from qdpo.batching import REFERENCE_SCALE, BatchPlan
-from qdpo.cache import cache_dir
+from qdpo.cache import cache_dir, write_atomically
 from qdpo.data import PairTokens
 from qdpo.device import autocast_for, synchronize
 from qdpo.logps import SequenceLogps, sequence_logps
@@ -113,13 +112,10 @@ def load_cached(key: str, n: int) -> ReferenceTable:
 
 
 def save_cached(key: str, table: ReferenceTable) -> None:
-    path = cache_path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save({"chosen": table.chosen, "rejected": table.rejected,
-                "chosen_public": table.chosen_public, "rejected_public": table.rejected_public},
-               tmp)
-    tmp.replace(path)
+    with write_atomically(cache_path(key)) as tmp:
+        torch.save({"chosen": table.chosen, "rejected": table.rejected,
+                    "chosen_public": table.chosen_public,
+                    "rejected_public": table.rejected_public}, tmp)
 
 
 def precompute(model: Any, table: ReferenceTable, ids: Sequence[int], data: Sequence[PairTokens],
