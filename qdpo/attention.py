@@ -28,6 +28,7 @@ LAYOUT_MASK_KERNELS = ("sdpa", "eager", "flex_attention")
 
 # FlexAttention skips masked blocks, but its block mask is built per row: keep rows bounded.
 FLEX_ROW_TOKENS = 16384
+FLEX_BLOCK = 128
 
 
 def kernel_for(setting: str, device: torch.device) -> str:
@@ -66,6 +67,12 @@ def row_cap(kernel: str, hidden_size: int) -> int:
     if kernel == "flex_attention":
         return FLEX_ROW_TOKENS
     return max(256, min(4096, hidden_size // 2))
+
+
+def row_multiple(kernel: str) -> int:
+    """Rows are padded to a multiple of this: FlexAttention works in 128-token blocks and is
+    compiled per row length, so lengths bucketed to its block size keep compiles few."""
+    return FLEX_BLOCK if kernel == "flex_attention" else 1
 
 
 def mask_dtype(model: Any, device: torch.device) -> torch.dtype:

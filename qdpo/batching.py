@@ -96,8 +96,8 @@ class _RowBuilder:
         self.scored.append((row, preds, targets, seq))
 
     def build(self, pairs: Sequence[PairTokens], pair_ids: Sequence[int], pad_id: int,
-              layout: str) -> PackedBatch:
-        width = max(len(r["ids"]) for r in self.rows)
+              layout: str, row_multiple: int = 1) -> PackedBatch:
+        width = -(-max(len(r["ids"]) for r in self.rows) // row_multiple) * row_multiple
         n = len(self.rows)
         ids = torch.full((n, width), pad_id, dtype=torch.long)
         pos = torch.zeros((n, width), dtype=torch.long)
@@ -172,8 +172,10 @@ def _rows_first_fit(costs: list[int], capacity: int) -> list[list[int]]:
 
 
 def make_batch(pairs: Sequence[PairTokens], pair_ids: Sequence[int], pad_id: int,
-               layout: str = "padded", row_tokens: int | None = None) -> PackedBatch:
-    """Lay out `pairs` as one micro-batch. row_tokens caps a packed row's length."""
+               layout: str = "padded", row_tokens: int | None = None,
+               row_multiple: int = 1) -> PackedBatch:
+    """Lay out `pairs` as one micro-batch. row_tokens caps a packed row's length; rows are
+    padded to a multiple of row_multiple (compiled kernels then see few distinct lengths)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}")
     p = len(pairs)
@@ -184,7 +186,7 @@ def make_batch(pairs: Sequence[PairTokens], pair_ids: Sequence[int], pad_id: int
                 comp = x.chosen_ids if side == CHOSEN else x.rejected_ids
                 _add_sequence(b, b.new_row(), x.prompt_ids, comp, 0,
                               i if side == CHOSEN else p + i)
-        return b.build(pairs, pair_ids, pad_id, layout)
+        return b.build(pairs, pair_ids, pad_id, layout, row_multiple)
     if layout == "packed":
         seqs = [(i, side) for i in range(p) for side in (CHOSEN, REJECTED)]
         costs = [len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids if s == CHOSEN
@@ -203,7 +205,7 @@ def make_batch(pairs: Sequence[PairTokens], pair_ids: Sequence[int], pad_id: int
                 _add_sequence(b, row, x.prompt_ids, comp, seg, i if side == CHOSEN else p + i)
             else:
                 _add_shared(b, row, x, seg, i)
-    return b.build(pairs, pair_ids, pad_id, layout)
+    return b.build(pairs, pair_ids, pad_id, layout, row_multiple)
 
 
 def padded_batch(pairs: Sequence[PairTokens], pair_ids: Sequence[int], pad_id: int) -> PackedBatch:
@@ -251,10 +253,11 @@ def group_by_budget(order: Sequence[int], data: Sequence[PairTokens], layout: st
 
 def micro_batches(order: Sequence[int], data: Sequence[PairTokens], pairs_per_micro: int,
                   pad_id: int, layout: str = "padded", max_tokens: int | None = None,
-                  row_tokens: int | None = None) -> Iterator[PackedBatch]:
+                  row_tokens: int | None = None, row_multiple: int = 1) -> Iterator[PackedBatch]:
     """One optimizer step's pairs as micro-batches in the given layout."""
     for group in group_by_budget(order, data, layout, max_tokens, pairs_per_micro):
-        yield make_batch([data[i] for i in group], group, pad_id, layout, row_tokens)
+        yield make_batch([data[i] for i in group], group, pad_id, layout, row_tokens,
+                         row_multiple)
 
 
 @dataclass(frozen=True)
@@ -271,11 +274,12 @@ class BatchPlan:
     pairs_per_micro: int
     max_tokens: int | None = None  # token budget per micro-batch (overrides pairs_per_micro)
     row_tokens: int | None = None  # cap on a packed row's length
+    row_multiple: int = 1  # rows padded to a multiple of this (the kernel's block size)
 
     def micro_batches(self, ids: Sequence[int],
                       data: Sequence[PairTokens]) -> Iterator[PackedBatch]:
         return micro_batches(ids, data, self.pairs_per_micro, self.pad_id, self.layout,
-                             self.max_tokens, self.row_tokens)
+                             self.max_tokens, self.row_tokens, self.row_multiple)
 
     def scaled(self, factor: int, pairs: int | None = None) -> "BatchPlan":
         """A plan for a no-grad pass: `factor` times the pairs and token budget."""
@@ -299,7 +303,7 @@ def plan_batches(layout: str, kernel: str, hidden_size: int, pad_id: int, pairs_
                          f"custom masks ({', '.join(attention.LAYOUT_MASK_KERNELS)}), not "
                          f"{kernel}. Set model.attn_implementation or train.layout: padded.")
     return BatchPlan(layout, kernel, pad_id, pairs_per_micro, max_tokens,
-                     attention.row_cap(kernel, hidden_size))
+                     attention.row_cap(kernel, hidden_size), attention.row_multiple(kernel))
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -148,7 +149,8 @@ class BenchResult:
 
 def run_bench(recipe: Recipe, *, steps: int = 8, warmup: int = 2, shape: str | None = None,
               prompt_len: tuple[int, int] = (128, 512), response_len: tuple[int, int] = (64, 512),
-              random_weights: bool = True, quiet: bool = False) -> BenchResult:
+              random_weights: bool = True, quiet: bool = False,
+              profile: Path | None = None) -> BenchResult:
     """Reference pass (when the recipe precomputes it) and `steps` real optimizer steps."""
     from qdpo import reference
     from qdpo.device import compute_dtype, default_device, reset_peak_memory
@@ -168,7 +170,7 @@ def run_bench(recipe: Recipe, *, steps: int = 8, warmup: int = 2, shape: str | N
     if ctx.objective.needs_reference and recipe.train.reference in ("auto", "precompute"):
         ctx.reference, ref_s = reference.ensure(model, data, range(len(data)), ctx.plan, device,
                                                 dtype, key=None, what="bench")
-    times, tokens, slots = _time_steps(ctx, data, steps, warmup, pps, quiet)
+    times, tokens, slots = _time_steps(ctx, data, steps, warmup, pps, quiet, profile)
     return _result(recipe, shape, config, ctx, data, times, tokens, slots, warmup, ref_s,
                    prompt_len, response_len)
 
@@ -188,18 +190,20 @@ def _bench_model(recipe: Recipe, shape: str | None, random_weights: bool,
 
 
 def _time_steps(ctx: Any, data: list[PairTokens], steps: int, warmup: int, pps: int,
-                quiet: bool) -> tuple[list[float], list[int], int]:
+                quiet: bool, profile: Path | None = None) -> tuple[list[float], list[int], int]:
     from qdpo.device import synchronize
     from qdpo.train import train_step
 
     ctx.model.train()
     times, tokens, slots = [], [], 0
     for s in range(steps):
-        t0 = time.monotonic()
         idx = list(range(s * pps, (s + 1) * pps))
-        m = train_step(ctx, data, idx)
-        synchronize(ctx.device)
-        times.append(time.monotonic() - t0)
+        # the last step is the profiled one: warm, and its time still counts (a little slower)
+        with _profiled(profile if s == steps - 1 else None, ctx.device):
+            t0 = time.monotonic()
+            m = train_step(ctx, data, idx)
+            synchronize(ctx.device)
+            times.append(time.monotonic() - t0)
         tokens.append(sum(data[i].num_tokens for i in idx))
         if m is not None:
             slots += m["token_slots"]
@@ -207,6 +211,33 @@ def _time_steps(ctx: Any, data: list[PairTokens], steps: int, warmup: int, pps: 
             ui.info(f"  step {s + 1}/{steps}: {times[-1]:.2f} s, {tokens[-1] / times[-1]:,.0f} "
                     f"tok/s" + (" (warm-up, not timed)" if s < warmup else ""))
     return times, tokens, slots
+
+
+@contextmanager
+def _profiled(out: Path | None, device: torch.device) -> Iterator[None]:
+    """Profile the enclosed step into `out`: a table of the kernels and ops by time spent on
+    the device (the CPU without a GPU) and a Chrome trace (open it in ui.perfetto.dev)."""
+    if out is None:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts, record_shapes=False) as prof:
+        t0 = time.monotonic()
+        yield
+        wall = time.monotonic() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: -getattr(e, key))
+    busy = sum(getattr(e, key) for e in events) / 1e6 if device.type == "cuda" else wall
+    lines = [f"profiled step: {wall:.3f} s wall, {busy:.3f} s of device kernels "
+             f"({busy / wall:.0%} busy)", "", f"{'ms':>9} {'share':>6} {'calls':>6}  name"]
+    lines += [f"{getattr(e, key) / 1e3:9.1f} {getattr(e, key) / 1e6 / busy:6.1%} {e.count:6}  "
+              f"{e.key[:90]}" for e in events[:30]]
+    (out / "profile.txt").write_text("\n".join(lines) + "\n")
+    prof.export_chrome_trace(str(out / "trace.json.gz"))
+    ui.info(f"  profile of the last step: {out / 'profile.txt'} ({busy / wall:.0%} device busy)")
 
 
 def _result(recipe: Recipe, shape: str | None, config: Any, ctx: Any, data: list[PairTokens],

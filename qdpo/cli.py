@@ -195,6 +195,9 @@ def bench(
         None, "--layouts", help="Comma list of layouts to compare in one run, e.g. "
                                 "padded,packed,shared_prefix (default: the recipe's)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
+    profile: Optional[Path] = typer.Option(
+        None, "--profile", help="Profile the last step into this folder: profile.txt (time by "
+                                "kernel) and trace.json.gz (open in ui.perfetto.dev)."),
 ) -> None:
     """Time real training steps on synthetic pairs: tokens/s, step time, reference pass, memory,
     MFU."""
@@ -211,7 +214,8 @@ def bench(
         results.append(run_bench(r, steps=steps, warmup=warmup, shape=shape,
                                  prompt_len=_range(prompt_len, "--prompt-len"),
                                  response_len=_range(response_len, "--response-len"),
-                                 random_weights=random_weights or shape is not None))
+                                 random_weights=random_weights or shape is not None,
+                                 profile=profile / r.train.layout if profile else None))
         import gc
 
         gc.collect()

@@ -46,14 +46,30 @@ python3 -c 'import torch, transformers, peft, bitsandbytes, trl; print("torch", 
 "transformers", transformers.__version__, "peft", peft.__version__, "bnb", bitsandbytes.__version__,
 "trl", trl.__version__)' 2>&1 | tee "$OUT/versions.txt"
 
-qbench 1b-sdpa 150 "${SMALL[@]}" train.max_tokens=8192 --layouts shared_prefix,padded
-piece trl-1b 150 python3 .gpu-site/bin/trl_anchor.py "$TRL_SMALL" "$OUT/trl.jsonl" --steps "$STEPS"
-qbench 8b-sdpa 150 "${BIG[@]}" train.max_tokens=8192 --layouts shared_prefix
-piece trl-8b 240 python3 .gpu-site/bin/trl_anchor.py "$TRL_BIG" "$OUT/trl.jsonl" --steps "$STEPS"
-qbench 1b-flex 120 "${SMALL[@]}" train.max_tokens=8192 model.attn_implementation=flex_attention \
+# 1. why FlexAttention stalled last time (stacks dumped if a stage hangs)
+piece flex-probe 70 python3 tests/gpu_flex_probe.py 55
+FLEX_OK=$(grep -c "all stages passed" "$OUT/flex-probe.log")
+if [[ $FLEX_OK == 0 ]]; then
+  piece flex-probe-1thread 60 env TORCHINDUCTOR_COMPILE_THREADS=1 python3 tests/gpu_flex_probe.py 45
+  FLEX_OK=$(grep -c "all stages passed" "$OUT/flex-probe-1thread.log")
+fi
+# 2. where a step's time goes (profiles), with the allocator's expandable segments (new default)
+qbench 1b-sdpa 120 "${SMALL[@]}" train.max_tokens=8192 --layouts shared_prefix \
+    --profile "$OUT/prof-1b"
+piece trl-1b 120 python3 .gpu-site/bin/trl_anchor.py "$TRL_SMALL" "$OUT/trl.jsonl" --steps "$STEPS"
+qbench 8b-sdpa 150 "${BIG[@]}" train.max_tokens=8192 --layouts shared_prefix \
+    --profile "$OUT/prof-8b"
+# 3. FlexAttention with rows bucketed to 128 tokens, if the probe compiled
+if [[ $FLEX_OK != 0 ]]; then
+  qbench 1b-flex 100 "${SMALL[@]}" train.max_tokens=8192 model.attn_implementation=flex_attention \
+      --layouts shared_prefix --profile "$OUT/prof-1b-flex"
+fi
+# 4. the reference online instead of precomputed (end-to-end), and memory at 1k tokens (plan)
+qbench 1b-online 80 "${SMALL[@]}" train.max_tokens=8192 train.reference=online \
     --layouts shared_prefix
-qbench 8b-flex 150 "${BIG[@]}" train.max_tokens=8192 model.attn_implementation=flex_attention \
-    --layouts shared_prefix
+qbench 8b-1k 100 "${BIG[@]}" train.max_tokens=1024 --layouts shared_prefix
+piece trl-8b 200 python3 .gpu-site/bin/trl_anchor.py "$TRL_BIG" "$OUT/trl.jsonl" --steps "$STEPS"
+for d in "$OUT"/prof-*/*/; do [[ -f $d/profile.txt ]] && { echo "== $d"; head -n 16 "$d/profile.txt" | cut -c1-110; }; done
 
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys

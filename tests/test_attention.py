@@ -97,3 +97,23 @@ def test_online_reference_builds_the_mask_once(monkeypatch):
     assert len(masks) == 2 and masks[0] is masks[1] and masks[0] is not None
     assert ref is not None and (pol.chosen - ref.chosen).abs().max() > 1e-4
     assert out.losses.shape == (5,) and out.losses.requires_grad
+
+
+def test_flex_rows_are_bucketed_to_its_block_and_score_the_same():
+    from qdpo.batching import plan_batches
+    from qdpo.logps import sequence_logps
+
+    plan = plan_batches("shared_prefix", "flex_attention", 64, 0, 8, None)
+    assert plan.row_multiple == 128
+    assert plan_batches("auto", "sdpa", 64, 0, 8, None).row_multiple == 1
+    pairs = make_pairs()
+    (bucketed,) = plan.micro_batches(range(5), pairs)
+    plain = make_batch([pairs[i] for i in bucketed.pair_ids], bucketed.pair_ids, 0,
+                       "shared_prefix", row_tokens=plan.row_tokens)
+    assert bucketed.input_ids.shape[1] == 256 and plain.input_ids.shape[1] < 256
+    assert bucketed.real_slots == plain.real_slots
+    model = tiny_lora_model("llama")
+    with torch.no_grad():
+        a, b = sequence_logps(model, bucketed), sequence_logps(model, plain)
+    assert torch.allclose(a.chosen, b.chosen, atol=1e-4)
+    assert torch.allclose(a.rejected, b.rejected, atol=1e-4)
