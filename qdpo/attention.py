@@ -15,6 +15,7 @@ Masks by kernel and layout:
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -71,7 +72,10 @@ def row_cap(kernel: str, hidden_size: int) -> int:
 
 def row_multiple(kernel: str) -> int:
     """Rows are padded to a multiple of this: FlexAttention works in 128-token blocks and is
-    compiled per row length, so lengths bucketed to its block size keep compiles few."""
+    compiled per row length, so lengths bucketed to its block size keep compiles few.
+    QDPO_ROW_MULTIPLE overrides it, to measure bucketing for the other kernels."""
+    if os.environ.get("QDPO_ROW_MULTIPLE"):
+        return max(1, int(os.environ["QDPO_ROW_MULTIPLE"]))
     return FLEX_BLOCK if kernel == "flex_attention" else 1
 
 
@@ -111,13 +115,43 @@ def allowed_matrix(segments: torch.Tensor, sides: torch.Tensor) -> torch.Tensor:
 
 
 def _block_mask(seg: torch.Tensor, side: torch.Tensor) -> Any:
-    from torch.nn.attention.flex_attention import create_block_mask
+    """A FlexAttention BlockMask built from the segments directly, without compiling.
+
+    torch's `create_block_mask` compiles (or, eagerly, evaluates every query-key pair of) the
+    mask function for each new shape; with rows of varying length that compile dominated the
+    step on an H200. Segments are contiguous runs, so which 128x128 blocks matter follows from
+    each block's lowest and highest segment id: a block is skipped when the id ranges of its
+    query and key tokens do not meet (or it is above the diagonal), "full" (no mask function
+    needed) when both hold one and the same segment strictly below the diagonal and no rejected
+    query meets a chosen key, and partial otherwise. The block choice only needs to be a
+    superset of the blocks with a visible pair; `mask_mod` decides every partial block exactly.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    r, t = seg.shape
+    n = -(-t // FLEX_BLOCK)
+    pad = n * FLEX_BLOCK - t
+    seg = torch.nn.functional.pad(seg, (0, pad), value=-1)
+    side = torch.nn.functional.pad(side, (0, pad), value=PROMPT)
 
     def mask_mod(b, h, q, kv):
         return ((seg[b, q] == seg[b, kv]) & (kv <= q)
                 & ~((side[b, q] == REJECTED) & (side[b, kv] == CHOSEN))) | (q == kv)
 
-    r, t = seg.shape
-    # compiled on CUDA: the eager path evaluates mask_mod over the whole T x T grid
-    return create_block_mask(mask_mod, B=r, H=None, Q_LEN=t, KV_LEN=t, device=seg.device,
-                             _compile=seg.device.type == "cuda")
+    blocks, sides = seg.view(r, n, FLEX_BLOCK), side.view(r, n, FLEX_BLOCK)
+    lo, hi = blocks.amin(-1), blocks.amax(-1)  # [R, n]
+    below = torch.ones(n, n, dtype=torch.bool, device=seg.device).tril()
+    meets = (lo[:, :, None] <= hi[:, None, :]) & (lo[:, None, :] <= hi[:, :, None]) & below
+    one = lo == hi
+    hidden = (sides == REJECTED).any(-1)[:, :, None] & (sides == CHOSEN).any(-1)[:, None, :]
+    full = (meets & below.tril(-1) & one[:, :, None] & one[:, None, :]
+            & (lo[:, :, None] == lo[:, None, :]) & ~hidden)
+    partial = meets & ~full
+
+    def counts_and_indices(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # the blocks in use first, in index order, per query block; [R, 1, n] and [R, 1, n, n]
+        order = torch.argsort((~m).to(torch.int8), dim=-1, stable=True)
+        return m.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    return BlockMask.from_kv_blocks(*counts_and_indices(partial), *counts_and_indices(full),
+                                    BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(t, t))

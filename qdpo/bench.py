@@ -228,9 +228,14 @@ def _profiled(out: Path | None, device: torch.device) -> Iterator[None]:
         yield
         wall = time.monotonic() - t0
     out.mkdir(parents=True, exist_ok=True)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    on_gpu = device.type == "cuda"
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: -getattr(e, key))
-    busy = sum(getattr(e, key) for e in events) / 1e6 if device.type == "cuda" else wall
+    if on_gpu:  # the kernels themselves (an op's own device time repeats its kernels')
+        from torch.autograd import DeviceType
+
+        events = [e for e in events if e.device_type == DeviceType.CUDA]
+    busy = sum(getattr(e, key) for e in events) / 1e6 if on_gpu else wall
     lines = [f"profiled step: {wall:.3f} s wall, {busy:.3f} s of device kernels "
              f"({busy / wall:.0%} busy)", "", f"{'ms':>9} {'share':>6} {'calls':>6}  name"]
     lines += [f"{getattr(e, key) / 1e3:9.1f} {getattr(e, key) / 1e6 / busy:6.1%} {e.count:6}  "
