@@ -293,7 +293,7 @@ EVAL_SCALE, REFERENCE_SCALE = 2, 4
 
 
 def plan_batches(layout: str, kernel: str, hidden_size: int, pad_id: int, pairs_per_micro: int,
-                 max_tokens: int | None) -> BatchPlan:
+                 max_tokens: int | None, device: torch.device | str = "cpu") -> BatchPlan:
     """The batch plan for a model: `auto` picks shared-prefix rows when the kernel takes them."""
     custom = attention.supports_layout_masks(kernel)
     if layout == "auto":
@@ -303,7 +303,8 @@ def plan_batches(layout: str, kernel: str, hidden_size: int, pad_id: int, pairs_
                          f"custom masks ({', '.join(attention.LAYOUT_MASK_KERNELS)}), not "
                          f"{kernel}. Set model.attn_implementation or train.layout: padded.")
     return BatchPlan(layout, kernel, pad_id, pairs_per_micro, max_tokens,
-                     attention.row_cap(kernel, hidden_size), attention.row_multiple(kernel))
+                     attention.row_cap(kernel, hidden_size),
+                     attention.row_multiple(kernel, device))
 
 
 # ---------------------------------------------------------------------------------------

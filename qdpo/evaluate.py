@@ -61,7 +61,7 @@ def eval_trained(path: str | Path, sources: list[Any], max_pairs: int | None = N
     ui.info(f"eval data: {report.summary()}")
     t = recipe.train
     plan = plan_batches(t.layout, model_kernel(model), hidden_size(model),
-                        tok.pad_token_id, t.micro_batch_pairs, t.max_tokens)
+                        tok.pad_token_id, t.micro_batch_pairs, t.max_tokens, device)
     return evaluate(model, pairs, Objective.from_config(recipe.loss),
                     eval_plan(plan, micro_batch_pairs or recipe.eval.micro_batch_pairs),
                     device, compute_dtype(recipe.model.compute_dtype, device))

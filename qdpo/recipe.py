@@ -74,8 +74,8 @@ class ModelConfig:
         "auto", help="auto = bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2",
                                  "flex_attention"] = _f(
-        "auto", help="Attention kernel; auto = sdpa (measured faster than FlexAttention on "
-                     "CUDA for now)")
+        "auto", help="Attention kernel; auto = sdpa (measured faster end to end than "
+                     "FlexAttention on CUDA)")
     gradient_checkpointing: bool = _f(True, help="Recompute activations in backward "
                                                  "(non-reentrant); needed for 7-8B in 24 GB")
     random_init: bool = _f(False, help="Build the model from its config with random weights "

@@ -23,7 +23,7 @@ import torch
 from qdpo import checkpoint
 from qdpo import console as ui
 from qdpo import reference
-from qdpo.attention import model_kernel
+from qdpo.attention import check_can_train, model_kernel
 from qdpo.batching import BatchPlan, pairs_used, plan_batches, step_pairs
 from qdpo.data import PairTokens, PreparedData, prepare
 from qdpo.device import autocast_for, memory_stats, reset_peak_memory, total_memory_gib
@@ -179,8 +179,9 @@ def step_context(recipe: Recipe, model: Any, pad_id: int, device: torch.device,
     t = recipe.train
     params = trainable_parameters(model)
     optimizer = make_optimizer(t, params, device)
+    check_can_train(model_kernel(model), device)
     plan = plan_batches(t.layout, model_kernel(model), hidden_size(model), pad_id,
-                        t.micro_batch_pairs, t.max_tokens)
+                        t.micro_batch_pairs, t.max_tokens, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     return StepContext(model, optimizer, make_scheduler(t, optimizer, steps), scaler, params,
                        Objective.from_config(recipe.loss), plan, device, dtype,

@@ -105,7 +105,8 @@ def test_flex_rows_are_bucketed_to_its_block_and_score_the_same():
 
     plan = plan_batches("shared_prefix", "flex_attention", 64, 0, 8, None)
     assert plan.row_multiple == 128
-    assert plan_batches("auto", "sdpa", 64, 0, 8, None).row_multiple == 1
+    assert plan_batches("auto", "sdpa", 64, 0, 8, None).row_multiple == 1  # CPU: exact rows
+    assert plan_batches("auto", "sdpa", 64, 0, 8, None, "cuda").row_multiple == 128
     pairs = make_pairs()
     (bucketed,) = plan.micro_batches(range(5), pairs)
     plain = make_batch([pairs[i] for i in bucketed.pair_ids], bucketed.pair_ids, 0,
@@ -117,3 +118,15 @@ def test_flex_rows_are_bucketed_to_its_block_and_score_the_same():
         a, b = sequence_logps(model, bucketed), sequence_logps(model, plain)
     assert torch.allclose(a.chosen, b.chosen, atol=1e-4)
     assert torch.allclose(a.rejected, b.rejected, atol=1e-4)
+
+
+def test_flex_attention_refuses_to_train_on_the_cpu():
+    import pytest
+
+    from qdpo.attention import check_can_train
+    from qdpo.errors import ModelError
+
+    with pytest.raises(ModelError, match="auto"):
+        check_can_train("flex_attention", CPU)
+    check_can_train("sdpa", CPU)
+    check_can_train("flex_attention", torch.device("cuda"))
