@@ -8,7 +8,6 @@ disk, so a kill at any moment leaves the previous checkpoints usable.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import torch
 
+from qdpo import files
 from qdpo.errors import QdpoError
 
 CKPT_DIR = "checkpoints"
@@ -25,38 +25,12 @@ LEGACY_STATE = "trainer_state.pt"
 META = "checkpoint.json"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_dir(final: Path, write: Any) -> None:
-    """Call write(tmp_dir), then rename tmp_dir to `final` (replacing an older one)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    """Call write(tmp_dir), then put it at `final` atomically (replacing an older one)."""
     try:
-        write(tmp)
-        _fsync_dir(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        _fsync_dir(final.parent)
+        with files.atomic_dir(final) as tmp:
+            write(tmp)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == 28:  # ENOSPC
             raise QdpoError(f"Disk full while writing '{final}'. The previous checkpoints are "
                             "untouched and usable (qdpo train --resume); free some space or "

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qdpo.cache import cache_dir, write_atomically
+from qdpo.cache import cache_dir
+from qdpo.files import write_atomically
 from qdpo.errors import DataError
 from qdpo.recipe import DataSource, Recipe
 

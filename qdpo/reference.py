@@ -22,7 +22,8 @@ import torch
 
 from qdpo import console as ui
 from qdpo.batching import REFERENCE_SCALE, BatchPlan
-from qdpo.cache import cache_dir, write_atomically
+from qdpo.cache import cache_dir
+from qdpo.files import write_atomically
 from qdpo.data import PairTokens
 from qdpo.device import autocast_for, synchronize
 from qdpo.logps import SequenceLogps, sequence_logps

@@ -1,0 +1,93 @@
+"""Writing files so that a kill at any moment leaves the old version or the whole new one.
+
+Every place that writes something a later command reads (checkpoints, caches, exports, run
+metadata) goes through here: write under a temporary name beside the target, flush it to disk,
+then rename, which is atomic on one file system. On an error the temporary is removed.
+Also `short_error`, the one way an exception is shortened for a message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's entries to disk (best effort: not every FS allows it)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temporary(path: Path, kind: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{kind}-{os.getpid()}")
+    _remove(tmp)
+    return tmp
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def write_atomically(path: Path) -> Iterator[Path]:
+    """Yield a temporary file name beside `path`; when the block ends without error the file
+    is flushed and replaces `path`; on any error it is removed and `path` is untouched."""
+    tmp = _temporary(path, "tmp")
+    try:
+        yield tmp
+        fsync_path(tmp)
+        tmp.replace(path)
+        fsync_path(path.parent)
+    finally:
+        _remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Like write_atomically for a directory: fill the yielded empty directory; on success it
+    replaces `path` (an older file or directory there is removed only after the new one is
+    complete); on error it is removed and `path` is untouched."""
+    tmp = _temporary(path, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                fsync_path(f)
+        fsync_path(tmp)
+        if path.exists() or path.is_symlink():
+            old = _temporary(path, "old")
+            path.rename(old)
+            tmp.rename(path)
+            _remove(old)
+        else:
+            tmp.rename(path)
+        fsync_path(path.parent)
+    finally:
+        _remove(tmp)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    with write_atomically(path) as tmp:
+        tmp.write_text(text)
+
+
+def short_error(e: BaseException) -> str:
+    """`Type: first line of the message`, for one-line error messages."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__

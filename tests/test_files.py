@@ -1,0 +1,40 @@
+"""Atomic writes: a failure leaves the old version and no temporary behind."""
+
+from __future__ import annotations
+
+import pytest
+
+from qdpo.files import atomic_dir, short_error, write_atomically, write_text_atomically
+
+
+def test_write_atomically_replaces_on_success_and_keeps_the_old_file_on_error(tmp_path):
+    target = tmp_path / "sub" / "a.json"
+    write_text_atomically(target, "one")
+    with pytest.raises(RuntimeError):
+        with write_atomically(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "one"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.json"]
+    write_text_atomically(target, "two")
+    assert target.read_text() == "two"
+
+
+def test_atomic_dir_replaces_a_complete_directory_only(tmp_path):
+    out = tmp_path / "export"
+    with atomic_dir(out) as tmp:
+        (tmp / "w.bin").write_bytes(b"1")
+    with pytest.raises(OSError):
+        with atomic_dir(out) as tmp:
+            (tmp / "w.bin").write_bytes(b"2")
+            raise OSError(28, "No space left on device")
+    assert (out / "w.bin").read_bytes() == b"1"
+    with atomic_dir(out) as tmp:
+        (tmp / "v.bin").write_bytes(b"3")
+    assert [p.name for p in out.iterdir()] == ["v.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_short_error_keeps_the_type_and_first_line():
+    assert short_error(ValueError("bad value\nmore detail")) == "ValueError: bad value"
+    assert short_error(KeyError()) == "KeyError"
