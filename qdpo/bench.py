@@ -275,7 +275,7 @@ def _result(recipe: Recipe, shape: str | None, config: Any, ctx: Any, data: list
         peak_alloc_gib=mem.get("mem/peak_alloc_gib"),
         peak_reserved_gib=mem.get("mem/peak_reserved_gib"), mfu=mfu,
         padding_fraction=max(0.0, 1 - real / slots) if slots else 0.0,
-        extra={"attn": ctx.plan.kernel, "max_tokens": recipe.train.max_tokens,
+        extra={"attn": ctx.plan.kernel, "max_tokens": ctx.plan.max_tokens,
                "micro_batch_pairs": recipe.train.micro_batch_pairs,
                "prompt_len": list(prompt_len), "response_len": list(response_len)})
 

@@ -226,6 +226,47 @@ def bench(
 
 
 @app.command()
+def plan(
+    recipe: Path = typer.Argument(..., help="Recipe YAML to plan."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Recipe overrides key.sub=value",
+                                                    show_default=False),
+    gpu_memory: str = typer.Option("24GiB", "--gpu-memory", help="The card's memory, e.g. 24GiB."),
+    shape: Optional[str] = typer.Option(None, "--shape", help="Built-in architecture instead of "
+                                        "the recipe's model (as in qdpo bench)."),
+) -> None:
+    """Predict peak GPU memory from the model's config, before downloading weights: the largest
+    train.max_tokens that fits, the longest pair, and what to change if it does not fit."""
+    from rich.table import Table
+
+    from qdpo import console as ui
+    from qdpo.bench import bench_config
+    from qdpo.memory import parse_gib, plan_for
+    from qdpo.recipe import load_recipe
+
+    try:
+        gib = parse_gib(gpu_memory)
+    except ValueError:
+        raise QdpoError(f"--gpu-memory '{gpu_memory}' is not a size like 24GiB.") from None
+    r = load_recipe(recipe, list(overrides or []))
+    p = plan_for(r, bench_config(r, shape), gib)
+    table = Table(title=f"qdpo plan: {shape or r.model.name_or_path} on a {gib:g} GiB card",
+                  title_justify="left")
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    for part, value in p.estimate.parts_gib().items():
+        table.add_row(part, f"{value:.2f}")
+    ui.console.print(table)
+    if p.max_tokens:
+        ui.info(f"train.max_tokens up to {p.max_tokens:,} fits (auto picks it); the longest pair "
+                f"data.max_length {r.data.max_length} allows takes {p.longest_pair:,} tokens.")
+    if p.fits:
+        ui.info("fits.")
+        return
+    ui.warn("does not fit: " + "; ".join(p.advice(r)) + ".")
+    raise typer.Exit(1)
+
+
+@app.command()
 def merge(
     run: Path = typer.Argument(..., help="Run directory, checkpoint, or peft adapter directory."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the merged model."),

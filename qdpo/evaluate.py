@@ -16,7 +16,9 @@ from qdpo.batching import EVAL_SCALE, BatchPlan, plan_batches
 from qdpo.data import PairTokens
 from qdpo.device import autocast_for, compute_dtype, default_device
 from qdpo.forward import MetricAccumulator, forward_pair_batch
+from qdpo.logps import causal_lm
 from qdpo.losses import Objective
+from qdpo.memory import token_budget
 from qdpo.reference import ReferenceTable
 
 def evaluate(model: Any, data: Sequence[PairTokens], objective: Objective, plan: BatchPlan,
@@ -61,7 +63,8 @@ def eval_trained(path: str | Path, sources: list[Any], max_pairs: int | None = N
     ui.info(f"eval data: {report.summary()}")
     t = recipe.train
     plan = plan_batches(t.layout, model_kernel(model), hidden_size(model),
-                        tok.pad_token_id, t.micro_batch_pairs, t.max_tokens, device)
+                        tok.pad_token_id, t.micro_batch_pairs,
+                        token_budget(recipe, causal_lm(model).config, device), device)
     return evaluate(model, pairs, Objective.from_config(recipe.loss),
                     eval_plan(plan, micro_batch_pairs or recipe.eval.micro_batch_pairs),
                     device, compute_dtype(recipe.model.compute_dtype, device))

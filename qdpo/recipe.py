@@ -143,8 +143,9 @@ class TrainConfig:
     pairs_per_step: int = _f(8, help="Preference pairs per optimizer step (the batch size)")
     micro_batch_pairs: int = _f(2, help="Pairs per forward/backward (gradient accumulation "
                                         "fills the step)")
-    max_tokens: int | None = _f(None, help="Token budget per micro-batch (prompt counted once "
-                                           "with shared_prefix); replaces micro_batch_pairs")
+    max_tokens: int | Literal["auto"] | None = _f(
+        None, help="Token budget per micro-batch (prompt counted once with shared_prefix); "
+                   "replaces micro_batch_pairs; auto = the largest that fits the GPU (qdpo plan)")
     layout: Literal["auto", "padded", "packed", "shared_prefix"] = _f(
         "auto", help="How pairs are laid out in rows: auto picks the fastest the attention "
                      "supports; padded = chosen and rejected rows padded (the fallback)")
@@ -498,8 +499,8 @@ def validate(r: Recipe) -> Recipe:
            "it must be >= 0")
     _check(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "it must be >= 0")
     _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, "it must be >= 1")
-    _check(t.max_tokens is None or t.max_tokens >= 16, "train.max_tokens", t.max_tokens,
-           "it must be >= 16 or null")
+    _check(t.max_tokens in (None, "auto") or t.max_tokens >= 16, "train.max_tokens",
+           t.max_tokens, "it must be >= 16, auto or null")
     _check(r.eval.max_pairs is None or r.eval.max_pairs >= 1, "eval.max_pairs",
            r.eval.max_pairs, "it must be >= 1 or null")
     _check(r.eval.micro_batch_pairs is None or r.eval.micro_batch_pairs >= 1,

@@ -30,6 +30,8 @@ from qdpo.device import autocast_for, memory_stats, reset_peak_memory, total_mem
 from qdpo.errors import QdpoError
 from qdpo.evaluate import eval_plan, evaluate
 from qdpo.forward import MetricAccumulator, forward_pair_batch
+from qdpo.logps import causal_lm
+from qdpo.memory import token_budget
 from qdpo.losses import Objective
 from qdpo.model import (ModelInfo, hidden_size, load_model, load_tokenizer, save_adapter,
                         trainable_parameters)
@@ -180,8 +182,9 @@ def step_context(recipe: Recipe, model: Any, pad_id: int, device: torch.device,
     params = trainable_parameters(model)
     optimizer = make_optimizer(t, params, device)
     check_can_train(model_kernel(model), device)
+    budget = token_budget(recipe, causal_lm(model).config, device)
     plan = plan_batches(t.layout, model_kernel(model), hidden_size(model), pad_id,
-                        t.micro_batch_pairs, t.max_tokens, device)
+                        t.micro_batch_pairs, budget, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     return StepContext(model, optimizer, make_scheduler(t, optimizer, steps), scaler, params,
                        Objective.from_config(recipe.loss), plan, device, dtype,

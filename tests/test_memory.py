@@ -1,0 +1,96 @@
+"""`qdpo plan` and train.max_tokens auto: the memory arithmetic against GPU measurements."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from qdpo.bench import SHAPES
+from qdpo.memory import (GIB, Settings, Shape, estimate, fit_tokens, parse_gib, plan_for,
+                         token_budget, usable_bytes)
+from qdpo.recipe import load_recipe
+from tiny import QUICKSTART_RECIPE, REPO, qdpo
+
+RECIPE_8B = REPO / "recipes" / "llama31-8b-ultrafeedback.yaml"
+
+
+def shape(name: str) -> Shape:
+    spec = dict(SHAPES[name])
+    spec.pop("model_type")
+    return Shape.from_config(SimpleNamespace(**spec))
+
+
+# `qdpo bench` peak allocated memory on an H200 (2026-11-27): NF4 + double quant, LoRA r=16 on
+# all linear layers, paged 8-bit AdamW, checkpointing, shared-prefix rows, reference
+# precomputed. Tokens: the largest micro-batch (a 1k budget still takes a 1.5k-token pair).
+MEASURED = [("llama-3.1-8b", 8192, 11.53), ("llama-3.1-8b", 1536, 7.07),
+            ("llama-3.2-1b", 8192, 3.69)]
+
+
+@pytest.mark.parametrize("name,tokens,gib", MEASURED)
+def test_prediction_is_within_ten_percent_of_the_gpu_and_rarely_below(name, tokens, gib):
+    predicted = estimate(shape(name), Settings(), tokens).peak / GIB
+    assert 0.97 * gib <= predicted <= 1.10 * gib
+
+
+def test_the_parts_follow_the_settings():
+    s8b = shape("llama-3.1-8b")
+    base = estimate(s8b, Settings(), 4096)
+    assert estimate(s8b, Settings(optimizer="adamw"), 4096).lora > 1.5 * base.lora
+    fewer = estimate(s8b, Settings(target_modules=("q_proj", "v_proj")), 4096)
+    assert fewer.lora < base.lora / 5 and fewer.activations < base.activations
+    assert estimate(s8b, Settings(checkpointing=False), 4096).activations > 5 * base.activations
+    assert estimate(s8b, Settings(quantization="none"), 4096).base > 2.5 * base.base  # 16 vs 4 bits
+    assert estimate(s8b, Settings(), 8192).activations == pytest.approx(2 * base.activations)
+
+
+def test_the_fitted_budget_is_the_largest_that_fits():
+    s8b, s = shape("llama-3.1-8b"), Settings()
+    t24, t16 = fit_tokens(s8b, s, 24), fit_tokens(s8b, s, 16)
+    assert t24 > t16 > 0 and t24 % 128 == 0
+    assert estimate(s8b, s, t24).peak <= usable_bytes(24) < estimate(s8b, s, t24 + 128).peak
+    assert fit_tokens(s8b, s, 6) == 0
+
+
+def test_plan_command_says_what_fits_and_what_to_change():
+    ok = qdpo("plan", RECIPE_8B, "--gpu-memory", "24GiB")
+    assert ok.returncode == 0, ok.stderr
+    assert "peak allocated" in ok.stdout and "fits." in ok.stdout
+    budget = fit_tokens(shape("llama-3.1-8b"), Settings(), 24)
+    assert f"train.max_tokens up to {budget:,}" in ok.stdout
+
+    small = qdpo("plan", RECIPE_8B, "--gpu-memory", "7GiB")
+    assert small.returncode == 1 and "use a card with more memory" in small.stderr
+
+    long = qdpo("plan", RECIPE_8B, "data.max_length=8192", "--gpu-memory", "10GiB")
+    assert long.returncode == 1 and "lower data.max_length to" in long.stderr
+
+    bad = qdpo("plan", RECIPE_8B, "--gpu-memory", "lots")
+    assert bad.returncode != 0 and "24GiB" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_max_tokens_auto_is_the_plan_on_a_gpu_and_pairs_on_the_cpu(monkeypatch):
+    r = load_recipe(RECIPE_8B, ["train.max_tokens=auto"])
+    assert r.train.max_tokens == "auto"
+    spec = dict(SHAPES["llama-3.1-8b"])
+    spec.pop("model_type")
+    config = SimpleNamespace(**spec)
+    assert token_budget(r, config, torch.device("cpu")) is None
+    monkeypatch.setattr("qdpo.device.total_memory_gib", lambda device: 24.0)
+    assert token_budget(r, config, torch.device("cuda")) == plan_for(r, config, 24).max_tokens
+    fixed = load_recipe(RECIPE_8B, ["train.max_tokens=4096"])
+    assert token_budget(fixed, config, torch.device("cuda")) == 4096
+
+
+def test_parse_gib():
+    assert parse_gib("24GiB") == parse_gib("24 GB") == parse_gib("24") == 24.0
+    with pytest.raises(ValueError):
+        parse_gib("-1G")
+
+
+def test_quickstart_trains_with_max_tokens_auto_on_the_cpu(tmp_path):
+    res = qdpo("train", QUICKSTART_RECIPE, "train.max_steps=2", "train.max_tokens=auto",
+               "-o", tmp_path / "run")
+    assert res.returncode == 0, res.stderr
