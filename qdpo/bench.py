@@ -150,7 +150,7 @@ class BenchResult:
 def run_bench(recipe: Recipe, *, steps: int = 8, warmup: int = 2, shape: str | None = None,
               prompt_len: tuple[int, int] = (128, 512), response_len: tuple[int, int] = (64, 512),
               random_weights: bool = True, quiet: bool = False,
-              profile: Path | None = None) -> BenchResult:
+              profile: Path | None = None, pairs: list[PairTokens] | None = None) -> BenchResult:
     """Reference pass (when the recipe precomputes it) and `steps` real optimizer steps."""
     from qdpo import reference
     from qdpo.device import compute_dtype, default_device, reset_peak_memory
@@ -162,8 +162,8 @@ def run_bench(recipe: Recipe, *, steps: int = 8, warmup: int = 2, shape: str | N
     model, config = _bench_model(recipe, shape, random_weights, device)
     dtype = compute_dtype(recipe.model.compute_dtype, device)
     pps = recipe.train.pairs_per_step
-    data = synthetic_pairs(steps * pps, config.vocab_size, prompt_len, response_len,
-                           recipe.train.seed)
+    data = pairs or synthetic_pairs(steps * pps, config.vocab_size, prompt_len, response_len,
+                                    recipe.train.seed)
     ctx = step_context(recipe, model, 0, device, dtype, steps)
     reset_peak_memory(device)
     ref_s = 0.0
@@ -275,7 +275,7 @@ def _result(recipe: Recipe, shape: str | None, config: Any, ctx: Any, data: list
         peak_alloc_gib=mem.get("mem/peak_alloc_gib"),
         peak_reserved_gib=mem.get("mem/peak_reserved_gib"), mfu=mfu,
         padding_fraction=max(0.0, 1 - real / slots) if slots else 0.0,
-        extra={"attn": ctx.plan.kernel, "max_tokens": ctx.plan.max_tokens,
+        extra={"attn": ctx.plan.kernel, "max_tokens": ctx.plan.max_tokens, "tokens": sum(tokens),
                "micro_batch_pairs": recipe.train.micro_batch_pairs,
                "prompt_len": list(prompt_len), "response_len": list(response_len)})
 
@@ -284,16 +284,17 @@ def results_table(results: list[BenchResult]) -> Any:
     from rich.table import Table
 
     t = Table(title="qdpo bench", title_justify="left")
-    for col in ("shape", "layout", "reference", "tokens/s", "e2e tokens/s", "step s", "ref s",
-                "peak alloc GiB", "peak reserved GiB", "MFU", "padding"):
-        t.add_column(col, justify="right" if col not in ("shape", "layout", "reference")
-                     else "left")
+    left = ("tool", "shape", "layout", "reference")
+    for col in left + ("tokens/s", "e2e tokens/s", "step s", "ref s", "peak alloc GiB",
+                       "peak reserved GiB", "MFU", "padding"):
+        t.add_column(col, justify="left" if col in left else "right")
 
     def g(v: float | None, f: str) -> str:
         return "-" if v is None else format(v, f)
 
     for r in results:
-        t.add_row(r.shape, r.layout, r.reference, f"{r.tokens_per_s:,.0f}",
+        t.add_row(r.extra.get("tool", "qdpo"), r.shape, r.layout, r.reference,
+                  f"{r.tokens_per_s:,.0f}",
                   f"{r.e2e_tokens_per_s:,.0f}", f"{r.step_time_s:.2f}", f"{r.reference_s:.1f}",
                   g(r.peak_alloc_gib, ".2f"), g(r.peak_reserved_gib, ".2f"),
                   g(r.mfu, ".1%"), f"{r.padding_fraction:.0%}")

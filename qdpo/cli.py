@@ -198,6 +198,9 @@ def bench(
     profile: Optional[Path] = typer.Option(
         None, "--profile", help="Profile the last step into this folder: profile.txt (time by "
                                 "kernel) and trace.json.gz (open in ui.perfetto.dev)."),
+    against: Optional[str] = typer.Option(
+        None, "--against", help="trl: first run TRL's DPOTrainer on the same pairs, model and "
+                                "settings, then print the ratios (pip install 'qdpo[compare]')."),
 ) -> None:
     """Time real training steps on synthetic pairs: tokens/s, step time, reference pass, memory,
     MFU."""
@@ -205,7 +208,17 @@ def bench(
     from qdpo.bench import results_table, run_bench, write_json
     from qdpo.recipe import load_recipe
 
-    results = []
+    results, pairs = [], None
+    if against:
+        if against != "trl":
+            raise QdpoError(f"--against '{against}': the only tool to compare with is trl.")
+        from qdpo.compare import trl_baseline
+
+        trl_row, pairs = trl_baseline(load_recipe(recipe, list(overrides or [])), shape, steps,
+                                      warmup, _range(prompt_len, "--prompt-len"),
+                                      _range(response_len, "--response-len"))
+        results.append(trl_row)
+        random_weights = True
     for lay in (layouts.split(",") if layouts else [None]):
         ov = list(overrides or []) + ([f"train.layout={lay.strip()}"] if lay else [])
         r = load_recipe(recipe, ov)
@@ -215,11 +228,17 @@ def bench(
                                  prompt_len=_range(prompt_len, "--prompt-len"),
                                  response_len=_range(response_len, "--response-len"),
                                  random_weights=random_weights or shape is not None,
-                                 profile=profile / r.train.layout if profile else None))
+                                 profile=profile / r.train.layout if profile else None,
+                                 pairs=pairs))
         import gc
 
         gc.collect()
     ui.console.print(results_table(results))
+    if against:
+        from qdpo.compare import ratio_lines
+
+        for line in ratio_lines(results):
+            ui.info(line)
     if json_out:
         write_json(results, json_out)
         ui.info(f"wrote {json_out}")

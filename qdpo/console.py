@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
@@ -32,11 +33,12 @@ def info(msg: str) -> None:
 
 
 def warn(msg: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {msg}")
+    # messages are plain text: brackets in them ('qdpo[compare]', '[R, T]') are not markup
+    err_console.print(f"[yellow]warning:[/] {escape(msg)}")
 
 
 def error(msg: str) -> None:
-    err_console.print(f"[bold red]error:[/] {msg}")
+    err_console.print(f"[bold red]error:[/] {escape(msg)}")
 
 
 def fmt(v: Any, key: str = "") -> str:

@@ -1,0 +1,36 @@
+"""`qdpo bench --against trl`: TRL's DPOTrainer and qdpo on the same pairs, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tiny import QUICKSTART_RECIPE, qdpo
+
+
+def test_against_trl_trains_both_on_the_same_tokens(tmp_path):
+    pytest.importorskip("trl")
+    out = tmp_path / "cmp.json"
+    res = qdpo("bench", QUICKSTART_RECIPE, "--against", "trl", "--steps", "2", "--warmup", "1",
+               "--prompt-len", "8-16", "--response-len", "4-12", "train.pairs_per_step=4",
+               "train.micro_batch_pairs=2", "--json", out)
+    assert res.returncode == 0, res.stderr
+    trl_row, qdpo_row = json.loads(out.read_text())
+    assert trl_row["extra"]["tool"].startswith("trl ") and "tool" not in qdpo_row["extra"]
+    assert trl_row["layout"] == "padded" and trl_row["reference"] == "online"
+    assert trl_row["steps_timed"] == qdpo_row["steps_timed"] == 1
+    # the same pairs, tokens counted the same way (TRL's from its attention masks)
+    assert trl_row["extra"]["tokens"] == qdpo_row["extra"]["tokens"] > 0
+    assert 0 < trl_row["padding_fraction"] < 1 and trl_row["tokens_per_s"] > 0
+    assert "against trl 1.16.0" in res.stdout and "end to end" in res.stdout
+
+
+def test_against_another_tool_or_without_trl_says_what_to_do(monkeypatch):
+    res = qdpo("bench", QUICKSTART_RECIPE, "--against", "axolotl")
+    assert res.returncode != 0 and "only tool to compare with is trl" in res.stderr
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl -> ImportError
+    res = qdpo("bench", QUICKSTART_RECIPE, "--against", "trl")
+    assert res.returncode != 0 and "pip install 'qdpo[compare]'" in res.stderr
+    assert "Traceback" not in res.stderr
