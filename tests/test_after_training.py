@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from qdpo.errors import RunDirError
+
 from tiny import QUICKSTART, QUICKSTART_RECIPE, qdpo
 
 
@@ -183,3 +185,67 @@ def test_outputs_may_not_overlap_the_source(run, tmp_path):
     res = qdpo("export", run, "--format", "peft", "--out", run, "--overwrite")
     assert res.returncode == 2 and "overlaps" in res.stderr
     assert (run / "adapter_model.safetensors").exists()
+
+
+def _beside(out):
+    """Everything in out's directory other than out itself (temporaries would show here)."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name != out.name)
+
+
+def test_failed_exports_keep_old_output_and_leave_no_temporaries(run, tmp_path, monkeypatch):
+    """Each export fails half-way (its temporary already holds the new weights): the existing
+    output is untouched and nothing is left beside it; then a complete one replaces it."""
+    import qdpo.export as ex
+    import qdpo.export.adapter as adapter_mod
+    import qdpo.export.merging as merging
+
+    class Killed(Exception):
+        pass
+
+    def die_half_way(out, weights):
+        def fail(*args, **kwargs):
+            tmps = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+            assert len(tmps) == 1 and (tmps[0] / weights).is_file(), tmps
+            raise Killed("killed")
+        return fail
+
+    for name, call, weights, module, step in (
+            ("adapter", lambda o, **k: ex.export_peft(run, o, **k),
+             "adapter_model.safetensors", adapter_mod, "model_card"),
+            ("merged", lambda o, **k: ex.merge(run, o, dtype="fp32", **k),
+             "model.safetensors", merging, "_merged_card")):
+        out = tmp_path / name / "out"
+        out.mkdir(parents=True)
+        (out / "keep.txt").write_text("old")
+        with monkeypatch.context() as m:
+            m.setattr(module, step, die_half_way(out, weights))
+            with pytest.raises(Killed):
+                call(out, overwrite=True)
+        assert [p.name for p in out.iterdir()] == ["keep.txt"], name
+        assert _beside(out) == [], name
+        with pytest.raises(RunDirError, match="--overwrite"):
+            call(out)
+        call(out, overwrite=True)
+        assert (out / weights).is_file() and not (out / "keep.txt").exists()
+        assert _beside(out) == [], name
+
+
+def test_failed_gguf_export_removes_its_merge_scratch(run, tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    import qdpo.export as ex
+    import qdpo.export.gguf as gguf_mod
+
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"old")
+    seen = []
+
+    def fail(model_dir, out_path, outtype):
+        seen.append(model_dir)
+        assert (model_dir / "model.safetensors").is_file() and model_dir.parent.parent == tmp_path
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(gguf_mod, "export_gguf", fail)
+    with pytest.raises(RuntimeError, match="killed"):
+        ex.export(run, "gguf", out, outtype="f32", overwrite=True)
+    assert seen and not seen[0].exists()
+    assert out.read_bytes() == b"old" and _beside(out) == []

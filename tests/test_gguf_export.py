@@ -17,13 +17,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from qdpo.errors import QdpoError  # noqa: E402
-from qdpo.gguf_export import (  # noqa: E402
-    GGUF_MISSING,
-    LLAMA3_REGEX,
-    QWEN2_REGEX,
-    export_gguf,
-    export_gguf_lora,
-)
+from qdpo.export import GGUF_MISSING, export_gguf, export_gguf_lora  # noqa: E402
+from qdpo.export.gguf_vocab import LLAMA3_REGEX, QWEN2_REGEX  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 N_LAYERS, N_HEAD, N_KV, HIDDEN, FF = 2, 4, 2, 64, 128
@@ -540,3 +535,62 @@ def test_lora_rank_and_alpha_patterns_fold_into_lora_b(llama_dir, tmp_path):
         want = _peft_delta(model, 0, proj)
         got = _gguf_delta(tensors, kv["adapter.lora.alpha"], f"blk.0.{gname}.weight", n)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- interrupted export
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("what,exc", [("model", Killed), ("lora", KeyboardInterrupt)])
+def test_export_failing_half_way_keeps_old_output(llama_dir, tmp_path, monkeypatch, what, exc):
+    """A failure while the tensors are being written (here: at the third one) leaves an
+    existing output byte for byte as it was, no output where there was none, and no temporary
+    file beside it."""
+    src = llama_dir
+    if what == "lora":
+        src = tmp_path / "adapter"
+        _make_adapter(llama_dir, src)
+    run = export_gguf if what == "model" else export_gguf_lora
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    old, new = out_dir / "old.gguf", out_dir / "new.gguf"
+    old.write_bytes(b"the previous export")
+
+    real = gguf.GGUFWriter.write_tensor_data
+    calls: list[str] = []
+
+    def dies_at_third(self, *args, **kwargs):
+        calls.append("tensor")
+        if len(calls) == 3:
+            partial = [p for p in out_dir.iterdir() if p.name.startswith(".")]
+            assert len(partial) == 1 and partial[0].stat().st_size > 0  # really half-way
+            raise exc("killed")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", dies_at_third)
+    for out in (old, new):
+        calls.clear()
+        with pytest.raises(exc, match="killed"):
+            run(src, out, outtype="f32")
+        assert len(calls) == 3
+    assert old.read_bytes() == b"the previous export"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["old.gguf"]
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", real)
+    run(src, old, outtype="f32")  # a complete export does replace it
+    kv, tensors = read_gguf(old)
+    assert kv["general.type"] == ("model" if what == "model" else "adapter") and tensors
+    assert sorted(p.name for p in out_dir.iterdir()) == ["old.gguf"]
+
+
+def test_public_names_import_from_the_package():
+    import qdpo.export as ex
+
+    for name in ex.__all__:
+        assert getattr(ex, name) is not None, name
+    assert ex.FORMATS == ("peft", "gguf", "gguf-lora")
+    with pytest.raises(AttributeError):
+        getattr(ex, "no_such_name")

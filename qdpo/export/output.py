@@ -1,0 +1,26 @@
+"""Where an export may write: never into the run it is made from, never over an existing output
+unless asked. The writing itself goes through `qdpo.files` (temporary name, then rename)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qdpo.errors import RunDirError
+from qdpo.rundir import TrainedSource
+
+
+def source_root(src: TrainedSource) -> Path:
+    """The directory an output must stay out of: the run, or the bare adapter directory."""
+    return src.run.path if src.run else src.adapter_dir
+
+
+def check_out(out: Path, overwrite: bool, source: Path | None = None) -> None:
+    if source is not None:
+        o, src = out.resolve(), source.resolve()
+        if o == src or o in src.parents or src in o.parents:
+            raise RunDirError(f"Output '{out}' overlaps the run or adapter it is made from "
+                              f"('{source}'); choose a path outside it.")
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        if not overwrite:
+            raise RunDirError(f"Output '{out}' already exists; pass --overwrite to replace it or "
+                              "choose another path.")
