@@ -33,9 +33,54 @@ def causal_lm(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _head_fn(head: torch.nn.Module, softcap: float | None):
+def _text_config(lm: Any) -> Any:
+    cfg = lm.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+# model types whose forward multiplies the head's output by config.logits_scaling (Granite and
+# the others that have it divide)
+_MULTIPLIES_BY_LOGITS_SCALING = ("hyperclovax",)
+
+
+def logits_transform(lm: Any) -> tuple[float | None, float | None]:
+    """(scale, soft cap): what the causal-LM forward does to its head's output, as
+    `tanh(logits * scale / cap) * cap`.
+
+    transformers applies these after `lm_head` and before the softmax, so log-probs differ
+    without them: Granite divides by `logits_scaling` (HyperCLOVA X multiplies by it, MiniCPM3
+    divides the hidden states, which is the same), Cohere multiplies by `logit_scale`, Gemma 2
+    and later cap with `final_logit_softcapping`. Config names alone are not enough (MPT has
+    an unused `logit_scale`), hence the model types. `check_lean_head` in model.py refuses,
+    at load, a model whose forward does something else.
+    """
+    cfg = _text_config(lm)
+    types = {str(getattr(c, "model_type", "") or "") for c in (lm.config, cfg)}
+
+    def value(name: str) -> float | None:
+        for c in (cfg, lm.config):
+            v = getattr(c, name, None)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return float(v)
+        return None
+
+    scale = 1.0
+    scaling = value("logits_scaling")
+    if scaling:
+        scale = scale * scaling if types & set(_MULTIPLIES_BY_LOGITS_SCALING) else scale / scaling
+    logit_scale = value("logit_scale")
+    if logit_scale is not None and any(t.startswith("cohere") for t in types):
+        scale *= logit_scale
+    return (scale if scale != 1.0 else None), (value("final_logit_softcapping") or None)
+
+
+def _head_fn(head: torch.nn.Module, transform: tuple[float | None, float | None]):
+    scale, softcap = transform
+
     def fn(h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = head(h).float()
+        if scale is not None:
+            logits = logits * scale
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
@@ -50,29 +95,42 @@ def batch_mask(model: Any, batch: PackedBatch) -> Any:
                                 attention.mask_dtype(model, device))
 
 
-def token_logps(model: Any, batch: PackedBatch, mask: Any = None) -> torch.Tensor:
-    """log p(target | prefix) for every scored token, shape [N] float32."""
-    lm = causal_lm(model)
-    decoder = lm.get_decoder()
-    if mask is None:
-        mask = batch_mask(model, batch)
-    out = decoder(input_ids=batch.input_ids, attention_mask=mask,
-                  position_ids=batch.position_ids, use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.pred_index)
+def decoder_hidden(lm: Any, input_ids: torch.Tensor, mask: Any = None,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoder's last hidden states [B, T, H]: what the causal LM feeds its output head."""
+    out = lm.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                           use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def head_logps(lm: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets[i] | hidden[i]) through the output head in chunks, shape [N] float32.
+
+    Each chunk is recomputed in backward (when it needs gradients) instead of keeping its
+    logits.
+    """
     head = lm.get_output_embeddings()
-    softcap = getattr(lm.config, "final_logit_softcapping", None)
-    fn = _head_fn(head, softcap)
+    fn = _head_fn(head, logits_transform(lm))
     vocab = head.weight.shape[0] if hasattr(head, "weight") else lm.config.vocab_size
     chunk = max(16, CHUNK_BYTES // (4 * vocab))
     parts = []
     for s in range(0, hidden.shape[0], chunk):
-        h, t = hidden[s:s + chunk], batch.targets[s:s + chunk]
+        h, t = hidden[s:s + chunk], targets[s:s + chunk]
         if torch.is_grad_enabled() and h.requires_grad:
             parts.append(checkpoint(fn, h, t, use_reentrant=False))
         else:
             parts.append(fn(h, t))
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def token_logps(model: Any, batch: PackedBatch, mask: Any = None) -> torch.Tensor:
+    """log p(target | prefix) for every scored token, shape [N] float32."""
+    lm = causal_lm(model)
+    if mask is None:
+        mask = batch_mask(model, batch)
+    hidden = decoder_hidden(lm, batch.input_ids, mask, batch.position_ids)
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.pred_index)
+    return head_logps(lm, hidden, batch.targets)
 
 
 def sequence_logps(model: Any, batch: PackedBatch, mask: Any = None) -> SequenceLogps:

@@ -22,6 +22,7 @@ from qdpo import attention
 from qdpo.cache import cache_dir
 from qdpo.device import compute_dtype, default_device
 from qdpo.errors import ModelError
+from qdpo.files import short_error
 from qdpo.recipe import Recipe
 
 REFERENCE_ADAPTER = "reference"
@@ -257,7 +258,101 @@ def attach_lora(model: Any, recipe: Recipe) -> Any:
     for n, p in peft_model.named_parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    check_lean_head(peft_model, compute_dtype(recipe.model.compute_dtype, _device_of(model)))
     return peft_model
+
+
+def _device_of(model: Any) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+@dataclass
+class _CheckRow:
+    """The parts of a PackedBatch that attention.build_mask reads (one packed row)."""
+
+    segments: torch.Tensor
+    sides: torch.Tensor
+    layout: str = "packed"
+
+
+# The lean head is checked on this many tokens at load (three targets at each position).
+CHECK_TOKENS = 8
+
+
+def check_lean_head(model: Any, dtype: torch.dtype | None = None) -> None:
+    """Refuse a model whose forward turns its head's output into logits in a way logps.py
+    does not reproduce, before it trains on silently wrong log-probs.
+
+    logps.py never asks the model for logits: it runs the decoder and the output head itself
+    and applies the transforms it knows (`logps.logits_transform`). Here a few tokens go
+    through both that path and the model's own `forward(...).logits`, with the same decoder
+    inputs, and the log-probs of the next token, the likeliest and the least likely token at
+    each position must agree to within what the compute dtype's rounding allows. It runs
+    without gradients in eval mode (no dropout) and leaves the model as it found it: each
+    module's train/eval mode, and bitsandbytes' CPU repacking switched off while it runs (see
+    `_freeze`), so a 4-bit weight keeps its trainable format.
+    """
+    import bitsandbytes as bnb
+
+    from qdpo import logps
+    from qdpo.device import autocast_for
+
+    lm = logps.causal_lm(model)
+    model_type = getattr(lm.config, "model_type", None) or type(lm).__name__
+    emb = lm.get_input_embeddings().weight
+    device = emb.device
+    vocab = int(emb.shape[0])
+    ids = torch.tensor([[(1 + 7919 * i) % vocab for i in range(CHECK_TOKENS)]], device=device)
+    positions = torch.arange(CHECK_TOKENS, device=device)[None]
+    modes = [(m, m.training) for m in model.modules()]
+    q4 = [(m, m.support_avx512bf16_for_cpu, m.compute_dtype, m.compute_type_is_set)
+          for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    autocast = autocast_for(device, dtype) if dtype is not None else contextlib.nullcontext()
+    try:
+        for m, *_ in q4:
+            m.support_avx512bf16_for_cpu = False
+        model.eval()
+        with torch.no_grad(), autocast:
+            mask = None
+            if attention.model_kernel(model) == "flex_attention":
+                # qdpo's block mask: transformers would compile one for this shape
+                seg = torch.zeros_like(ids)
+                mask = attention.build_mask(
+                    _CheckRow(segments=seg, sides=seg), "flex_attention")
+            full = lm(input_ids=ids, attention_mask=mask, position_ids=positions,
+                      use_cache=False).logits[0, :-1]
+            hidden = logps.decoder_hidden(lm, ids, mask, positions)[0, :-1]
+            targets = torch.stack([ids[0, 1:], full.argmax(-1), full.argmin(-1)], -1)
+            lean = logps.head_logps(lm, hidden.repeat_interleave(3, 0), targets.reshape(-1))
+            ref = full.float().log_softmax(-1).gather(-1, targets).reshape(-1)
+            diff = (lean - ref).abs().max().item()
+            scale = full.float().abs().max().item()
+            low = [d for d in (full.dtype, hidden.dtype, dtype if device.type == "cuda" else None,
+                               getattr(lm.get_output_embeddings(), "weight", emb).dtype)
+                   if d in (torch.bfloat16, torch.float16)]
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:
+        raise ModelError(f"qdpo cannot compute log-probs for the '{model_type}' architecture "
+                         f"(config.model_type): checking its output head failed with "
+                         f"{short_error(e)}") from None
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for m, avx, cdtype, is_set in q4:
+            m.support_avx512bf16_for_cpu, m.compute_dtype, m.compute_type_is_set = \
+                avx, cdtype, is_set
+    eps = max((torch.finfo(d).eps for d in low), default=torch.finfo(torch.float32).eps)
+    # rounding of a transform done in the compute dtype moves a log-prob by at most about
+    # 2 * eps/2 * |logit|; a missing scale or cap moves it by a fraction of |logit|
+    if not diff <= 1e-3 + 4 * eps * scale:
+        raise ModelError(
+            f"qdpo does not support the logits transform of the '{model_type}' architecture "
+            f"(config.model_type) yet: its forward turns the output head's values into logits "
+            f"in a way qdpo's log-prob computation does not reproduce (log-probs differ by up "
+            f"to {diff:.3g} on a test input), so training would use wrong log-probs. Known "
+            "transforms: final_logit_softcapping (Gemma), logits_scaling (Granite), "
+            "logit_scale (Cohere).")
 
 
 def load_model(recipe: Recipe, device: torch.device | None = None) -> tuple[Any, ModelInfo]:
@@ -353,6 +448,7 @@ def load_trained(source: Any, device: torch.device | None = None,
         raise ModelError(f"Cannot load the adapter in '{source.adapter_dir}' onto "
                          f"'{source.base_path}': {type(e).__name__}: {e}") from None
     model.eval()
+    check_lean_head(model, compute_dtype(recipe.model.compute_dtype, device))
     try:
         tok = AutoTokenizer.from_pretrained(str(source.adapter_dir))
     except Exception:

@@ -2,10 +2,11 @@
 
 Precomputing runs one no-grad pass over the pairs training will use (larger token budget, no
 activation storage) and keeps per-pair reference log-probs. The cache is keyed by everything
-that changes them: base weights and revision, quantization and compute dtype, the starting
-adapter's bytes, and the tokenized pairs themselves; the batch layout is not part of the key,
-since every layout gives the same numbers. A later run on the same data (a beta sweep, a
-resumed run, more epochs) loads them and says so.
+that changes them: base weights and revision (for a hub model, the commit the local hub cache
+resolves the revision to, so an upstream update is not mistaken for the old weights),
+quantization and compute dtype, the starting adapter's bytes, and the tokenized pairs
+themselves; the batch layout is not part of the key, since every layout gives the same numbers.
+A later run on the same data (a beta sweep, a resumed run, more epochs) loads them and says so.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from qdpo import console as ui
 from qdpo.batching import REFERENCE_SCALE, BatchPlan
 from qdpo.cache import cache_dir
 from qdpo.files import write_atomically
+from qdpo.hub import resolved_commit
 from qdpo.data import PairTokens
 from qdpo.device import autocast_for, synchronize
 from qdpo.logps import SequenceLogps, sequence_logps
@@ -75,11 +77,17 @@ def cache_key(recipe: Recipe, base_path: str, pairs: Sequence[PairTokens],
               dtype: torch.dtype) -> str:
     h = hashlib.sha256()
     m = recipe.model
-    h.update(json.dumps({
+    fields = {
         "v": CACHE_VERSION, "base": base_path, "revision": m.revision,
         "random_init_seed": recipe.train.seed if m.random_init else None,
         "quantization": m.quantization, "double_quant": m.double_quant, "dtype": str(dtype),
-    }, sort_keys=True).encode())
+    }
+    # a hub model: the commit its revision (default: main) resolves to in the local hub cache,
+    # so an update upstream gets new numbers (local directories are hashed below)
+    commit = None if m.random_init else resolved_commit(base_path, m.revision)
+    if commit:
+        fields["commit"] = commit
+    h.update(json.dumps(fields, sort_keys=True).encode())
     local = Path(base_path)
     if local.is_dir():  # weights replaced in place must not reuse old numbers
         if (local / "config.json").exists():

@@ -87,3 +87,62 @@ def test_chunked_head_gradients_equal_naive(model_and_pairs, monkeypatch):
         assert torch.allclose(g, p.grad, atol=1e-4, rtol=1e-3)
     model.zero_grad()
     assert any(g.abs().sum() > 0 for g in got)
+
+
+def _arch_config(kind):
+    """A tiny config of an architecture whose forward transforms the head's output."""
+    from transformers import CohereConfig, Gemma2Config, GraniteConfig
+
+    shape = dict(vocab_size=768, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 max_position_embeddings=256, initializer_range=0.2, pad_token_id=2,
+                 bos_token_id=0, eos_token_id=1)
+    if kind == "granite":  # forward divides the logits
+        return GraniteConfig(logits_scaling=4.0, **shape)
+    if kind == "cohere":  # forward multiplies them
+        return CohereConfig(logit_scale=0.25, **shape)
+    return Gemma2Config(final_logit_softcapping=0.5, **shape)  # forward caps them
+
+
+@pytest.mark.parametrize("kind", ["granite", "cohere", "gemma2"])
+def test_lean_logps_follow_the_models_logits_transform(kind, tmp_path):
+    """Granite divides its logits by logits_scaling, Cohere multiplies them by logit_scale,
+    Gemma 2 caps them: the lean head must give the full forward's log-probs (and the check at
+    load must let these models through)."""
+    from qdpo.logps import causal_lm, logits_transform
+
+    _arch_config(kind).save_pretrained(tmp_path / kind)
+    r = quickstart_recipe(tmp_path, f"model.name_or_path={tmp_path / kind}",
+                          *(["model.attn_implementation=eager"] if kind == "gemma2" else []))
+    model, _ = load_model(r)
+    assert causal_lm(model).config.model_type == kind
+    assert logits_transform(causal_lm(model)) == {"granite": (0.25, None),
+                                                  "cohere": (0.25, None),
+                                                  "gemma2": (None, 0.5)}[kind]
+    g = torch.Generator().manual_seed(1)
+    pairs = [PairTokens(*(torch.randint(3, 700, (n,), generator=g).tolist() for n in ns))
+             for ns in ((5, 9, 3), (12, 2, 7))]
+    model.eval()
+    with torch.no_grad():
+        lp = sequence_logps(model, padded_batch(pairs, range(2), 2))
+        for i, p in enumerate(pairs):
+            assert lp.chosen[i].item() == pytest.approx(
+                naive(model, p.prompt_ids, p.chosen_ids).item(), abs=1e-3)
+            assert lp.rejected[i].item() == pytest.approx(
+                naive(model, p.prompt_ids, p.rejected_ids).item(), abs=1e-3)
+
+
+def test_logit_scale_of_other_architectures_is_not_applied():
+    """MPT's config has a logit_scale its forward never uses; only Cohere's multiplies."""
+    from types import SimpleNamespace
+
+    from qdpo.logps import logits_transform
+
+    def lm(**cfg):
+        return SimpleNamespace(config=SimpleNamespace(**cfg))
+
+    assert logits_transform(lm(model_type="mpt", logit_scale=0.5)) == (None, None)
+    assert logits_transform(lm(model_type="cohere2", logit_scale=0.5)) == (0.5, None)
+    assert logits_transform(lm(model_type="granitemoe", logits_scaling=2)) == (0.5, None)
+    assert logits_transform(lm(model_type="hyperclovax", logits_scaling=2)) == (2.0, None)
+    assert logits_transform(lm(model_type="llama")) == (None, None)

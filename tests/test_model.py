@@ -10,8 +10,9 @@ from qdpo.attention import build_mask
 from qdpo.batching import padded_batch
 from qdpo.data import prepare
 from qdpo.logps import sequence_logps
-from qdpo.model import (load_base, load_model, load_tokenizer, reference_mode, save_adapter,
-                        trainable_parameters)
+from qdpo.errors import ModelError
+from qdpo.model import (check_lean_head, load_base, load_model, load_tokenizer, reference_mode,
+                        save_adapter, trainable_parameters)
 from tiny import quickstart_recipe
 
 
@@ -153,3 +154,48 @@ def test_init_adapter_reports_the_adapters_own_lora(setup, tmp_path, capsys):
     assert (info.lora_r, info.lora_alpha) == (4, 8.0)
     model_banner(r2, info)
     assert "LoRA r=4 alpha 8" in capsys.readouterr().out
+
+
+def test_unknown_logits_transform_is_refused_at_load(setup, monkeypatch):
+    """A forward that does something to the logits the lean head does not know (here a tiny
+    Llama whose forward scales them) must not train on wrong log-probs: load refuses."""
+    from transformers import LlamaForCausalLM
+
+    r, _, _ = setup
+    forward = LlamaForCausalLM.forward
+
+    def scaled(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        out.logits = out.logits * 3
+        return out
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", scaled)
+    with pytest.raises(ModelError, match=r"does not support the logits transform of the 'llama' "
+                                         r"architecture \(config.model_type\) yet"):
+        load_model(r)
+    monkeypatch.undo()
+    load_model(r)  # the same model with its own forward loads
+
+
+def test_lean_head_check_leaves_the_model_as_it_was(setup):
+    """The load-time check runs in eval mode without gradients, which is exactly when
+    bitsandbytes repacks 4-bit weights for its CPU kernel: it must not, and every module's
+    mode, every flag, the weights and the RNG stay as they were."""
+    r, _, _ = setup
+    model, _ = load_model(r)
+    model.train()
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    layers[0].eval()  # a mixed state must come back mixed
+    for m in layers:  # bitsandbytes' own default on AVX512-BF16 CPUs
+        m.support_avx512bf16_for_cpu = True
+    modes = {n: m.training for n, m in model.named_modules()}
+    weights = [m.weight.data.clone() for m in layers]
+    rng = torch.random.get_rng_state()
+    check_lean_head(model)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert all(m.support_avx512bf16_for_cpu is True for m in layers)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                   for m in layers)
+    assert all(torch.equal(w, m.weight.data) for w, m in zip(weights, layers))
+    assert torch.equal(rng, torch.random.get_rng_state())
+    assert all(p.grad is None for p in model.parameters())
