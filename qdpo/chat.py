@@ -127,7 +127,7 @@ def chat_loop(gen: Generator, sampling: Sampling, compare: bool = False,
     from rich.panel import Panel
 
     history: list[dict[str, str]] = []
-    ui.info(f"[dim]{HELP}[/]")
+    ui.console.print(f"[dim]{HELP}[/]")
     while True:
         try:
             line = read("you> ")
@@ -141,16 +141,16 @@ def chat_loop(gen: Generator, sampling: Sampling, compare: bool = False,
             return
         if text == "/reset":
             history = []
-            ui.info("[dim](conversation reset)[/]")
+            ui.console.print("[dim](conversation reset)[/]")
             continue
         if text.startswith("/system"):
             gen.system_prompt = text[len("/system"):].strip() or None  # render() adds it
             history = []
-            ui.info(f"[dim](system prompt {'set' if gen.system_prompt else 'cleared'}; "
+            ui.console.print(f"[dim](system prompt {'set' if gen.system_prompt else 'cleared'}; "
                     "conversation reset)[/]")
             continue
         if text.startswith("/"):
-            ui.info(f"[dim]unknown command {text.split()[0]}; {HELP}[/]")
+            ui.console.print(f"[dim]unknown command {text.split()[0]}; {HELP}[/]")
             continue
         history.append({"role": "user", "content": text})
         conv = list(history)

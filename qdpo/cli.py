@@ -413,18 +413,14 @@ def eval_cmd(
 
     from qdpo import console as ui
     from qdpo.recipe import DataSource
-    from qdpo.evaluate import eval_trained
+    from qdpo.evaluate import evaluate_run
 
-    saved = ui.console
     if json_out:  # keep stdout pure JSON: progress and notes go to stderr
-        ui.console = ui.err_console
-    try:
-        # a path that exists from here means this file, not one beside the run's recipe
-        srcs = [DataSource(path=str(Path(d).resolve()) if Path(d).exists() else d, split=split)
-                for d in data]
-        res = eval_trained(run, srcs, max_pairs)
-    finally:
-        ui.console = saved
+        ui.install_cli_handler(ui.err_console)
+    # a path that exists from here means this file, not one beside the run's recipe
+    srcs = [DataSource(path=str(Path(d).resolve()) if Path(d).exists() else d, split=split)
+            for d in data]
+    res = evaluate_run(run, srcs, max_pairs)
     if json_out:
         typer.echo(_json.dumps(res, indent=2))
         return
@@ -442,6 +438,7 @@ def main() -> None:
 
     from qdpo import console as ui
 
+    ui.install_cli_handler()
     # library deprecation chatter (transformers renames, peft internals) is not for users
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -1,14 +1,20 @@
-"""What the user sees and what is written down: rich progress, tables, messages, metric sinks.
+"""What the user sees and what is written down: messages, rich progress, tables, metric sinks.
 
-Metrics always go to `metrics.jsonl` (one JSON object per logged step); TensorBoard too when
-asked for and installed. The live display falls back to plain lines when stdout is not a
-terminal (CI, `nohup`, pipes), so logs stay readable.
+The library never prints: `info`, `warn` and `error` log through `logging.getLogger("qdpo")`.
+The CLI installs `ConsoleHandler` (`install_cli_handler`), which prints them with rich, and only
+then do progress bars and the live training display appear; a Python user sees what their
+logging configuration shows (warnings by default, `logging.basicConfig(level=logging.INFO)`
+for the rest). Metrics always go to `metrics.jsonl` (one JSON object per logged step);
+TensorBoard too when asked for and installed. The live display falls back to plain lines when
+stdout is not a terminal (CI, `nohup`, pipes), so logs stay readable.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import math
 import sys
 import time
@@ -27,18 +33,63 @@ _WIDTH = None if sys.stdout.isatty() else 150
 console = Console(stderr=False, highlight=False, soft_wrap=True, width=_WIDTH)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True, width=_WIDTH)
 
+log = logging.getLogger("qdpo")
+
 
 def info(msg: str) -> None:
-    console.print(msg)
+    log.info(msg)
 
 
 def warn(msg: str) -> None:
-    # messages are plain text: brackets in them ('qdpo[compare]', '[R, T]') are not markup
-    err_console.print(f"[yellow]warning:[/] {escape(msg)}")
+    log.warning(msg)
 
 
 def error(msg: str) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(msg)}")
+    log.error(msg)
+
+
+class ConsoleHandler(logging.Handler):
+    """The CLI's handler: messages on `output` (stdout, or stderr when stdout carries JSON),
+    warnings and errors on stderr. Messages are plain text, never rich markup."""
+
+    def __init__(self, output: Console):
+        super().__init__(logging.INFO)
+        self.output = output
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = escape(record.getMessage())
+        if record.levelno >= logging.ERROR:
+            err_console.print(f"[bold red]error:[/] {msg}")
+        elif record.levelno >= logging.WARNING:
+            err_console.print(f"[yellow]warning:[/] {msg}")
+        else:
+            self.output.print(msg)
+
+
+def install_cli_handler(output: Console | None = None) -> None:
+    """Let the CLI own the terminal: messages printed by rich, progress bars and the live
+    display on `output` (stdout by default). Calling it again replaces the handler."""
+    for h in [h for h in log.handlers if isinstance(h, ConsoleHandler)]:
+        log.removeHandler(h)
+    log.addHandler(ConsoleHandler(output or console))
+    log.setLevel(logging.INFO)
+    log.propagate = False  # a root handler the user configured would print everything twice
+
+
+def _cli_output() -> Console | None:
+    """The console the CLI prints to, or None when qdpo runs as a library."""
+    return next((h.output for h in log.handlers if isinstance(h, ConsoleHandler)), None)
+
+
+def show(renderable: Any) -> None:
+    """A table or other rich renderable: printed by the CLI, logged as text by the library."""
+    out = _cli_output()
+    if out is not None:
+        out.print(renderable)
+        return
+    buf = io.StringIO()
+    Console(file=buf, width=150, highlight=False).print(renderable)
+    log.info(buf.getvalue().rstrip())
 
 
 def fmt(v: Any, key: str = "") -> str:
@@ -121,14 +172,15 @@ class TrainDisplay:
 
     def __init__(self, total_steps: int, start_step: int = 0, live: bool | None = None):
         self.total = total_steps
-        self.live = sys.stdout.isatty() if live is None else live
+        out = _cli_output()
+        self.live = (out is not None and out.is_terminal) if live is None else live
         self.last_print = 0.0
         self.progress: Progress | None = None
         if self.live:
             self.progress = Progress(
                 TextColumn("[bold]train"), BarColumn(bar_width=24), MofNCompleteColumn(),
                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), _Stats(),
-                console=console, transient=False)
+                console=out or console, transient=False)
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step,
                                                stats="")
             self.progress.start()
@@ -154,10 +206,10 @@ class TrainDisplay:
         now = time.monotonic()
         if now - self.last_print >= 5 or step in (1, self.total):
             self.last_print = now
-            console.print(f"step {step}/{self.total}  {line}")
+            info(f"step {step}/{self.total}  {line}")
 
     def message(self, msg: str) -> None:
-        (self.progress.console if self.progress else console).print(msg)
+        info(msg)  # the handler prints above a live bar
 
     def close(self) -> None:
         if self.progress is not None:
@@ -172,12 +224,14 @@ class TrainDisplay:
 
 @contextlib.contextmanager
 def task_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A transient progress bar for a one-off pass (reference log-probs, tokenization)."""
-    if not sys.stdout.isatty():
+    """A transient progress bar for a one-off pass (reference log-probs, tokenization), shown
+    only by the CLI on a terminal."""
+    out = _cli_output()
+    if out is None or not out.is_terminal:
         yield lambda k: None
         return
     with Progress(TextColumn(f"[bold]{label}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as prog:
+                  TimeRemainingColumn(), console=out, transient=True) as prog:
         task = prog.add_task(label, total=total or None)
         yield lambda k: prog.advance(task, k)
 
@@ -247,10 +301,9 @@ def run_summary(result: Any, recipe: Any, seconds: float) -> None:
               "rewards/rejected"):
         if k in result.final_eval:
             rows.append((f"eval {k}", result.final_eval[k]))
-    console.print(metrics_table("qdpo run summary", rows))
+    show(metrics_table("qdpo run summary", rows))
     if result.interrupted:
-        info(f"[yellow]interrupted[/] at step {result.steps}; resume with "
-             f"`qdpo train <recipe> --resume`")
+        warn(f"interrupted at step {result.steps}; resume with `qdpo train <recipe> --resume`")
         return
     acc = result.final_eval.get("rewards/accuracies")
     if acc is not None:

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
+from qdpo import callable_module
 from qdpo import console as ui
 from qdpo.batching import EVAL_SCALE, BatchPlan, plan_batches
 from qdpo.data import PairTokens
@@ -21,7 +22,7 @@ from qdpo.losses import Objective
 from qdpo.memory import token_budget
 from qdpo.reference import ReferenceTable
 
-def evaluate(model: Any, data: Sequence[PairTokens], objective: Objective, plan: BatchPlan,
+def evaluate_pairs(model: Any, data: Sequence[PairTokens], objective: Objective, plan: BatchPlan,
              device: torch.device, dtype: torch.dtype,
              reference: ReferenceTable | None = None) -> dict[str, float]:
     """Mean per-pair metrics over `data`; `plan` is already the eval plan (scaled)."""
@@ -45,14 +46,17 @@ def eval_plan(train_plan: BatchPlan, eval_micro_batch_pairs: int | None) -> Batc
     return train_plan.scaled(EVAL_SCALE, pairs=eval_micro_batch_pairs)
 
 
-def eval_trained(path: str | Path, sources: list[Any], max_pairs: int | None = None,
+def evaluate_run(path: str | Path, sources: Sequence[Any], max_pairs: int | None = None,
                  micro_batch_pairs: int | None = None) -> dict[str, float]:
-    """`qdpo eval`: a trained adapter against its reference on any data source."""
+    """A trained run, checkpoint or adapter against its reference on any data (paths, hub ids
+    or DataSource): `qdpo eval`, and `qdpo.evaluate(...)` from Python."""
     from qdpo.attention import model_kernel
     from qdpo.data import prepare_sources
     from qdpo.model import hidden_size, load_trained
+    from qdpo.recipe import DataSource
     from qdpo.rundir import open_trained
 
+    sources = [s if isinstance(s, DataSource) else DataSource(path=str(s)) for s in sources]
     src = open_trained(path)
     device = default_device()
     model, tok = load_trained(src, device)
@@ -65,6 +69,10 @@ def eval_trained(path: str | Path, sources: list[Any], max_pairs: int | None = N
     plan = plan_batches(t.layout, model_kernel(model), hidden_size(model),
                         tok.pad_token_id, t.micro_batch_pairs,
                         token_budget(recipe, causal_lm(model).config, device), device)
-    return evaluate(model, pairs, Objective.from_config(recipe.loss),
+    return evaluate_pairs(model, pairs, Objective.from_config(recipe.loss),
                     eval_plan(plan, micro_batch_pairs or recipe.eval.micro_batch_pairs),
                     device, compute_dtype(recipe.model.compute_dtype, device))
+
+
+# `qdpo.evaluate(run, data)` calls evaluate_run, though qdpo.evaluate is this module
+callable_module(__name__, evaluate_run)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from qdpo import checkpoint
+from qdpo import callable_module, checkpoint
 from qdpo import console as ui
 from qdpo import reference
 from qdpo.attention import check_can_train, model_kernel
@@ -28,7 +28,7 @@ from qdpo.batching import BatchPlan, pairs_used, plan_batches, step_pairs
 from qdpo.data import PairTokens, PreparedData, prepare
 from qdpo.device import autocast_for, memory_stats, reset_peak_memory, total_memory_gib
 from qdpo.errors import QdpoError
-from qdpo.evaluate import eval_plan, evaluate
+from qdpo.evaluate import eval_plan, evaluate_pairs
 from qdpo.forward import MetricAccumulator, forward_pair_batch
 from qdpo.logps import causal_lm
 from qdpo.memory import token_budget
@@ -258,7 +258,7 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
     bad_steps, done, interrupted = 0, s.start_step, False
 
     def run_eval(step: int) -> dict[str, float]:
-        ev = evaluate(ctx.model, data.eval, ctx.objective, s.eval_plan, ctx.device, ctx.dtype,
+        ev = evaluate_pairs(ctx.model, data.eval, ctx.objective, s.eval_plan, ctx.device, ctx.dtype,
                       s.eval_reference)
         sinks.write({"step": step, **{f"eval/{k}": v for k, v in ev.items()}})
         return ev
@@ -386,3 +386,7 @@ def _nonfinite_error(bad_steps: int, step: int, run_dir: Path) -> QdpoError:
         f"{bad_steps} optimizer steps in a row had a non-finite loss or gradient (last at step "
         f"{step + 1}). Lower train.learning_rate, check the data, or use compute_dtype: bf16 "
         f"instead of fp16. The last good checkpoint in {run_dir / 'checkpoints'} is kept.")
+
+
+# `qdpo.train(recipe)` calls train(), though qdpo.train is this module
+callable_module(__name__, train)

@@ -139,7 +139,7 @@ def test_eval_forward_leaves_training_gradients_alone(setup):
         assert torch.allclose(before[n], after[n], atol=1e-5), n
 
 
-def test_init_adapter_reports_the_adapters_own_lora(setup, tmp_path, capsys):
+def test_init_adapter_reports_the_adapters_own_lora(setup, tmp_path, caplog):
     """Starting from an adapter, what trains is that adapter's r/alpha/dropout, not the
     recipe's defaults: the model info and the banner say so."""
     from qdpo.console import model_banner
@@ -152,8 +152,9 @@ def test_init_adapter_reports_the_adapters_own_lora(setup, tmp_path, capsys):
     assert r2.lora.r == 16  # the recipe's own setting differs
     _, info = load_model(r2)
     assert (info.lora_r, info.lora_alpha) == (4, 8.0)
-    model_banner(r2, info)
-    assert "LoRA r=4 alpha 8" in capsys.readouterr().out
+    with caplog.at_level("INFO", logger="qdpo"):
+        model_banner(r2, info)
+    assert "LoRA r=4 alpha 8" in caplog.text
 
 
 def test_unknown_logits_transform_is_refused_at_load(setup, monkeypatch):

@@ -23,6 +23,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from qdpo import callable_module
+
 if TYPE_CHECKING:
     from qdpo.export.adapter import export_peft
     from qdpo.export.formats import FORMATS, export
@@ -48,3 +50,13 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'qdpo.export' has no attribute {name!r}")
+
+
+def _export(*args: Any, **kwargs: Any) -> Any:
+    from qdpo.export.formats import export
+
+    return export(*args, **kwargs)
+
+
+# `qdpo.export(run, fmt, out)` calls formats.export, though qdpo.export is this package
+callable_module(__name__, _export)
