@@ -17,6 +17,7 @@ import torch
 from qdpo import console as ui
 from qdpo.data import Tokenizer
 from qdpo.errors import DataError
+from qdpo.files import write_atomically
 from qdpo.model import reference_mode
 
 
@@ -204,8 +205,9 @@ def read_prompts(path: Path) -> list[list[dict[str, str]]]:
 def generate_file(gen: Generator, prompts: Path, out: Path, sampling: Sampling,
                   compare: bool = False, batch_size: int = 8) -> int:
     convs = read_prompts(prompts)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with ui.task_progress("generate", len(convs)) as advance, tmp.open("w") as f:
+    # the file appears complete or not at all (the previous one stays until then)
+    with write_atomically(out) as tmp, ui.task_progress("generate", len(convs)) as advance, \
+            tmp.open("w") as f:
         for s in range(0, len(convs), batch_size):
             chunk = convs[s:s + batch_size]
             tuned = gen.generate(chunk, sampling)
@@ -216,5 +218,4 @@ def generate_file(gen: Generator, prompts: Path, out: Path, sampling: Sampling,
                     row["base_response"] = b
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             advance(len(chunk))
-    tmp.replace(out)
     return len(convs)

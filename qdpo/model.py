@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from qdpo import attention
 from qdpo.cache import cache_dir
 from qdpo.device import compute_dtype, default_device
 from qdpo.errors import ModelError
-from qdpo.files import short_error
+from qdpo.files import atomic_dir, short_error
 from qdpo.recipe import Recipe
 
 REFERENCE_ADAPTER = "reference"
@@ -44,8 +43,8 @@ def load_tokenizer(recipe: Recipe) -> Any:
         tok = AutoTokenizer.from_pretrained(src, revision=recipe.model.revision,
                                             trust_remote_code=recipe.model.trust_remote_code)
     except Exception as e:
-        raise ModelError(f"Cannot load the tokenizer from '{src}': {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}. Check model.name_or_path "
+        raise ModelError(f"Cannot load the tokenizer from '{src}': {short_error(e)}. "
+                         "Check model.name_or_path "
                          "(or model.tokenizer); without network only local directories and "
                          "already-downloaded hub models load.") from None
     if tok.pad_token is None:
@@ -62,9 +61,8 @@ def load_config(path: str, recipe: Recipe | None = None) -> Any:
             path, trust_remote_code=bool(recipe and recipe.model.trust_remote_code))
     except Exception as e:
         raise ModelError(f"Cannot read the config of the base model '{path}': "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
-                         "Check that it exists (without network only local directories and "
-                         "already-downloaded hub models load).") from None
+                         f"{short_error(e)}. Check that it exists (without network only local "
+                         "directories and already-downloaded hub models load).") from None
 
 
 def materialize_random(recipe: Recipe) -> str:
@@ -90,14 +88,8 @@ def materialize_random(recipe: Recipe) -> str:
     torch.manual_seed(recipe.train.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     torch.random.set_rng_state(state)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process won the race
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(out) as tmp:  # a process racing us writes the same weights
+        model.save_pretrained(tmp)
     return str(out)
 
 
@@ -137,8 +129,8 @@ def load_base(recipe: Recipe, device: torch.device | None = None,
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as e:
-        raise ModelError(f"Cannot load the model '{path}': {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}. Check model.name_or_path; "
+        raise ModelError(f"Cannot load the model '{path}': {short_error(e)}. "
+                         "Check model.name_or_path; "
                          "without network only local directories and already-downloaded hub "
                          "models load.") from None
     _freeze(model)
