@@ -10,7 +10,7 @@ from qdpo.attention import build_mask, kernel_for, row_cap
 from qdpo.batching import make_batch
 from qdpo.data import PairTokens
 from qdpo.losses import LossParams, Objective
-from test_batching import make_pairs, tiny_lora_model
+from tiny import make_pairs, tiny_lora_model
 
 CPU = torch.device("cpu")
 

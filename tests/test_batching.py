@@ -4,46 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from qdpo.attention import build_mask
 from qdpo.batching import (CHOSEN, LAYOUTS, PROMPT, REJECTED, group_by_budget, make_batch,
                            segment_cost)
-from qdpo.data import PairTokens
 from qdpo.logps import sequence_logps
 from qdpo.losses import LossParams, PreferenceBatch, compute_loss
-
-CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
-
-
-def make_pairs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(n):
-        return torch.randint(3, 250, (n,), generator=g).tolist()
-
-    # very different prompt and response lengths, a single-token response on each side
-    return [PairTokens(rand(9), rand(15), rand(4)), PairTokens(rand(40), rand(1), rand(22)),
-            PairTokens(rand(2), rand(37), rand(33)), PairTokens(rand(5), rand(3), rand(1)),
-            PairTokens(rand(1), rand(6), rand(11), weight=0.5)]
-
-
-def tiny_lora_model(arch: str, impl: str = "sdpa"):
-    from peft import LoraConfig, get_peft_model
-
-    cfg = CONFIGS[arch](vocab_size=256, hidden_size=64, intermediate_size=128,
-                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        max_position_embeddings=256)
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                            lora_dropout=0.0))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    return model
-
+from tiny import make_pairs, tiny_lora_model
 
 def run_layout(model, pairs, layout, row_tokens=None):
     model.zero_grad()

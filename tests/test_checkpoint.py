@@ -13,7 +13,7 @@ import torch
 from qdpo import checkpoint as ck
 from qdpo.errors import QdpoError
 from qdpo.losses import LossParams, Objective
-from test_batching import tiny_lora_model
+from tiny import tiny_lora_model
 from tiny import quickstart_recipe
 
 

@@ -7,11 +7,7 @@ import json
 import pytest
 import torch
 
-from tiny import QUICKSTART_RECIPE, qdpo
-
-
-def read_metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+from tiny import QUICKSTART_RECIPE, qdpo, read_metrics
 
 
 @pytest.fixture(scope="module")

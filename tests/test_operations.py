@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qdpo.cli import app
-from test_cli import read_metrics
+from tiny import read_metrics
 from tiny import QUICKSTART_RECIPE, qdpo, quickstart_recipe
 
 SMALL = ["train.max_steps=3", "train.pairs_per_step=8", "train.micro_batch_pairs=8",

@@ -11,7 +11,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from test_cli import read_metrics
+from tiny import read_metrics
 from tiny import QUICKSTART_RECIPE, REPO, qdpo
 
 ARGS = ["train.max_steps=10", "output.save_every_steps=2", "output.keep_last=2",

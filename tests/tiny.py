@@ -75,3 +75,49 @@ def user(text: str) -> dict[str, str]:
 
 def asst(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": text}
+
+
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def make_pairs(seed: int = 0) -> list[Any]:
+    """Five token pairs of very different prompt and response lengths, a single-token response
+    on each side, one of weight 0.5."""
+    import torch
+
+    from qdpo.data import PairTokens
+
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(n: int) -> list[int]:
+        return torch.randint(3, 250, (n,), generator=g).tolist()
+
+    return [PairTokens(rand(9), rand(15), rand(4)), PairTokens(rand(40), rand(1), rand(22)),
+            PairTokens(rand(2), rand(37), rand(33)), PairTokens(rand(5), rand(3), rand(1)),
+            PairTokens(rand(1), rand(6), rand(11), weight=0.5)]
+
+
+def tiny_lora_model(arch: str, impl: str = "sdpa") -> Any:
+    """A 2-layer model of the llama / qwen2 / mistral architecture with LoRA on all linear
+    layers, B initialised away from zero so the adapter changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    configs = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+    cfg = configs[arch](vocab_size=256, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=256)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                            lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    return model
