@@ -265,23 +265,10 @@ class _Bad(Exception):
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` as type `tp` (a field's annotation), or _Bad."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _Bad
-        # Try the more specific alternatives first (a string stays a string for str | list).
-        for a in sorted((a for a in args if a is not type(None)),
-                        key=lambda a: 0 if a is str and isinstance(value, str) else 1):
-            try:
-                return _coerce(value, a, key)
-            except _Bad:
-                continue
-            except RecipeError:
-                continue
-        raise _Bad
+        return _coerce_union(value, typing.get_args(tp), key)
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value in allowed:
@@ -291,64 +278,70 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise _Bad
     if origin is list:
         (inner,) = typing.get_args(tp)
-        items = value if isinstance(value, list) else [value]
-        if inner is DataSource or not isinstance(value, list):
-            if not isinstance(value, list) and inner is not DataSource:
-                raise _Bad
+        if not isinstance(value, list) and inner is not DataSource:
+            raise _Bad
+        items = value if isinstance(value, list) else [value]  # one source may stand alone
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(items)]
     if origin is dict:
         if not isinstance(value, dict):
             raise _Bad
         return {str(k): str(v) for k, v in value.items()}
-    if tp is DataSource:
-        if isinstance(value, str):
-            return DataSource(path=value)
-        if isinstance(value, dict):
-            return _build(DataSource, value, key)
-        raise _Bad
+    if tp is DataSource and isinstance(value, str):
+        return DataSource(path=value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _Bad
         return _build(tp, value, key)
+    return _coerce_scalar(value, tp)
+
+
+def _coerce_union(value: Any, args: tuple[Any, ...], key: str) -> Any:
+    if value is None:
+        if type(None) in args:
+            return None
+        raise _Bad
+    # Try the more specific alternatives first (a string stays a string for str | list).
+    for a in sorted((a for a in args if a is not type(None)),
+                    key=lambda a: 0 if a is str and isinstance(value, str) else 1):
+        try:
+            return _coerce(value, a, key)
+        except (_Bad, RecipeError):
+            continue
+    raise _Bad
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _coerce_scalar(value: Any, tp: Any) -> Any:
+    """bool, int, float or str from YAML values and `key=value` override strings."""
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no",
-                                                        "off", "0"):
-            return value.lower() in ("true", "yes", "on", "1")
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise _Bad
+    if isinstance(value, bool):  # never a number
         raise _Bad
     if tp is int:
-        if isinstance(value, bool):
-            raise _Bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
         if isinstance(value, str):
             try:
-                f = float(value.replace("_", ""))
+                value = float(value.replace("_", ""))
             except ValueError:
                 raise _Bad from None
-            if f.is_integer():
-                return int(f)
+        if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+            return int(value)
         raise _Bad
     if tp is float:
-        if isinstance(value, bool):
-            raise _Bad
         try:
-            if isinstance(value, str):
-                value = float(value)
-            if isinstance(value, (int, float)):
-                f = float(value)
-                if math.isfinite(f):
-                    return f
+            f = float(value) if isinstance(value, (str, int, float)) else None
         except (ValueError, OverflowError):
-            pass
+            raise _Bad from None
+        if f is not None and math.isfinite(f):
+            return f
         raise _Bad
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise _Bad
+    if tp is str and isinstance(value, (str, int, float)):
+        return str(value)
     raise _Bad
 
 
@@ -434,12 +427,22 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
 
 
 def validate(r: Recipe) -> Recipe:
-    """Checks that need more than a type: ranges and combinations."""
+    """Checks that need more than a type: ranges and combinations, section by section."""
+    for check in (_validate_model, _validate_data, _validate_loss, _validate_train,
+                  _validate_eval_and_output):
+        check(r)
+    return r
+
+
+def _validate_model(r: Recipe) -> None:
     _check(bool(r.model.name_or_path), "model.name_or_path", r.model.name_or_path,
            "set it to a hub model id or a local model directory")
     _check(r.lora.r >= 1, "lora.r", r.lora.r, "it must be a positive integer")
     _check(r.lora.alpha > 0, "lora.alpha", r.lora.alpha, "it must be > 0")
     _check(0 <= r.lora.dropout < 1, "lora.dropout", r.lora.dropout, "it must be in [0, 1)")
+
+
+def _validate_data(r: Recipe) -> None:
     _check(bool(r.data.train), "data.train", r.data.train,
            "give at least one training source (a file path or a hub dataset id)")
     for key, cols in [("data.columns", r.data.columns)] + [
@@ -460,6 +463,13 @@ def validate(r: Recipe) -> Recipe:
                                      f"({r.data.max_length}) to leave room for the response")
     _check(r.data.max_pairs is None or r.data.max_pairs >= 1, "data.max_pairs",
            r.data.max_pairs, "it must be >= 1 or null")
+    ct = r.data.chat_template
+    _check(ct in ("auto", "none", "chatml", "llama3", "zephyr") or "{{" in ct or "{%" in ct,
+           "data.chat_template", ct, "use auto, none, chatml, llama3, zephyr, or a Jinja "
+                                     "template string")
+
+
+def _validate_loss(r: Recipe) -> None:
     types_ = r.loss_types
     _check(len(types_) >= 1, "loss.type", r.loss.type, "give at least one loss name")
     for t in types_:
@@ -477,12 +487,15 @@ def validate(r: Recipe) -> Recipe:
            "it must be in [0, 0.5)")
     _check(r.loss.ld_alpha is None or 0 <= r.loss.ld_alpha <= 1, "loss.ld_alpha",
            r.loss.ld_alpha, "it must be in [0, 1] or null")
+
+
+def _validate_train(r: Recipe) -> None:
     t = r.train
     _check(t.pairs_per_step >= 1, "train.pairs_per_step", t.pairs_per_step, "it must be >= 1")
     _check(1 <= t.micro_batch_pairs <= t.pairs_per_step, "train.micro_batch_pairs",
            t.micro_batch_pairs, f"it must be between 1 and train.pairs_per_step "
                                 f"({t.pairs_per_step})")
-    sorting = [x for x in types_ if x in ("aot", "aot_unpaired")]
+    sorting = [x for x in r.loss_types if x in ("aot", "aot_unpaired")]
     if sorting and (t.micro_batch_pairs != t.pairs_per_step or t.max_tokens):
         raise RecipeError(
             f"loss.type {sorting[0]} sorts log-ratios across the pairs of a batch, so splitting "
@@ -501,21 +514,19 @@ def validate(r: Recipe) -> Recipe:
     _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, "it must be >= 1")
     _check(t.max_tokens in (None, "auto") or t.max_tokens >= 16, "train.max_tokens",
            t.max_tokens, "it must be >= 16, auto or null")
+
+
+def _validate_eval_and_output(r: Recipe) -> None:
     _check(r.eval.max_pairs is None or r.eval.max_pairs >= 1, "eval.max_pairs",
            r.eval.max_pairs, "it must be >= 1 or null")
     _check(r.eval.micro_batch_pairs is None or r.eval.micro_batch_pairs >= 1,
            "eval.micro_batch_pairs", r.eval.micro_batch_pairs, "it must be >= 1 or null")
-    ct = r.data.chat_template
-    _check(ct in ("auto", "none", "chatml", "llama3", "zephyr") or "{{" in ct or "{%" in ct,
-           "data.chat_template", ct, "use auto, none, chatml, llama3, zephyr, or a Jinja "
-                                     "template string")
     _check(0 <= r.eval.split_fraction < 1, "eval.split_fraction", r.eval.split_fraction,
            "it must be in [0, 1)")
     _check(r.eval.every_steps >= 0, "eval.every_steps", r.eval.every_steps, "it must be >= 0")
     _check(r.output.save_every_steps >= 0, "output.save_every_steps", r.output.save_every_steps,
            "it must be >= 0")
     _check(r.output.keep_last >= 1, "output.keep_last", r.output.keep_last, "it must be >= 1")
-    return r
 
 
 def recipe_from_dict(raw: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = (),
