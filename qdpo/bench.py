@@ -170,7 +170,7 @@ def run_bench(recipe: Recipe, *, steps: int = 8, warmup: int = 2, shape: str | N
     if ctx.objective.needs_reference and recipe.train.reference in ("auto", "precompute"):
         ctx.reference, ref_s = reference.ensure(model, data, range(len(data)), ctx.plan, device,
                                                 dtype, key=None, what="bench")
-    times, tokens, slots = _time_steps(ctx, data, steps, warmup, pps, quiet, profile)
+    times, tokens, slots = _time_steps(recipe, ctx, data, steps, warmup, quiet, profile)
     return _result(recipe, shape, config, ctx, data, times, tokens, slots, warmup, ref_s,
                    prompt_len, response_len)
 
@@ -189,17 +189,19 @@ def _bench_model(recipe: Recipe, shape: str | None, random_weights: bool,
     return attach_lora(base, recipe), config
 
 
-def _time_steps(ctx: Any, data: list[PairTokens], steps: int, warmup: int, pps: int,
+def _time_steps(recipe: Recipe, ctx: Any, data: list[PairTokens], steps: int, warmup: int,
                 quiet: bool, profile: Path | None = None) -> tuple[list[float], list[int], int]:
     from qdpo.device import synchronize
-    from qdpo.train import train_step
+    from qdpo.train import out_of_memory_message, train_step
 
     ctx.model.train()
+    pps = recipe.train.pairs_per_step
     times, tokens, slots = [], [], 0
     for s in range(steps):
         idx = list(range(s * pps, (s + 1) * pps))
         # the last step is the profiled one: warm, and its time still counts (a little slower)
-        with _profiled(profile if s == steps - 1 else None, ctx.device):
+        with _profiled(profile if s == steps - 1 else None, ctx.device), \
+                out_of_memory_message(recipe, ctx.device, lambda: f"at bench step {s + 1}"):
             t0 = time.monotonic()
             m = train_step(ctx, data, idx)
             synchronize(ctx.device)

@@ -375,10 +375,12 @@ class out_of_memory_message:
         raise QdpoError(
             f"Out of GPU memory {self.where()} (max_length {r.data.max_length}, max_tokens "
             f"{r.train.max_tokens}, {r.train.micro_batch_pairs} pairs per micro-batch; peak "
-            f"allocated {peak:.1f} GiB of {total_memory_gib(self.device):.1f} GiB). Lower "
-            "train.micro_batch_pairs (gradient accumulation keeps the step size), lower "
+            f"allocated {peak:.1f} GiB of {total_memory_gib(self.device):.1f} GiB). Set "
+            "train.max_tokens: auto (or see `qdpo plan` for what fits), lower "
+            "train.micro_batch_pairs (gradient accumulation keeps the step size) or "
             "data.max_length, keep model.gradient_checkpointing on, or use optimizer "
-            "paged_adamw_8bit. Resume from the last checkpoint with --resume.") from None
+            "paged_adamw_8bit. A training run resumes from its last checkpoint with --resume."
+        ) from None
 
 
 def _nonfinite_error(bad_steps: int, step: int, run_dir: Path) -> QdpoError:

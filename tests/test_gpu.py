@@ -63,3 +63,37 @@ def test_bench_random_weights_on_cuda(tmp_path):
     assert res.returncode == 0, res.stderr
     row = json.loads(out.read_text())[0]
     assert row["peak_alloc_gib"] > 0 and row["peak_reserved_gib"] >= row["peak_alloc_gib"]
+
+
+def test_fp16_trains_with_gradient_scaling_and_saves_the_scaler(tmp_path):
+    run = tmp_path / "run"
+    res = qdpo("train", QUICKSTART_RECIPE, "train.max_steps=8", "model.compute_dtype=fp16",
+               "output.save_every_steps=4", "-o", run)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((run / "run.json").read_text())["compute_dtype"] == "float16"
+    state = json.loads(next((run / "checkpoints").glob("*/trainer_state.json")).read_text())
+    assert "scaler" in json.dumps(state)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["train"]["loss"] == summary["train"]["loss"]
+
+
+def test_flex_attention_trains_on_cuda(tmp_path):
+    res = qdpo("train", QUICKSTART_RECIPE, "train.max_steps=4",
+               "model.attn_implementation=flex_attention", "-o", tmp_path / "run")
+    assert res.returncode == 0, res.stderr
+    assert "(flex_attention attention)" in res.stdout  # the plan banner: what really ran
+
+
+def test_out_of_memory_is_one_message_with_what_to_change():
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, 4 * 2**30 / total))
+    try:
+        res = qdpo("bench", QUICKSTART_RECIPE, "--shape", "llama-3.2-1b", "--steps", "2",
+                   "--warmup", "1", "train.max_tokens=65536", "train.pairs_per_step=64",
+                   "--prompt-len", "512-1024", "--response-len", "256-512")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert res.returncode != 0
+    assert "Out of GPU memory" in res.stderr and "qdpo plan" in res.stderr
+    assert "Traceback" not in res.stderr
