@@ -53,8 +53,12 @@ class PackedBatch:
                 "seq_index", "token_offset", "chosen_lengths", "rejected_lengths", "weights")
 
     def to(self, device: torch.device) -> "PackedBatch":
+        # from pinned memory the copy is asynchronous: the CPU goes on to queue the forward
+        pin = torch.device(device).type == "cuda"
         for name in self._TENSORS:
-            setattr(self, name, getattr(self, name).to(device, non_blocking=True))
+            t = getattr(self, name)
+            setattr(self, name, (t.pin_memory() if pin and t.device.type == "cpu" else t)
+                    .to(device, non_blocking=True))
         return self
 
     @property

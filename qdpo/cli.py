@@ -38,6 +38,9 @@ def _main(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
     _state["debug"] = debug or os.environ.get("QDPO_DEBUG") == "1"
+    from qdpo import console as ui
+
+    ui.install_cli_handler()  # the library logs; the command prints what it logs
 
 
 @app.command()

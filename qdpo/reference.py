@@ -58,9 +58,15 @@ class ReferenceTable:
             getattr(self, name)[idx] = getattr(lp, name).detach().float().cpu()
 
     def get(self, ids: Sequence[int], device: torch.device) -> SequenceLogps:
-        idx = torch.tensor(list(ids), dtype=torch.long)
-        return SequenceLogps(*(getattr(self, n)[idx].to(device) for n in
+        """The rows of `ids` on `device` (a table kept there, `on`, copies nothing per call)."""
+        idx = torch.tensor(list(ids), dtype=torch.long, device=self.chosen.device)
+        return SequenceLogps(*(getattr(self, n)[idx].to(device, non_blocking=True) for n in
                                ("chosen", "rejected", "chosen_public", "rejected_public")))
+
+    def on(self, device: torch.device) -> "ReferenceTable":
+        """A copy on `device`: training reads a few rows every micro-batch."""
+        return ReferenceTable(*(getattr(self, n).to(device) for n in
+                                ("chosen", "rejected", "chosen_public", "rejected_public")))
 
 
 def _hash_file_tree(path: Path, h: Any) -> None:
@@ -161,7 +167,7 @@ def ensure(model: Any, data: Sequence[PairTokens], ids: Sequence[int], plan: Bat
         if key:
             ui.info(f"reference: {what} log-probs reused from cache ({len(wanted)} pairs, "
                     f"{cache_path(key)})")
-        return table, time.monotonic() - t0
+        return table.on(device), time.monotonic() - t0
     with ui.task_progress(f"reference pass ({what})", len(missing)) as advance:
         precompute(model, table, missing, data, plan.scaled(REFERENCE_SCALE), device,
                    autocast_for(device, dtype), advance)
@@ -172,4 +178,4 @@ def ensure(model: Any, data: Sequence[PairTokens], ids: Sequence[int], plan: Bat
         reused = len(wanted) - len(missing)
         ui.info(f"reference: {what} log-probs for {len(missing)} pairs computed in {dt:.1f} s"
                 + (f" ({reused} reused from cache)" if reused else "") + "; cached for later runs")
-    return table, dt
+    return table.on(device), dt
