@@ -271,7 +271,8 @@ def plan(
         raise QdpoError(f"--gpu-memory '{gpu_memory}' is not a size like 24GiB.") from None
     r = load_recipe(recipe, list(overrides or []))
     p = plan_for(r, bench_config(r, shape), gib)
-    table = Table(title=f"qdpo plan: {shape or r.model.name_or_path} on a {gib:g} GiB card",
+    table = Table(title=f"qdpo plan: {shape or r.model.name_or_path} on a {gib:g} GiB card, "
+                        f"micro-batches of {p.peak_tokens:,} tokens ({p.budget})",
                   title_justify="left")
     table.add_column("part")
     table.add_column("GiB", justify="right")

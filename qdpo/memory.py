@@ -206,14 +206,16 @@ def longest_pair(max_length: int) -> int:
 @dataclass(frozen=True)
 class Plan:
     gpu_gib: float
-    max_tokens: int  # largest budget that fits (0: not even the static part fits)
-    estimate: Estimate  # at max_tokens, or at the longest pair when nothing fits
+    max_tokens: int  # largest budget that fits (0: not even the smallest micro-batch fits)
+    peak_tokens: int  # the largest micro-batch the recipe makes (what `estimate` is for)
+    estimate: Estimate
     longest_pair: int
     floor_gib: float  # the peak with the smallest micro-batch (128 tokens)
+    budget: str  # how the recipe sizes micro-batches, in words
 
     @property
     def fits(self) -> bool:
-        return self.max_tokens >= self.longest_pair
+        return self.estimate.peak <= usable_bytes(self.gpu_gib)
 
     def advice(self, recipe: Any) -> list[str]:
         """What to change when the recipe does not fit."""
@@ -227,10 +229,13 @@ class Plan:
                         f"{usable:.1f} GiB of this {self.gpu_gib:g} GiB card are usable "
                         f"({RESERVE_GIB} GiB go to the CUDA context, and a {1 - SAFETY:.0%} "
                         "margin): use a card with more memory or a smaller model")
-        else:
+            return tips
+        if self.longest_pair > self.max_tokens:
             tips.append(f"lower data.max_length to {self.max_tokens // 2} or less (now "
                         f"{recipe.data.max_length}: its longest pair needs "
                         f"{self.longest_pair:,} tokens, {self.max_tokens:,} fit)")
+        else:
+            tips.append(f"set train.max_tokens: auto (or at most {self.max_tokens:,})")
         if not recipe.model.gradient_checkpointing:
             tips.append("set model.gradient_checkpointing: true")
         if "8bit" not in recipe.train.optimizer:
@@ -239,11 +244,22 @@ class Plan:
 
 
 def plan_for(recipe: Any, config: Any, gpu_gib: float) -> Plan:
+    """The recipe's largest micro-batch on a card of `gpu_gib`: with a token budget, the
+    budget (or a longer pair, which trains alone); with `auto`, the largest budget that fits;
+    without one, micro_batch_pairs pairs of the longest length data.max_length allows."""
     shape, s = Shape.from_config(config), Settings.from_recipe(recipe)
-    tokens = fit_tokens(shape, s, gpu_gib)
+    fitted = fit_tokens(shape, s, gpu_gib)
     longest = longest_pair(recipe.data.max_length)
-    return Plan(gpu_gib, tokens, estimate(shape, s, tokens or longest), longest,
-                estimate(shape, s, 128).peak / GIB)
+    setting = recipe.train.max_tokens
+    if setting == "auto":
+        peak, budget = max(fitted, longest), "train.max_tokens auto"
+    elif setting:
+        peak, budget = max(setting, longest), f"train.max_tokens {setting:,}"
+    else:
+        pairs = recipe.train.micro_batch_pairs
+        peak, budget = pairs * longest, f"{pairs} pairs of up to {longest:,} tokens"
+    return Plan(gpu_gib, fitted, peak, estimate(shape, s, peak), longest,
+                estimate(shape, s, 128).peak / GIB, budget)
 
 
 def auto_max_tokens(recipe: Any, config: Any, gpu_gib: float) -> int:

@@ -110,8 +110,8 @@ class DataConfig:
         "auto", help="auto = the tokenizer's template (required for conversational data, used "
                      "for standard data when present); none; chatml; llama3; zephyr; or a Jinja "
                      "template string")
-    system_prompt: str | None = _f(None, help="System message put before every prompt (chat "
-                                              "templates only)")
+    system_prompt: str | None = _f(None, help="System message put before every prompt (without "
+                                              "a chat template: its text and a newline)")
     max_length: int = _f(1024, help="Max tokens of prompt + one response")
     max_prompt_length: int = _f(512, help="Max prompt tokens; longer prompts keep their end")
     max_pairs: int | None = _f(None, help="Use at most this many training pairs (after "

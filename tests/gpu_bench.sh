@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# qdpo against TRL on the same GPU in the same call (issue 10), for a device session.
+# qdpo against TRL on one GPU in one call (issue 10), for a device session.
 # Prepare here: `bash ../shared/gpu/make_site.sh --with-trl`, then run on the device machine
-# from the project root with `carry: [".gpu-site"]`:   bash tests/gpu_bench.sh
+# from the project root with `carry: [".gpu-site"]`:   BUDGET=540 bash tests/gpu_bench.sh
 # Protocol of ../shared/gpu/README.md's TRL table: QLoRA NF4 + double quant, bf16, LoRA r=16
 # alpha=32 dropout 0 on all linear layers, gradient checkpointing, paged 8-bit AdamW, 8 pairs per
-# optimizer step, 8 steps (the first 2 not timed), prompt 128-512 + responses 64-512 tokens.
+# optimizer step (TRL: 2 per micro-batch x 4), 8 steps (the first 2 not timed), prompt 128-512 +
+# responses 64-512 tokens; `qdpo bench --against trl` runs both sides in one process.
 # Each piece has its own time limit and the whole script a deadline (BUDGET seconds), most
-# important pieces first, so one failure or a slow start still leaves figures. Without CUDA it
-# runs a smoke version on the quickstart model (SMOKE), to check the script itself.
+# important pieces first. Few files come back from a device call, so every piece appends to
+# $OUT/all.log and its rows to $OUT/rows.jsonl. Without CUDA it runs a smoke version on the
+# quickstart model, to check the script itself.
 set -uo pipefail
 export PYTHONPATH="$PWD/.gpu-site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT="${OUT:-/tmp/qdpo-bench}"
@@ -16,11 +18,12 @@ mkdir -p "$OUT"
 START=$(date +%s)
 if python3 -c 'import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   R=recipes/llama31-8b-ultrafeedback.yaml; SMALL=(--shape llama-3.2-1b); BIG=(--shape llama-3.1-8b)
-  TRL_SMALL=llama1b; TRL_BIG=llama8b; STEPS=8; WARM=2
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+  STEPS=8; WARM=2; LONG_P=2048-4096; LONG_R=1024-4096; HUGE_P=8192-8192; HUGE_R=4096-4096
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/all.log"
 else
-  R=recipes/quickstart.yaml; SMALL=(); BIG=(); TRL_SMALL=tiny; TRL_BIG=tiny; STEPS=3; WARM=1
-  echo "no CUDA: smoke run on the quickstart model" | tee "$OUT/gpu.txt"
+  R=recipes/quickstart.yaml; SMALL=(); BIG=(); STEPS=3; WARM=1
+  LONG_P=64-96; LONG_R=32-64; HUGE_P=100-100; HUGE_R=50-50
+  echo "no CUDA: smoke run on the quickstart model" | tee "$OUT/all.log"
 fi
 COMMON=(train.pairs_per_step=8 train.micro_batch_pairs=2 lora.r=16 lora.alpha=32 lora.dropout=0
         lora.target_modules=all-linear model.double_quant=true train.optimizer=paged_adamw_8bit
@@ -29,65 +32,61 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 piece() {  # name, limit seconds, command...
   local name=$1 limit=$2; shift 2
   local l; l=$(left)
-  (( l < 30 )) && { echo "== $name: skipped (deadline)"; return; }
+  (( l < 30 )) && { echo "== $name: skipped (deadline)" | tee -a "$OUT/all.log"; return; }
   (( limit > l )) && limit=$l
-  echo "== $name (limit ${limit}s, $(left)s left)"
+  echo "== $name (limit ${limit}s, $(left)s left)" | tee -a "$OUT/all.log"
   local t0; t0=$(date +%s)
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" > "$OUT/piece.log" 2>&1
   local rc=$?
-  echo "   rc=$rc in $(( $(date +%s) - t0 ))s"
-  (( rc != 0 )) && tail -n 15 "$OUT/$name.log"
+  grep -v USDT "$OUT/piece.log" >> "$OUT/all.log"
+  echo "   rc=$rc in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/all.log"
+  (( rc != 0 )) && grep -v USDT "$OUT/piece.log" | tail -n 12
 }
-qbench() {  # name, limit, bench arguments...
+qbench() {  # name, limit, bench arguments... (rows tagged with the piece's name)
   local name=$1 limit=$2; shift 2
-  piece "$name" "$limit" python3 -m qdpo bench "$R" "${COMMON[@]}" "$@" --json "$OUT/q-$name.json"
+  piece "$name" "$limit" python3 -m qdpo bench "$R" "${COMMON[@]}" "$@" --json "$OUT/piece.json"
+  [[ -f $OUT/piece.json ]] && python3 -c "import json,sys; [print(json.dumps(dict(r, piece=sys.argv[1]))) for r in json.load(open(sys.argv[2]))]" "$name" "$OUT/piece.json" >> "$OUT/rows.jsonl"
+  rm -f "$OUT/piece.json"
+}
+plan() {  # name, tokens, shape args...: the planner's prediction beside the measurement
+  local name=$1 tokens=$2; shift 2
+  python3 -m qdpo plan "$R" "${COMMON[@]:0:8}" "train.max_tokens=$tokens" "$@" --gpu-memory 80 \
+    2>/dev/null | grep -E "peak allocated" | sed "s/^/   plan $name $tokens: /" | tee -a "$OUT/all.log"
 }
 python3 -c 'import torch, transformers, peft, bitsandbytes, trl; print("torch", torch.__version__,
 "transformers", transformers.__version__, "peft", peft.__version__, "bnb", bitsandbytes.__version__,
-"trl", trl.__version__)' 2>&1 | tee "$OUT/versions.txt"
+"trl", trl.__version__)' 2>&1 | tee -a "$OUT/all.log"
 
-# 1. why FlexAttention stalled last time (stacks dumped if a stage hangs)
-piece flex-probe 70 python3 tests/gpu_flex_probe.py 55
-FLEX_OK=$(grep -c "all stages passed" "$OUT/flex-probe.log")
-if [[ $FLEX_OK == 0 ]]; then
-  piece flex-probe-1thread 60 env TORCHINDUCTOR_COMPILE_THREADS=1 python3 tests/gpu_flex_probe.py 45
-  FLEX_OK=$(grep -c "all stages passed" "$OUT/flex-probe-1thread.log")
-fi
-# 2. where a step's time goes (profiles), with the allocator's expandable segments (new default)
-qbench 1b-sdpa 120 "${SMALL[@]}" train.max_tokens=8192 --layouts shared_prefix \
-    --profile "$OUT/prof-1b"
-piece trl-1b 120 python3 .gpu-site/bin/trl_anchor.py "$TRL_SMALL" "$OUT/trl.jsonl" --steps "$STEPS"
-qbench 8b-sdpa 150 "${BIG[@]}" train.max_tokens=8192 --layouts shared_prefix \
-    --profile "$OUT/prof-8b"
-# 3. FlexAttention with rows bucketed to 128 tokens, if the probe compiled
-if [[ $FLEX_OK != 0 ]]; then
-  qbench 1b-flex 100 "${SMALL[@]}" train.max_tokens=8192 model.attn_implementation=flex_attention \
-      --layouts shared_prefix --profile "$OUT/prof-1b-flex"
-fi
-# 4. the reference online instead of precomputed (end-to-end), and memory at 1k tokens (plan)
-qbench 1b-online 80 "${SMALL[@]}" train.max_tokens=8192 train.reference=online \
-    --layouts shared_prefix
-qbench 8b-1k 100 "${BIG[@]}" train.max_tokens=1024 --layouts shared_prefix
-piece trl-8b 200 python3 .gpu-site/bin/trl_anchor.py "$TRL_BIG" "$OUT/trl.jsonl" --steps "$STEPS"
-for d in "$OUT"/prof-*/*/; do [[ -f $d/profile.txt ]] && { echo "== $d"; head -n 16 "$d/profile.txt" | cut -c1-110; }; done
+# 1. the issue's headline: both tools, same process, 8B and 1B shapes
+qbench 8b-vs-trl 200 "${BIG[@]}" train.max_tokens=8192 --against trl --profile "$OUT/prof-8b"
+qbench 1b-vs-trl 120 "${SMALL[@]}" train.max_tokens=8192 --against trl
+# 2. FlexAttention (bucketed rows, mask without compile) on 8B: steady and end to end
+qbench 8b-flex 150 "${BIG[@]}" train.max_tokens=8192 model.attn_implementation=flex_attention
+# 3. the planner against measured peaks (1k and 8k tokens)
+plan 8b 8192 "${BIG[@]}"; plan 8b 1024 "${BIG[@]}"
+qbench 8b-1k 100 "${BIG[@]}" train.max_tokens=1024 --steps 3 --warmup 1
+qbench 1b-1k 60 "${SMALL[@]}" train.max_tokens=1024 --steps 3 --warmup 1
+plan 1b 8192 "${SMALL[@]}"; plan 1b 1024 "${SMALL[@]}"
+# 4. long pairs (TRL's long protocol: 1 pair per micro-batch), and one 16k-token pair
+qbench 8b-long 200 "${BIG[@]}" train.pairs_per_step=2 train.micro_batch_pairs=1 \
+    train.max_tokens=16384 --prompt-len "$LONG_P" --response-len "$LONG_R" --steps 4 --warmup 1 \
+    --against trl
+qbench 8b-16k 120 "${BIG[@]}" train.pairs_per_step=1 train.micro_batch_pairs=1 \
+    train.max_tokens=16384 --prompt-len "$HUGE_P" --response-len "$HUGE_R" --steps 3 --warmup 1
 
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-print(f"{'run':10} {'layout':14} {'ref':10} {'attn':15} {'tok/s':>8} {'e2e':>8} {'step s':>7} "
-      f"{'alloc':>6} {'resv':>6} {'MFU':>6} {'pad':>5}")
-for f in sorted(out.glob("q-*.json")):
-    for r in json.loads(f.read_text()):
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
-        print(f"{f.stem[2:]:10} {r['layout']:14} {r['reference']:10} {r['extra']['attn']:15} "
-              f"{r['tokens_per_s']:8,.0f} {r['e2e_tokens_per_s']:8,.0f} {r['step_time_s']:7.2f} "
-              f"{r['peak_alloc_gib'] or 0:6.2f} {r['peak_reserved_gib'] or 0:6.2f} {mfu:>6} "
-              f"{r['padding_fraction']:5.0%}")
-trl = out / "trl.jsonl"
-for line in (trl.read_text().splitlines() if trl.exists() else []):
-    r = json.loads(line)
-    print(f"{'trl-' + r['arch']:10} {'padded':14} {'online':10} {'sdpa':15} "
-          f"{r['tokens_per_s']:8,.0f} {r['tokens_total'] / r['train_s']:8,.0f} {r['step_s_median']:7.2f} "
-          f"{r['peak_alloc_gib'] or 0:6.2f} {r['peak_reserved_gib'] or 0:6.2f}")
+rows = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()] \
+    if (out / "rows.jsonl").exists() else []
+print(f"{'piece':10} {'tool':10} {'layout':13} {'ref':10} {'attn':14} {'tok/s':>8} {'e2e':>8} "
+      f"{'step s':>6} {'alloc':>6} {'resv':>6} {'MFU':>6} {'pad':>4}")
+for r in rows:
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
+    print(f"{r['piece']:10} {r['extra'].get('tool', 'qdpo'):10} {r['layout']:13} "
+          f"{r['reference']:10} {r['extra'].get('attn', ''):14} {r['tokens_per_s']:8,.0f} "
+          f"{r['e2e_tokens_per_s']:8,.0f} {r['step_time_s']:6.2f} {r['peak_alloc_gib'] or 0:6.2f} "
+          f"{r['peak_reserved_gib'] or 0:6.2f} {mfu:>6} {r['padding_fraction']:4.0%}")
 PY
+grep -E "against trl|plan " "$OUT/all.log"
 echo "total $(( $(date +%s) - START ))s"

@@ -112,3 +112,21 @@ def test_reference_key_follows_the_hub_commit(tmp_path, monkeypatch):
     k1 = cache_key(r, str(local), pairs, torch.float32)
     (folder / "refs" / "main").write_text(MAIN)
     assert cache_key(r, str(local), pairs, torch.float32) == k1
+
+
+def test_a_hub_data_set_is_fingerprinted_by_its_commit(tmp_path, monkeypatch, qs_tok):
+    from qdpo.data.store import fingerprint_inputs
+    from qdpo.recipe import DataConfig, DataSource, EvalConfig
+
+    cache = tmp_path / "hub"
+    use_cache(monkeypatch, cache)
+    folder = fake_repo(cache, "org/pairs", {"main": MAIN}, repo_type="dataset")
+    data = DataConfig(train=[DataSource(path="org/pairs")])
+
+    def inputs():
+        return fingerprint_inputs(data, EvalConfig(), qs_tok, seed=0, resolve=str)
+
+    before = inputs()
+    assert any(MAIN in part for part in before)
+    (folder / "refs" / "main").write_text(NEWER)  # the set was updated upstream
+    assert inputs() != before

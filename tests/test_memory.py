@@ -67,6 +67,10 @@ def test_plan_command_says_what_fits_and_what_to_change():
     long = qdpo("plan", RECIPE_8B, "data.max_length=8192", "--gpu-memory", "10GiB")
     assert long.returncode == 1 and "lower data.max_length to" in long.stderr
 
+    big = qdpo("plan", RECIPE_8B, "train.max_tokens=40000", "--gpu-memory", "24GiB")
+    assert big.returncode == 1 and "set train.max_tokens: auto" in big.stderr
+    assert "micro-batches of 40,000 tokens" in big.stdout
+
     bad = qdpo("plan", RECIPE_8B, "--gpu-memory", "lots")
     assert bad.returncode != 0 and "24GiB" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -1,10 +1,9 @@
-"""Every preference-data format qdpo reads, each as a realistic row of the public data set it
-comes from (written from those sets' schemas), through normalisation and tokenization with the
-quickstart tokenizer's chat template; several sources mixed in one recipe; system prompts;
-truncation; and property tests that a malformed row is always a counted skip (or, with
-data.strict, a DataError naming it) and a kept pair is never silently wrong.
-
-The tests at the end pin bugs found while writing these tests (fixed since).
+"""Normalising rows to pairs (qdpo/data/normalise.py, shapes.py): every preference-data shape
+qdpo reads, each as a realistic row of the public data set it comes from (written from those
+sets' schemas), through normalisation and tokenization with the quickstart tokenizer's chat
+template; several sources mixed; bad rows skipped and counted (or, with data.strict, a
+DataError naming them); property tests that a malformed row is always a counted skip and a kept
+pair is never silently wrong.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import copy
 import json
 import math
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -23,31 +21,18 @@ from qdpo.data import (
     DataReport,
     Tokenizer,
     normalise_rows,
+    prepare,
+    prepare_data,
     prepare_sources,
+    tokenize_sources,
 )
-from qdpo.errors import DataError, RecipeError
-from qdpo.recipe import DataSource, recipe_from_dict
-from tiny import asst, system, user, write_jsonl
-
-REPO = Path(__file__).resolve().parent.parent
-QS_MODEL = REPO / "recipes" / "quickstart" / "model"
+from qdpo.errors import DataError, QdpoError, RecipeError
+from qdpo.recipe import DataConfig, DataSource, EvalConfig, recipe_from_dict
+from tiny import QUICKSTART, asst, system, user, write_jsonl
 
 BOS, EOS = "<|begin_of_text|>", "<|im_end|>"
 GEN = "<|im_start|>assistant\n"
-
-
-# ---------------------------------------------------------------------------------------
-# Fixtures and helpers (the style of tests/test_data.py)
-# ---------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def qs_tok():
-    """The quickstart tokenizer: byte-level BPE, ChatML-like template with bos, eos <|im_end|>."""
-    from transformers import AutoTokenizer, PretrainedConfig
-
-    tok = AutoTokenizer.from_pretrained(str(QS_MODEL), config=PretrainedConfig())
-    assert tok.chat_template and tok.eos_token == EOS and tok.bos_token == BOS
-    return tok
+SEED = 42
 
 
 def dec(tok, ids) -> str:
@@ -63,24 +48,28 @@ def chat(tok, msgs) -> str:
     return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
-def recipe(path="unused.jsonl", data=None, **sections):
-    return recipe_from_dict({"model": {"name_or_path": "m"},
-                             "data": {"train": path, **(data or {})}, **sections})
+def normalise(rows, seed=SEED, **data):
+    report = DataReport(strict=data.get("strict", False))
+    return normalise_rows(rows, DataConfig(**data), report, seed=seed, source="rows"), report
 
 
-def normalise(rows, **data):
-    r = recipe(data=data)
-    report = DataReport(strict=r.data.strict)
-    return normalise_rows(rows, r, report, source="rows"), report
-
-
-def tokenize(tok, rows, **data):
+def tokenize(tok, rows, seed=SEED, **data):
     """normalise + tokenize in row order: (tokenized pairs, report, Tokenizer, normalised pairs)."""
-    r = recipe(data=data)
-    report = DataReport(strict=r.data.strict)
-    pairs = normalise_rows(rows, r, report, source="rows")
-    t = Tokenizer(tok, r, any(not isinstance(p.prompt, str) for p in pairs))
+    s = DataConfig(**data)
+    report = DataReport(strict=s.strict)
+    pairs = normalise_rows(rows, s, report, seed=seed, source="rows")
+    t = Tokenizer(tok, s, any(not isinstance(p.prompt, str) for p in pairs))
     return t(pairs, report), report, t, pairs
+
+
+def prepare_file(tok, path, seed=SEED, **data):
+    """The whole data step on one local file, with these data settings."""
+    return prepare_data(DataConfig(train=[DataSource(str(path))], **data), EvalConfig(), tok,
+                        seed=seed, resolve=str)
+
+
+ROW = {"prompt": "What is the capital of France?", "chosen": "Paris.",
+       "rejected": "I do not know."}
 
 
 def assert_valid(tok, p, chosen: str, rejected: str, prompt_msgs=None):
@@ -93,13 +82,15 @@ def assert_valid(tok, p, chosen: str, rejected: str, prompt_msgs=None):
     assert p.chosen_ids[-1] == p.rejected_ids[-1] == tok.eos_token_id
 
 
+
 # ---------------------------------------------------------------------------------------
 # 1. Standard rows: prompt / chosen / rejected strings (Intel/orca_dpo_pairs)
 # ---------------------------------------------------------------------------------------
-
 ORCA_SYSTEM = ("You are an AI assistant. User will you give you a task. Your goal is to complete "
                "the task as faithfully as you can. While performing the task think step-by-step "
                "and justify your steps.")
+
+
 ORCA = {
     "system": ORCA_SYSTEM,
     "question": "Generate an approximately fifteen-word sentence that describes all this data: "
@@ -130,21 +121,44 @@ def test_orca_dpo_pairs_with_prompt_column_mapping(qs_tok):
                                                             p.rejected_ids)
 
 
-def test_standard_rows_plain_text_without_template(qs_tok):
-    row = {"prompt": "Human: What is the boiling point of water at sea level?\nAssistant:",
-           "chosen": " 100 degrees Celsius.", "rejected": " It depends on the kettle."}
-    (p,), report, t, _ = tokenize(qs_tok, [row], chat_template="none")
-    assert t.template is None and report.formats == Counter(standard=1)
-    assert p.prompt_ids == enc(qs_tok, row["prompt"], special=True)  # bos, no chat wrapping
-    assert p.chosen_ids == enc(qs_tok, row["chosen"] + EOS)
-    assert p.rejected_ids == enc(qs_tok, row["rejected"] + EOS)
-    assert dec(qs_tok, p.prompt_ids + p.chosen_ids) == BOS + row["prompt"] + row["chosen"] + EOS
+def test_orca_style_standard_row_with_column_mapping():
+    row = {"system": "You are an AI assistant.", "question": "Translate 'hello' to French.",
+           "chosen": "Bonjour.", "rejected": "Hola."}
+    (p,), rep = normalise([row], columns={"prompt": "question"})
+    assert (p.prompt, p.chosen, p.rejected) == ("Translate 'hello' to French.", "Bonjour.",
+                                                "Hola.")
+    assert rep.formats["standard"] == 1
+
+
+def test_orca_system_column_mapped(qs_tok):
+    """A mapped system column is that row's system message; the row stays a standard row."""
+    row = {"system": "You are an AI assistant.", "question": "Translate 'hello' to French.",
+           "chosen": "Bonjour.", "rejected": "Hola."}
+    cols = {"prompt": "question", "system": "system"}
+    (p,), rep = normalise([row], columns=cols)
+    assert (p.prompt, p.system) == ("Translate 'hello' to French.", "You are an AI assistant.")
+    assert rep.formats == Counter(standard=1)
+    (pt,), _, t, _ = tokenize(qs_tok, [row], columns=cols, system_prompt="Recipe-wide.")
+    assert not t.conversational
+    # it wins over data.system_prompt, as a system message of the prompt would
+    assert dec(qs_tok, pt.prompt_ids) == chat(qs_tok, [system("You are an AI assistant."),
+                                                       user("Translate 'hello' to French.")])
+    (q,), _ = normalise([dict(row, system="")], columns=cols)
+    assert (q.prompt, q.system) == ("Translate 'hello' to French.", None)
+    # a conversation with its own system message keeps it
+    conv = {"system": "Column.", "prompt": [system("Own."), user("Hi")],
+            "chosen": [asst("Hello!")], "rejected": [asst("Go away.")]}
+    (c,), _ = normalise([conv], columns={"system": "system"})
+    assert c.system is None and c.prompt[0] == system("Own.")
+    conv = dict(conv, prompt=[user("Hi")])
+    (pt,), _, _, (c,) = tokenize(qs_tok, [conv], columns={"system": "system"})
+    assert c.system == "Column."
+    assert dec(qs_tok, pt.prompt_ids) == chat(qs_tok, [system("Column."), user("Hi")])
 
 
 # ---------------------------------------------------------------------------------------
 # 2. Conversational rows
 # ---------------------------------------------------------------------------------------
-
 def test_multi_turn_prompt_is_every_turn_before_the_final_reply(qs_tok):
     prompt = [system("You are a concise travel assistant."),
               user("I have two days in Lisbon. Where should I start?"),
@@ -164,13 +178,31 @@ def test_multi_turn_prompt_is_every_turn_before_the_final_reply(qs_tok):
     assert p.prompt_ids + p.chosen_ids + enc(qs_tok, "\n") == enc(qs_tok, full)
 
 
+def test_multi_turn_prompt_is_every_turn_before_the_last_reply(qs_tok):
+    row = {"prompt": [{"role": "system", "content": "Be terse."}, user("Hi"), asst("Hello."),
+                      user("Capital of France?")],
+           "chosen": [asst("Paris.")], "rejected": [asst("Lyon.")]}
+    (p,), _ = normalise([row])
+    assert len(p.prompt) == 4 and p.prompt[-1] == user("Capital of France?")
+    t = Tokenizer(qs_tok, DataConfig(), True)
+    (pt,) = t([p], DataReport())
+    assert qs_tok.decode(pt.prompt_ids).endswith("Capital of France?<|im_end|>\n"
+                                              "<|im_start|>assistant\n")
+    assert qs_tok.decode(pt.chosen_ids) == "Paris.<|im_end|>"
+
+
 UFB_PROMPT = "how can i develop a habit of drawing daily"
+
+
 UFB_CHOSEN = ("Developing a daily habit of drawing can be challenging but with consistent "
               "practice and a few tips, it can become an enjoyable and rewarding part of your "
               "daily routine.\n\n1. Set a specific time: allocate a time each day for drawing.")
+
+
 UFB_REJECTED = ("As an AI language model, I cannot personally develop habits for you. But, here "
                 "are some tips for developing a habit of drawing daily.")
-# HuggingFaceH4/ultrafeedback_binarized, train_prefs
+
+
 UFB = {
     "prompt": UFB_PROMPT,
     "prompt_id": "086b3e24f29b8956a01059f79c56db35d118a06fb6b844b095737d042795cd43",
@@ -190,6 +222,17 @@ def test_ultrafeedback_binarized_full_conversations(qs_tok):
     assert_valid(qs_tok, p, UFB_CHOSEN, UFB_REJECTED, [user(UFB_PROMPT)])
     # the "messages" and score columns are not mistaken for anything
     assert "Developing" not in dec(qs_tok, p.prompt_ids)
+
+
+def test_ultrafeedback_binarized_row_full_conversations():
+    row = {"prompt": "How do I boil an egg?", "prompt_id": "ab12",
+           "chosen": [user("How do I boil an egg?"), asst("Simmer it for 9 minutes.")],
+           "rejected": [user("How do I boil an egg?"), asst("Eggs are round.")],
+           "messages": [user("How do I boil an egg?"), asst("Simmer it for 9 minutes.")],
+           "score_chosen": 8.5, "score_rejected": 3.0}
+    (p,), _ = normalise([row])
+    assert p.prompt == [user("How do I boil an egg?")]
+    assert (p.chosen, p.rejected) == ("Simmer it for 9 minutes.", "Eggs are round.")
 
 
 def test_multi_turn_full_conversations_beside_a_prompt_string(qs_tok):
@@ -218,15 +261,64 @@ def test_implicit_prompt_from_conversations_only(qs_tok):
                  "Because the ocean reflects onto it.", turns)
 
 
+def test_implicit_prompt_is_the_shared_prefix(qs_tok):
+    convo = [{"role": "system", "content": "Be nice."}, user("Hi"), asst("Hello! How can I help?"),
+             user("Tell me a joke.")]
+    rows = [
+        {"chosen": [user("Hi"), asst("Hello!")], "rejected": [user("Hi"), asst("Go away.")]},
+        {"chosen": convo + [asst("Why did the chicken...")],
+         "rejected": convo + [asst("No.")]},
+        {"prompt": "", "chosen": [user("Yo"), asst("Hey!")],
+         "rejected": [user("Yo"), asst("Meh.")]},
+        {"chosen": [user("A"), asst("x")], "rejected": [user("B"), asst("y")]},  # no shared prefix
+    ]
+    out, report, t, _ = tokenize(qs_tok, rows)
+    assert len(out) == 3
+    assert report.skipped == Counter(
+        {"missing prompt (and chosen/rejected do not share a conversation prefix)": 1})
+    expected_prompts = [[user("Hi")], convo, [user("Yo")]]
+    for p, msgs in zip(out, expected_prompts):
+        assert dec(qs_tok, p.prompt_ids) == qs_tok.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=True)
+    assert dec(qs_tok, out[0].chosen_ids) == "Hello!" + EOS
+    assert dec(qs_tok, out[0].rejected_ids) == "Go away." + EOS
+    assert dec(qs_tok, out[1].chosen_ids) == "Why did the chicken..." + EOS
+
+
+def test_explicit_prompt_with_chosen_carrying_the_conversation(qs_tok):
+    row = {"prompt": [user("Hi")],
+           "chosen": [user("Hi"), asst("Hello."), user("More?"), asst("Sure!")],
+           "rejected": [asst("No.")]}
+    (p,), _, _, _ = tokenize(qs_tok, [row])
+    assert dec(qs_tok, p.prompt_ids) == qs_tok.apply_chat_template(
+        [user("Hi"), asst("Hello."), user("More?")], tokenize=False, add_generation_prompt=True)
+    assert dec(qs_tok, p.chosen_ids) == "Sure!" + EOS
+
+
+def test_data_format_restricts_rows(qs_tok):
+    conv = {"prompt": [user("Hi")], "chosen": [asst("Hello!")], "rejected": [asst("No.")]}
+    out, report, _, _ = tokenize(qs_tok, [conv, ROW], format="standard")
+    assert len(out) == 1 and report.skipped == Counter(
+        {"prompt is a message list but data.format is standard": 1})
+    out, report, _, _ = tokenize(qs_tok, [conv, ROW], format="conversational")
+    assert len(out) == 1 and report.skipped == Counter(
+        {"prompt is text but data.format is conversational": 1})
+    out, report, _, _ = tokenize(qs_tok, [conv, ROW])
+    assert len(out) == 2 and report.formats == Counter(conversational=1, standard=1)
+
+
 # ---------------------------------------------------------------------------------------
 # 3. Implicit prompt: Anthropic HH-RLHF texts
 # ---------------------------------------------------------------------------------------
-
 HH_SHARED = ("\n\nHuman: What is a good way to learn guitar?\n\nAssistant: Start with a few open "
              "chords like G, C and D, and practice switching between them slowly."
              "\n\nHuman: And then?\n\nAssistant:")
+
+
 HH = {"chosen": HH_SHARED + " Practice daily, even fifteen minutes, and learn songs you like.",
       "rejected": HH_SHARED + " I don't know, maybe just buy a more expensive guitar."}
+
+
 HH_PROMPT = [user("What is a good way to learn guitar?"),
              asst("Start with a few open chords like G, C and D, and practice switching between "
                   "them slowly."),
@@ -244,6 +336,21 @@ def test_hh_rlhf_multi_turn_texts(qs_tok):
     text = dec(qs_tok, p.prompt_ids)
     assert "Human:" not in text and "Assistant:" not in text  # markers became turns
     assert text.count("<|im_start|>user") == 2 and text.count("<|im_start|>assistant") == 2
+
+
+def test_hh_rlhf_texts_become_a_dialogue(qs_tok):
+    shared = ("\n\nHuman: What is a good way to learn guitar?\n\nAssistant: Start with a few "
+              "chords.\n\nHuman: And then?\n\nAssistant:")
+    row = {"chosen": shared + " Practice a little every day.",
+           "rejected": shared + " Give up, it is hard."}
+    (p,), rep = normalise([row])
+    assert p.prompt == [user("What is a good way to learn guitar?"),
+                        asst("Start with a few chords."), user("And then?")]
+    assert (p.chosen, p.rejected) == ("Practice a little every day.", "Give up, it is hard.")
+    assert rep.formats["implicit (HH dialogue)"] == 1
+    (pt,) = Tokenizer(qs_tok, DataConfig(), True)([p], DataReport())
+    assert qs_tok.decode(pt.prompt_ids) == qs_tok.apply_chat_template(p.prompt, tokenize=False,
+                                                                add_generation_prompt=True)
 
 
 def test_hh_rlhf_single_turn_and_inconsistent_rows(qs_tok):
@@ -271,7 +378,6 @@ def test_hh_rlhf_single_turn_and_inconsistent_rows(qs_tok):
 # ---------------------------------------------------------------------------------------
 # 4. Implicit prompt: plain texts sharing a prefix
 # ---------------------------------------------------------------------------------------
-
 def test_plain_texts_sharing_a_prefix_cut_at_whitespace(qs_tok):
     post = ("SUBREDDIT: r/relationships\nTITLE: My boyfriend forgot our anniversary\nPOST: We "
             "have been together for three years and he forgot it completely.\nTL;DR:")
@@ -301,10 +407,18 @@ def test_plain_texts_sharing_a_prefix_cut_at_whitespace(qs_tok):
     assert dec(qs_tok, p.prompt_ids + p.rejected_ids) == BOS + row["rejected"] + EOS
 
 
+def test_texts_sharing_a_prefix_split_at_a_word():
+    row = {"chosen": "The sky is blue because of Rayleigh scattering.",
+           "rejected": "The sky is blueish because it reflects the sea."}
+    (p,), _ = normalise([row])
+    assert p.prompt == "The sky is "
+    assert (p.chosen, p.rejected) == ("blue because of Rayleigh scattering.",
+                                      "blueish because it reflects the sea.")
+
+
 # ---------------------------------------------------------------------------------------
 # 5. Ranked / scored responses (openbmb/UltraFeedback raw)
 # ---------------------------------------------------------------------------------------
-
 def uf_completion(model: str, response: str, overall: float, fine: float, rating: int) -> dict:
     aspect = {"Rating": str(rating), "Rationale": "The text is mostly aligned with the task."}
     return {"annotations": {"helpfulness": dict(aspect, **{"Type": ["1", "2"]}),
@@ -318,11 +432,20 @@ def uf_completion(model: str, response: str, overall: float, fine: float, rating
 
 UF_INSTRUCTION = ("Can you write a C++ program that prompts the user to enter the name of a "
                   "country and checks if it borders the Mediterranean Sea?")
+
+
 UF_A = "Here's a C++ program using a set of bordering countries and std::getline."
+
+
 UF_B = "The Mediterranean Sea borders many countries."
+
+
 UF_C = "Sure, here is some Python code instead."
+
+
 UF_D = "Use an if statement comparing the input against a list of countries."
-# overall_score decides; fine-grained_score (deliberately) ranks them differently
+
+
 UF_RAW = {"source": "evol_instruct", "instruction": UF_INSTRUCTION,
           "models": ["gpt-4", "alpaca-7b", "pythia-12b", "starchat"],
           "completions": [uf_completion("gpt-4", UF_A, 8.5, 4.25, 5),
@@ -351,9 +474,9 @@ def test_best_vs_random_is_seeded_never_the_best_nor_a_tie():
     rows = [row] * 40
 
     def picks(seed):
-        r = recipe(data={"pair_selection": "best_vs_random"}, train={"seed": seed})
         rep = DataReport()
-        pairs = normalise_rows(rows, r, rep, source="rows")
+        pairs = normalise_rows(rows, DataConfig(pair_selection="best_vs_random"), rep,
+                               seed=seed, source="rows")
         assert len(pairs) == 40 and not rep.skipped
         assert all(p.chosen == UF_A for p in pairs)  # the first of the tied best
         return [p.rejected for p in pairs]
@@ -411,16 +534,47 @@ def test_ranked_columns_mapped_globally_and_per_source(tmp_path, qs_tok):
     # the same mapping on one source of a recipe
     path = write_jsonl(tmp_path / "ranked.jsonl", rows)
     src = DataSource(str(path), columns=cols)
-    out, rep = prepare_sources([src], recipe(str(path)), qs_tok, what="training")
+    out, rep = tokenize_sources([src], DataConfig(), qs_tok, seed=SEED, resolve=str,
+                                what="training")
     assert len(out) == 3 and rep.formats["ranked"] == 3
     assert dec(qs_tok, out[1].chosen_ids) == "It is 2." + EOS
     assert dec(qs_tok, out[1].rejected_ids) == "I cannot do math." + EOS
 
 
+def test_ultrafeedback_raw_scored_completions():
+    row = {"source": "evol_instruct", "instruction": "Name a prime number.",
+           "models": ["a", "b", "c", "d"],
+           "completions": [
+               {"model": "a", "response": "7", "overall_score": 9.0,
+                "fine-grained_score": 4.75, "annotations": {}},
+               {"model": "b", "response": "9", "overall_score": 2.0,
+                "fine-grained_score": 1.5, "annotations": {}},
+               {"model": "c", "response": "4", "overall_score": 3.0,
+                "fine-grained_score": 2.0, "annotations": {}},
+               {"model": "d", "response": "11", "overall_score": 8.0,
+                "fine-grained_score": 4.5, "annotations": {}}]}
+    (worst,), rep = normalise([row])
+    assert worst.prompt == "Name a prime number." and (worst.chosen, worst.rejected) == ("7", "9")
+    assert rep.formats["ranked"] == 1
+    (second,), _ = normalise([row], pair_selection="best_vs_second")
+    assert (second.chosen, second.rejected) == ("7", "11")
+    picks = {normalise([row], pair_selection="best_vs_random")[0][0].rejected for _ in range(3)}
+    assert len(picks) == 1 and picks <= {"9", "4", "11"}  # deterministic, never the best
+    tie = dict(row, completions=[dict(c, overall_score=5.0) for c in row["completions"]])
+    kept, rep = normalise([tie])
+    assert not kept and rep.skipped["all responses have the same score"] == 1
+
+
+def test_responses_and_scores_lists_with_mapping():
+    row = {"q": "2+2?", "answers": ["4", "5", "22"], "ratings": [10, 1, 3]}
+    (p,), _ = normalise([row], columns={"prompt": "q", "responses": "answers",
+                                       "scores": "ratings"})
+    assert (p.prompt, p.chosen, p.rejected) == ("2+2?", "4", "5")
+
+
 # ---------------------------------------------------------------------------------------
 # 6. Several sources mixed in one recipe
 # ---------------------------------------------------------------------------------------
-
 @pytest.fixture
 def sources(tmp_path):
     ufb = [dict(UFB, prompt_id=str(i),
@@ -483,6 +637,26 @@ def test_source_sampling_is_deterministic_for_a_seed(sources, qs_tok):
     assert len(b) == len(a) and b != a
 
 
+def test_sources_mixed_with_weights_and_samples(tmp_path, qs_tok):
+    rows = [json.loads(x) for x in (QUICKSTART / "train.jsonl").read_text().splitlines()]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
+    b.write_text("".join(json.dumps({"question": r["prompt"][0]["content"],
+                                     "good": r["chosen"][0]["content"],
+                                     "bad": r["rejected"][0]["content"]}) + "\n"
+                         for r in rows[40:60]))
+    r = recipe_from_dict({"model": {"name_or_path": "m"}, "data": {"train": [
+        {"path": str(a), "weight": 0.5},
+        {"path": str(b), "samples": 50,
+         "columns": {"prompt": "question", "chosen": "good", "rejected": "bad"}}]}})
+    d = prepare(r, qs_tok, use_cache=False)
+    assert len(d.train) == 20 + 50
+    assert d.train_report.mixed == {"a.jsonl": 20, "b.jsonl": 50}
+    for bad in ({"path": "x", "weight": 0}, {"path": "x", "samples": 0}):
+        with pytest.raises(QdpoError, match="'x'"):
+            recipe_from_dict({"model": {"name_or_path": "m"}, "data": {"train": [bad]}})
+
+
 @pytest.mark.parametrize("bad, key", [
     ({"weight": 0}, "weight"), ({"weight": -0.5}, "weight"), ({"samples": 0}, "samples"),
     ({"samples": -3}, "samples")])
@@ -507,10 +681,29 @@ def test_source_samples_must_be_an_integer():
                           "data": {"train": [{"path": "a.jsonl", "samples": 2.5}]}})
 
 
-# ---------------------------------------------------------------------------------------
-# 7. data.system_prompt
-# ---------------------------------------------------------------------------------------
+def test_mixed_counts_keep_sources_with_the_same_file_name_apart(tmp_path, qs_tok):
+    paths = []
+    for name, n in (("orca", 10), ("hh", 10)):
+        (tmp_path / name).mkdir()
+        paths.append(str(write_jsonl(tmp_path / name / "train.jsonl",
+                                     [dict(ORCA, question=f"{name} {i}") for i in range(n)])))
+    r = recipe_from_dict({"model": {"name_or_path": "m"}, "data": {"train": [
+        {"path": paths[0], "samples": 3}, {"path": paths[1], "samples": 5}]}})
+    out, report = prepare_sources(r.data.train, r, qs_tok, what="training")
+    assert len(out) == 8
+    assert sorted(report.mixed.values()) == [3, 5]
 
+
+def test_eval_source_columns_are_validated():
+    with pytest.raises(RecipeError, match="promt"):
+        recipe_from_dict({"model": {"name_or_path": "m"}, "data": {"train": "a.jsonl"},
+                          "eval": {"data": [{"path": "e.jsonl",
+                                             "columns": {"promt": "question"}}]}})
+
+
+# ---------------------------------------------------------------------------------------
+# 7. data.system_prompt across row shapes
+# ---------------------------------------------------------------------------------------
 def test_system_prompt_for_standard_conversational_and_hh_rows(qs_tok):
     conv = {"prompt": [user("Hi there")], "chosen": [asst("Hello!")], "rejected": [asst("What.")]}
     own = {"prompt": [system("You are a pirate."), user("Hi there")],
@@ -530,94 +723,151 @@ def test_system_prompt_for_standard_conversational_and_hh_rows(qs_tok):
 
 
 # ---------------------------------------------------------------------------------------
-# 8. Truncation
+# 8. Columns, weights and bad rows: skipped and counted, or fatal with data.strict
 # ---------------------------------------------------------------------------------------
 
-def test_prompt_cut_from_the_left_responses_from_the_right(qs_tok):
-    long_prompt = "Context: " + " ".join(f"fact{i}" for i in range(80)) + " QUESTION: why?"
-    long_reply = " ".join(f"because{i}" for i in range(60))
-    rows = [{"prompt": long_prompt, "chosen": long_reply, "rejected": "No idea."},
-            {"prompt": "Short?", "chosen": "Yes.", "rejected": "No."}]
-    out, report, _, _ = tokenize(qs_tok, rows, chat_template="none", max_length=40,
-                                 max_prompt_length=16)
-    p, q = out
-    full_prompt = enc(qs_tok, long_prompt, special=True)
-    assert p.prompt_ids == full_prompt[-16:]  # the end is kept
-    assert dec(qs_tok, p.prompt_ids).endswith("QUESTION: why?")
-    room = 40 - 16
-    assert p.chosen_ids == enc(qs_tok, long_reply + EOS)[:room]  # the start is kept
-    assert dec(qs_tok, p.chosen_ids).startswith("because0 because1")
-    assert p.rejected_ids == enc(qs_tok, "No idea." + EOS)  # short: untouched, eos kept
-    assert q.prompt_ids == enc(qs_tok, "Short?", special=True)
-    assert (report.prompt_truncated, report.response_truncated, report.dropped_too_long) == \
-        (1, 1, 0)
-    assert "1 prompts cut from the left" in report.summary()
-    assert "1 responses cut" in report.summary()
+def test_columns_mapping_and_weight_column(tmp_path, qs_tok):
+    rows = [{"question": "Q one?", "good": "Yes.", "bad": "No.", "score": 0.5},
+            {"question": "Q two?", "good": "Sure.", "bad": "Nope.", "score": "2"},
+            {"question": "Q three?", "good": "Ok.", "bad": "Bad.", "score": None}]
+    cols = {"prompt": "question", "chosen": "good", "rejected": "bad", "weight": "score"}
+    out, report, _, _ = tokenize(qs_tok, rows, columns=cols)
+    assert [p.weight for p in out] == [0.5, 2.0, 1.0]
+    assert dec(qs_tok, out[1].chosen_ids) == "Sure." + EOS
+    assert "Q two?" in dec(qs_tok, out[1].prompt_ids)
+    # the default weight column is "weight"
+    out, _, _, _ = tokenize(qs_tok, [{**ROW, "weight": 3}])
+    assert out[0].weight == 3.0
+    # through prepare() and the recipe key itself
+    path = write_jsonl(tmp_path / "mapped.jsonl", rows)
+    r = recipe_from_dict({"model": {"name_or_path": "m"}, "data": {"train": str(path)}},
+                         [f"data.columns.{k}={v}" for k, v in cols.items()])
+    assert sorted(p.weight for p in prepare(r, qs_tok).train) == [0.5, 1.0, 2.0]
 
 
-def test_templated_prompt_keeps_the_generation_prompt_when_cut(qs_tok):
-    turns = [user(" ".join(f"history{i}" for i in range(50))), asst("Noted."),
-             user("Final question?")]
-    row = {"prompt": turns, "chosen": [asst("Answer.")], "rejected": [asst("Nope.")]}
-    (p,), report, _, _ = tokenize(qs_tok, [row], max_length=40, max_prompt_length=20)
-    full = enc(qs_tok, chat(qs_tok, turns))
-    assert len(full) > 20 and p.prompt_ids == full[-20:]
-    assert dec(qs_tok, p.prompt_ids).endswith("Final question?" + EOS + "\n" + GEN)
-    assert p.chosen_ids[-1] == qs_tok.eos_token_id  # fits: not cut
-    assert (report.prompt_truncated, report.response_truncated) == (1, 0)
+BAD_ROWS = [
+    ROW,                                                                  # 1 ok
+    {"prompt": "q2", "chosen": "a"},                                      # 2
+    {"prompt": "q3", "chosen": "", "rejected": "b"},                      # 3
+    {"prompt": "q4", "chosen": "same", "rejected": "same"},               # 4
+    {"prompt": [{"role": "user", "content": 5}], "chosen": [asst("a")],
+     "rejected": [asst("b")]},                                            # 5
+    {"prompt": [{"role": "bot", "content": "hi"}], "chosen": [asst("a")],
+     "rejected": [asst("b")]},                                            # 6
+    "just a string",                                                      # 7
+    {"prompt": "q8", "chosen": "fine", "rejected": "worse"},              # 8 ok
+    {"prompt": "q9", "chosen": [{"role": "assistant", "content": 1}], "rejected": "b"},  # 9
+    {"prompt": "q10", "chosen": "a", "rejected": "b", "weight": "heavy"},  # 10
+    {"prompt": "q11", "chosen": 5, "rejected": "b"},                      # 11
+    {"chosen": "a", "rejected": "b"},                                     # 12
+    {"prompt": "   ", "chosen": "a", "rejected": "b"},                    # 13
+    {"prompt": "q14", "chosen": [user("a")], "rejected": "b"},            # 14
+]
 
 
-def test_pair_dropped_only_when_no_room_is_left(qs_tok):
-    # a validated recipe always leaves room: the prompt limit is below the total limit
-    with pytest.raises(RecipeError, match="max_prompt_length"):
-        recipe(data={"max_length": 16, "max_prompt_length": 16})
-    long = {"prompt": " ".join(f"w{i}" for i in range(40)), "chosen": "yes " * 30,
-            "rejected": "no"}
-    out, report, _, _ = tokenize(qs_tok, [long], chat_template="none", max_length=16,
-                                 max_prompt_length=15)
-    assert len(out) == 1 and len(out[0].prompt_ids) == 15  # one token of room: still kept
-    assert len(out[0].chosen_ids) == len(out[0].rejected_ids) == 1
-    assert report.dropped_too_long == 0 and report.response_truncated == 2
-    # a prompt that fills the whole budget (only reachable by editing a recipe after
-    # validation) drops the pair and counts it; others are kept
-    r = recipe(data={"chat_template": "none", "max_length": 16, "max_prompt_length": 15})
-    r.data.max_prompt_length = 16
-    rep = DataReport()
-    pairs = normalise_rows([long, {"prompt": "Hi", "chosen": "a", "rejected": "b"}], r, rep)
-    out = Tokenizer(qs_tok, r, False)(pairs, rep)
-    assert len(out) == 1 and rep.dropped_too_long == 1 and rep.pairs == 1
-    assert "1 dropped (no room for a response)" in rep.summary()
+def test_bad_rows_are_skipped_and_counted(tmp_path, qs_tok):
+    path = write_jsonl(tmp_path / "train.jsonl", BAD_ROWS)
+    d = prepare_file(qs_tok, path)
+    rep = d.train_report
+    assert rep.rows == 14 and rep.pairs == len(d.train) == 2
+    assert sum(rep.skipped.values()) == 12
+    missing = "missing column 'rejected' (columns: prompt, chosen; map yours with data.columns)"
+    assert rep.skipped == Counter({
+        missing: 1,
+        "empty chosen or rejected": 1,
+        "chosen identical to rejected": 1,
+        "prompt has non-string message content": 1,
+        "prompt has unknown role 'bot'": 1,
+        "row is not an object": 1,
+        "chosen has non-string message content": 1,
+        "weight is not a finite number >= 0": 1,
+        "chosen is a int, not text or messages": 1,
+        "missing prompt (and chosen/rejected share no prefix)": 1,
+        "empty prompt": 1,
+        "chosen does not end with an assistant message": 1,
+    })
+    assert rep.examples == [  # the first five, with file name and 1-based row number
+        f"train.jsonl row 2: {missing}",
+        "train.jsonl row 3: empty chosen or rejected",
+        "train.jsonl row 4: chosen identical to rejected",
+        "train.jsonl row 5: prompt has non-string message content",
+        "train.jsonl row 6: prompt has unknown role 'bot'",
+    ]
+    assert "2 pairs from 14 rows" in rep.summary() and "12 skipped" in rep.summary()
+
+
+def test_strict_stops_at_the_first_bad_row(tmp_path, qs_tok):
+    path = write_jsonl(tmp_path / "train.jsonl", [ROW, ROW, {"prompt": "q", "chosen": "a"}, ROW])
+    with pytest.raises(DataError) as ei:
+        prepare_file(qs_tok, path, strict=True)
+    msg = str(ei.value)
+    assert "Bad row (train.jsonl row 3): missing column 'rejected'" in msg
+    assert "data.strict: false" in msg
+    # not strict: the same file gives three pairs
+    assert len(prepare_file(qs_tok, path).train) == 3
+
+
+def test_all_rows_bad_says_why(tmp_path, qs_tok):
+    path = write_jsonl(tmp_path / "train.jsonl",
+                       [{"question": "q", "good": "a", "bad": "b"}] * 3)
+    with pytest.raises(DataError) as ei:
+        prepare_file(qs_tok, path)
+    msg = str(ei.value)
+    assert msg.startswith("No usable training pair in the data (3 rows read).")
+    assert "train.jsonl row 1: missing column 'chosen', 'rejected' (columns: question, good, bad" \
+        in msg
+    assert "data.columns" in msg
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match=r"\(0 rows read\).*the sources hold no rows"):
+        prepare_file(qs_tok, empty)
 
 
 # ---------------------------------------------------------------------------------------
 # Property tests: malformed rows are counted skips, kept pairs are valid and right
 # ---------------------------------------------------------------------------------------
-
 _WORDS = st.sampled_from([
     "Hi", "Paris", "yes", "no", "The sky is blue", "The sky is blueish", "  ", "", "\n",
     "café ☕", "日本語", "🎸 guitar", "\n\nHuman: hi", "\n\nAssistant: ok", "<|im_end|>",
     "\n\nHuman: Hi\n\nAssistant: A", "\n\nHuman: Hi\n\nAssistant: B", "5", "nan"])
-# no lone surrogates, huge integers or NaN here: those are the known bugs below
+
+
 _TEXT = _WORDS | st.text(st.characters(blacklist_categories=("Cs",)), max_size=10)
+
+
 _SCALAR = (st.none() | st.booleans() | st.integers(-5, 5) | _TEXT
            | st.floats(-10, 10, allow_nan=False))
+
+
 _KEYS = ["prompt", "chosen", "rejected", "weight", "completions", "responses", "scores",
          "instruction", "question", "input", "messages", "role", "content", "extra"]
+
+
 _JSONISH = st.recursive(_SCALAR, lambda inner: st.lists(inner, max_size=3)
                         | st.dictionaries(st.sampled_from(_KEYS), inner, max_size=3),
                         max_leaves=6)
+
+
 _ROLE = st.sampled_from(["system", "user", "assistant", "tool", "bot", "Human", ""]) | _SCALAR
+
+
 _MESSAGE = (st.fixed_dictionaries({"role": _ROLE, "content": _SCALAR})
             | st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]),
                                      "content": _TEXT})
             | st.dictionaries(st.sampled_from(["role", "content", "name"]), _SCALAR,
                               max_size=3))
+
+
 _COMPLETION = st.fixed_dictionaries(
     {"response": _SCALAR},
     optional={"overall_score": _SCALAR, "fine-grained_score": _SCALAR,
               "annotations": _JSONISH, "model": _TEXT})
+
+
 _FIELD = (_JSONISH | _TEXT | st.lists(_MESSAGE, max_size=4) | st.lists(_COMPLETION, max_size=4)
           | st.lists(_SCALAR, max_size=4))
+
+
 _ROW = _JSONISH | st.dictionaries(st.sampled_from(_KEYS), _FIELD, max_size=6)
 
 
@@ -641,7 +891,11 @@ def _from_side(text: str, row: dict, side: str) -> bool:
 
 _VOCAB = ["the", "guitar", "Paris", "chords", "practice", "café", "日本", "🎸", "42", "why?",
           "daily,", "slowly.", "Sure!", "no", "blue", "sky", "tea"]
+
+
 _PHRASE = st.lists(st.sampled_from(_VOCAB), min_size=1, max_size=5).map(" ".join)
+
+
 FORMATS = ["standard", "orca", "conversational", "implicit_conversation", "ultrafeedback",
            "hh", "shared_text", "ranked_completions", "ranked_lists"]
 
@@ -730,10 +984,10 @@ def _mutated_rows(draw):
           suppress_health_check=[HealthCheck.too_slow])
 @given(rows=st.lists(_mutated_rows() | _mutated_rows() | _ROW, min_size=1, max_size=5))
 def test_malformed_rows_are_counted_skips_or_valid_pairs(qs_tok, rows):
-    r = recipe()
+    r = DataConfig()
     report = DataReport()
     try:
-        pairs = normalise_rows(rows, r, report, source="rows")
+        pairs = normalise_rows(rows, r, report, seed=SEED, source="rows")
         out = Tokenizer(qs_tok, r, any(not isinstance(p.prompt, str) for p in pairs))(
             pairs, report) if pairs else []
     except DataError:
@@ -763,14 +1017,16 @@ def test_malformed_rows_are_counted_skips_or_valid_pairs(qs_tok, rows):
         rendered = Tokenizer(qs_tok, r, True).render_prompt(pair.prompt)
         assert dec(qs_tok, p.prompt_ids) == rendered
     # data.strict: the first bad row is a DataError that names it
-    strict = recipe(data={"strict": True})
+    strict = DataConfig(strict=True)
     if report.skipped:
         where, _, reason = report.examples[0].partition(": ")
         with pytest.raises(DataError) as ei:
-            normalise_rows(rows, strict, DataReport(strict=True), source="rows")
+            normalise_rows(rows, strict, DataReport(strict=True), seed=SEED,
+                           source="rows")
         assert f"Bad row ({where}): {reason}" in str(ei.value)
     else:
-        again = normalise_rows(rows, strict, DataReport(strict=True), source="rows")
+        again = normalise_rows(rows, strict, DataReport(strict=True), seed=SEED,
+                           source="rows")
         assert len(again) == len(pairs)
 
 
@@ -795,10 +1051,56 @@ def test_kept_pairs_are_never_silently_wrong(qs_tok, known, system_prompt):
             assert chosen not in got_r
 
 
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["role", "content", "prompt", "chosen", "rejected", "x"]), inner,
+        max_size=3), max_leaves=8)
+
+
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "bot", "system"]),
+                                 "content": st.one_of(st.text(max_size=12), st.integers())})
+
+
+FIELD = st.one_of(JSONISH, st.text(max_size=20), st.lists(MESSAGE, max_size=3))
+
+
+ANY_ROW = st.one_of(JSONISH, st.dictionaries(st.sampled_from(["prompt", "chosen", "rejected",
+                                                          "weight", "extra"]), FIELD,
+                                         max_size=5))
+
+
+@settings(max_examples=80, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(ANY_ROW, min_size=1, max_size=6))
+def test_malformed_rows_are_skipped_or_valid(qs_tok, rows):
+    r = DataConfig()
+    rep = DataReport()
+    try:
+        pairs = normalise_rows(rows, r, rep, seed=SEED)
+        conv = any(not isinstance(p.prompt, str) for p in pairs)
+        out = Tokenizer(qs_tok, r, conv)(pairs, rep) if pairs else []
+    except DataError:
+        return  # one clear error is allowed (e.g. a template needed and missing)
+    assert len(out) + sum(rep.skipped.values()) + rep.dropped_too_long == len(rows)
+    for p in out:
+        assert p.prompt_ids and p.chosen_ids and p.rejected_ids
+        assert p.chosen_ids[-1] == qs_tok.eos_token_id
+        assert p.rejected_ids[-1] == qs_tok.eos_token_id
+    if len(out) == len(pairs):  # never a silently wrong pair: each side is its own reply
+        for p, src in zip(out, pairs):
+            assert src.chosen != src.rejected
+            assert qs_tok.decode(p.chosen_ids) == src.chosen + qs_tok.eos_token
+            assert qs_tok.decode(p.rejected_ids) == src.rejected + qs_tok.eos_token
+    strict = DataConfig(strict=True)
+    if rep.skipped:
+        with pytest.raises(DataError, match="row"):
+            normalise_rows(rows, strict, DataReport(strict=True), seed=SEED)
+
+
 # ---------------------------------------------------------------------------------------
 # Bugs found while writing these tests (fixed)
 # ---------------------------------------------------------------------------------------
-
 def test_nan_score_never_gives_a_worse_chosen():
     nan = float("nan")
     rows = [{"prompt": "q1", "responses": ["s3", "snan", "s1", "s5"], "scores": [3, nan, 1, 5]},
@@ -838,8 +1140,8 @@ def test_lone_surrogate_in_text_is_not_a_crash(tmp_path, qs_tok):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     assert "\\ud83d" in path.read_text()  # valid JSON, read back as a lone surrogate
     try:
-        out, report = prepare_sources([DataSource(str(path))], recipe(str(path)), qs_tok,
-                                      what="training")
+        out, report = tokenize_sources([DataSource(str(path))], DataConfig(), qs_tok,
+                                       seed=SEED, resolve=str, what="training")
     except DataError:
         return
     assert len(out) + sum(report.skipped.values()) == 3
@@ -858,23 +1160,3 @@ def test_chosen_and_rejected_with_different_conversations_are_skipped():
     ]
     pairs, report = normalise(rows)
     assert pairs == [] and sum(report.skipped.values()) == 2
-
-
-def test_mixed_counts_keep_sources_with_the_same_file_name_apart(tmp_path, qs_tok):
-    paths = []
-    for name, n in (("orca", 10), ("hh", 10)):
-        (tmp_path / name).mkdir()
-        paths.append(str(write_jsonl(tmp_path / name / "train.jsonl",
-                                     [dict(ORCA, question=f"{name} {i}") for i in range(n)])))
-    r = recipe_from_dict({"model": {"name_or_path": "m"}, "data": {"train": [
-        {"path": paths[0], "samples": 3}, {"path": paths[1], "samples": 5}]}})
-    out, report = prepare_sources(r.data.train, r, qs_tok, what="training")
-    assert len(out) == 8
-    assert sorted(report.mixed.values()) == [3, 5]
-
-
-def test_eval_source_columns_are_validated():
-    with pytest.raises(RecipeError, match="promt"):
-        recipe_from_dict({"model": {"name_or_path": "m"}, "data": {"train": "a.jsonl"},
-                          "eval": {"data": [{"path": "e.jsonl",
-                                             "columns": {"promt": "question"}}]}})

@@ -1,0 +1,159 @@
+"""The whole data step, as the trainer, `qdpo data` and `qdpo eval` call it: read every source,
+normalise, mix, shuffle, hold out eval pairs, tokenize, or reuse the cached result.
+
+The functions take the data settings (`recipe.data`, and `recipe.eval` for held-out data), the
+seed and a path resolver; `prepare` and `prepare_sources` are the conveniences that unpack a
+recipe for the callers that have one.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qdpo.data.encode import Tokenizer
+from qdpo.data.normalise import normalise_rows
+from qdpo.data.pairs import Pair, PairTokens, PreparedData
+from qdpo.data.read import Resolve, read_rows
+from qdpo.data.report import DataReport
+from qdpo.data.store import cache_file, data_fingerprint, read_cache, write_cache
+from qdpo.errors import DataError
+
+if TYPE_CHECKING:
+    from qdpo.recipe import DataConfig, DataSource, EvalConfig, Recipe
+
+
+def _sample(got: list[Pair], want: int, rng: random.Random) -> list[Pair]:
+    """`want` of the pairs: a sample, or every pair as often as fits and the rest at random."""
+    if want <= len(got):
+        return rng.sample(got, want)
+    reps, rest = divmod(want, len(got))
+    return got * reps + rng.sample(got, rest)
+
+
+def load_pairs(sources: list[DataSource], settings: DataConfig, report: DataReport, *,
+               seed: int, resolve: Resolve) -> list[Pair]:
+    """All sources' pairs, each scaled by its weight or cut to its sample count."""
+    pairs: list[Pair] = []
+    names = [Path(s.path).name for s in sources]
+    for k, s in enumerate(sources):
+        rows = read_rows(s, resolve)
+        name = names[k] if names.count(names[k]) == 1 else s.path  # keep namesakes apart
+        got = normalise_rows(rows, settings, report, seed=seed, source=name, columns=s.columns)
+        want = s.samples if s.samples is not None else round(len(got) * s.weight)
+        if got and want != len(got):
+            got = _sample(got, want, random.Random(seed * 7919 + k))
+            report.mixed[name] = len(got)
+        pairs.extend(got)
+    return pairs
+
+
+def _nothing_left(report: DataReport, what: str) -> DataError:
+    why = "; ".join(report.examples[:3]) or "the sources hold no rows"
+    return DataError(f"No usable {what} pair in the data ({report.rows} rows read). First "
+                     f"problems: {why}.")
+
+
+def _conversational(pairs: list[Pair]) -> bool:
+    return any(not isinstance(p.prompt, str) for p in pairs)
+
+
+def _held_out(pairs: list[Pair], settings: DataConfig, eval: EvalConfig, *, seed: int,
+              resolve: Resolve) -> tuple[list[Pair], list[Pair], DataReport | None]:
+    """(training pairs, eval pairs, eval report): eval.data when given, else
+    eval.split_fraction of the (shuffled) training pairs, else none."""
+    if eval.data:
+        report = DataReport(strict=settings.strict)
+        held = load_pairs(eval.data, settings, report, seed=seed, resolve=resolve)
+        if not held:
+            raise _nothing_left(report, "eval")
+        return pairs, held, report
+    if eval.split_fraction > 0:
+        n = max(1, int(len(pairs) * eval.split_fraction))
+        if n >= len(pairs):
+            raise DataError(f"eval.split_fraction={eval.split_fraction} leaves no "
+                            f"training pair out of {len(pairs)}.")
+        return pairs[n:], pairs[:n], DataReport(rows=n)
+    return pairs, [], None
+
+
+def _prepare(settings: DataConfig, eval: EvalConfig, tokenizer: Any, *, seed: int,
+             resolve: Resolve, progress: Any = None) -> PreparedData:
+    report = DataReport(strict=settings.strict)
+    pairs = load_pairs(settings.train, settings, report, seed=seed, resolve=resolve)
+    if not pairs:
+        raise _nothing_left(report, "training")
+    random.Random(seed).shuffle(pairs)
+    pairs, eval_pairs, eval_report = _held_out(pairs, settings, eval, seed=seed,
+                                               resolve=resolve)
+    if settings.max_pairs:
+        pairs = pairs[: settings.max_pairs]
+    if eval.max_pairs:
+        eval_pairs = eval_pairs[: eval.max_pairs]
+    tok = Tokenizer(tokenizer, settings, _conversational(pairs + eval_pairs))
+    train = tok(pairs, report, progress)
+    if not train:
+        raise _nothing_left(report, "training")
+    ev = tok(eval_pairs, eval_report, progress) if eval_pairs and eval_report is not None \
+        else []
+    return PreparedData(train, ev, report, eval_report, tok)
+
+
+def prepare_data(settings: DataConfig, eval: EvalConfig, tokenizer: Any, *, seed: int,
+                 resolve: Resolve, use_cache: bool = True, progress: Any = None) -> PreparedData:
+    """Read, normalise and tokenize train and eval data, or reuse the cached result."""
+    key = data_fingerprint(settings, eval, tokenizer, seed=seed, resolve=resolve) \
+        if use_cache else None
+    if key is not None and cache_file(key).exists():
+        try:
+            return read_cache(cache_file(key), settings, tokenizer)
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            pass
+    data = _prepare(settings, eval, tokenizer, seed=seed, resolve=resolve, progress=progress)
+    if key is not None:
+        write_cache(cache_file(key), data)
+    return data
+
+
+def prepare(recipe: Recipe, tokenizer: Any, use_cache: bool = True,
+            progress: Any = None) -> PreparedData:
+    """`prepare_data` with a recipe's data and eval settings, seed and paths."""
+    return prepare_data(recipe.data, recipe.eval, tokenizer, seed=recipe.train.seed,
+                        resolve=recipe.resolve_path, use_cache=use_cache, progress=progress)
+
+
+def tokenize_sources(sources: list[DataSource], settings: DataConfig, tokenizer: Any, *,
+                     seed: int, resolve: Resolve,
+                     what: str = "eval") -> tuple[list[PairTokens], DataReport]:
+    """Tokenized pairs of some sources, in order, with the given data settings."""
+    report = DataReport(strict=settings.strict)
+    pairs = load_pairs(sources, settings, report, seed=seed, resolve=resolve)
+    if not pairs:
+        raise _nothing_left(report, what)
+    out = Tokenizer(tokenizer, settings, _conversational(pairs))(pairs, report)
+    if not out:
+        raise _nothing_left(report, what)
+    return out, report
+
+
+def prepare_sources(sources: list[DataSource], recipe: Recipe, tokenizer: Any,
+                    what: str = "eval") -> tuple[list[PairTokens], DataReport]:
+    """`tokenize_sources` with a recipe's data settings, seed and paths (qdpo eval)."""
+    return tokenize_sources(sources, recipe.data, tokenizer, seed=recipe.train.seed,
+                            resolve=recipe.resolve_path, what=what)
+
+
+def length_stats(pairs: list[PairTokens]) -> dict[str, dict[str, int]]:
+    """p50 / p95 / max token lengths of prompt, chosen and rejected."""
+    def pct(vals: list[int], q: float) -> int:
+        vals = sorted(vals)
+        return vals[min(len(vals) - 1, int(round(q * (len(vals) - 1))))] if vals else 0
+
+    out = {}
+    for name, get in (("prompt", lambda p: len(p.prompt_ids)),
+                      ("chosen", lambda p: len(p.chosen_ids)),
+                      ("rejected", lambda p: len(p.rejected_ids))):
+        vals = [get(p) for p in pairs]
+        out[name] = {"p50": pct(vals, 0.5), "p95": pct(vals, 0.95), "max": max(vals, default=0)}
+    return out
