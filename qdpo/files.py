@@ -84,7 +84,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 
 def write_text_atomically(path: Path, text: str) -> None:
     with write_atomically(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def short_error(e: BaseException) -> str:

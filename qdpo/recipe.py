@@ -202,6 +202,12 @@ class Recipe:
     # Where the recipe came from: relative input paths are looked up next to it first.
     base_dir: str = field(default="", metadata={"help": "", "internal": True})
 
+    @classmethod
+    def for_adapter(cls, base_model: str) -> "Recipe":
+        """The defaults around a bare peft adapter's base model (it came with no recipe): what
+        loading, merging and chatting need. Not a training recipe: it names no data."""
+        return cls(model=ModelConfig(name_or_path=base_model))
+
     # -- conveniences used by the rest of qdpo -------------------------------------------
     @property
     def loss_types(self) -> list[str]:

@@ -24,6 +24,7 @@ import yaml
 from qdpo import __version__
 from qdpo.checkpoint import atomic_dir, list_checkpoints
 from qdpo.errors import RunDirError
+from qdpo.files import write_text_atomically
 from qdpo.recipe import Recipe, recipe_from_dict
 
 # Keys a resumed run may change. Most change only speed, memory or what is logged and kept;
@@ -147,7 +148,7 @@ class RunDir:
     def write_run_info(self, recipe: Recipe, minfo: Any, data: Any, steps: int) -> None:
         header = (f"# resolved recipe of this run (qdpo {__version__}); relative paths are "
                   f"looked up from recipe_dir in run.json\n")
-        (self.path / "recipe.yaml").write_text(header + recipe.to_yaml(), encoding="utf-8")
+        write_text_atomically(self.path / "recipe.yaml", header + recipe.to_yaml())
         info = {
             "qdpo_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "recipe_dir": recipe.base_dir, "base_model": minfo.base_path,
@@ -160,7 +161,7 @@ class RunDir:
             "train_pairs": len(data.train), "eval_pairs": len(data.eval), "total_steps": steps,
             "data": data.train_report.summary(),
         }
-        (self.path / "run.json").write_text(json.dumps(info, indent=2))
+        write_text_atomically(self.path / "run.json", json.dumps(info, indent=2))
 
     def truncate_metrics(self, step: int) -> None:
         """Drop records after `step`: a resumed run logs those steps again."""
@@ -174,19 +175,14 @@ class RunDir:
                     keep.append(line)
             except json.JSONDecodeError:  # a line cut by the kill
                 continue
-        tmp = f.with_name(f.name + ".tmp")
-        tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
-        tmp.replace(f)
+        write_text_atomically(f, "".join(x + "\n" for x in keep))
 
     def save_final(self, save_adapter: Callable[[Path], None]) -> None:
-        """Write the adapter next to a temporary name, then move its files in."""
+        """The final adapter: written whole under a temporary name, then its files moved in,
+        adapter_config.json last (its presence is what marks the run as finished)."""
         tmp = self.path / ".final-adapter"
-
-        def write(d: Path) -> None:
-            save_adapter(d)
-
-        atomic_dir(tmp, write)
-        for f in tmp.iterdir():
+        atomic_dir(tmp, save_adapter)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "adapter_config.json"):
             f.replace(self.path / f.name)
         tmp.rmdir()
 
@@ -198,7 +194,7 @@ class RunDir:
                                  else "precompute"),
                    "reference_seconds": round(result.reference_seconds, 3),
                    "eval": result.final_eval, "loss": recipe.loss_types}
-        (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomically(self.path / "summary.json", json.dumps(summary, indent=2))
 
 
 # ---------------------------------------------------------------------------------------
@@ -255,5 +251,4 @@ def open_trained(path: str | Path) -> TrainedSource:
     if not base:
         raise RunDirError(f"The adapter in '{path}' does not say which base model it belongs "
                           "to (base_model_name_or_path is empty).")
-    recipe = recipe_from_dict({"model": {"name_or_path": base}, "data": {"train": "unused"}})
-    return TrainedSource(p, recipe, base, None)
+    return TrainedSource(p, Recipe.for_adapter(base), base, None)

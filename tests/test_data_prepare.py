@@ -318,7 +318,7 @@ def test_fingerprint_inputs_gathered_in_one_place(tmp_path, qs_tok):
     settings = json.loads(parts[0])
     assert settings["seed"] == SEED and settings["data"]["max_length"] == data.max_length
     assert parts[1].startswith(f"{src.resolve()}:")  # a local file: path, size, time
-    assert parts[2] == "hub:org/set:test:None:v1"
+    assert parts[2] == "hub:org/set:test:None:v1:None"  # no commit: never downloaded
     assert parts[-1] == f"{EOS}|{BOS}" and parts[-2] == qs_tok.chat_template
     key = data_fingerprint(data, EvalConfig(), qs_tok, seed=SEED, resolve=resolve)
     h = hashlib.sha256()

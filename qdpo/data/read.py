@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from qdpo.errors import DataError
+from qdpo.files import short_error
 
 if TYPE_CHECKING:
     from qdpo.recipe import DataSource
@@ -120,7 +121,7 @@ def _read_hub(source: DataSource, path: str) -> list[dict[str, Any]]:
         raise DataError(
             f"Data source '{source.path}' is neither a local file nor a loadable hub dataset "
             f"(split '{source.split}'{', config ' + source.name if source.name else ''}): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            f"{short_error(e)}") from None
     return ds.to_list()
 
 
