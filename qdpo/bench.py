@@ -192,7 +192,8 @@ def _bench_model(recipe: Recipe, shape: str | None, random_weights: bool,
 def _time_steps(recipe: Recipe, ctx: Any, data: list[PairTokens], steps: int, warmup: int,
                 quiet: bool, profile: Path | None = None) -> tuple[list[float], list[int], int]:
     from qdpo.device import synchronize
-    from qdpo.train import out_of_memory_message, train_step
+    from qdpo.guards import out_of_memory_message
+    from qdpo.train import train_step
 
     ctx.model.train()
     pps = recipe.train.pairs_per_step

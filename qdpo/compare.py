@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
 from qdpo.data import PairTokens
 from qdpo.errors import QdpoError
@@ -147,6 +148,7 @@ def run_trl(recipe: Recipe, config: Any, pairs: list[PairTokens], steps: int, wa
             args=_config(recipe, pairs, steps, device.type == "cuda", dtype, out_dir),
             processing_class=_tokenizer(config.vocab_size), peft_config=peft_config,
             callbacks=[clock])
+        trainer.remove_callback(PrinterCallback)  # it prints a metrics dict per log call
         counter = _SlotCounter(trainer.data_collator)
         trainer.data_collator = counter
         reset_peak_memory(device)

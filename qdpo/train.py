@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +25,13 @@ from qdpo import reference
 from qdpo.attention import check_can_train, model_kernel
 from qdpo.batching import BatchPlan, pairs_used, plan_batches, step_pairs
 from qdpo.data import PairTokens, PreparedData, prepare
-from qdpo.device import autocast_for, memory_stats, reset_peak_memory, total_memory_gib
-from qdpo.errors import QdpoError
+from qdpo.device import autocast_for, memory_stats, reset_peak_memory
 from qdpo.evaluate import eval_plan, evaluate_pairs
 from qdpo.forward import MetricAccumulator, forward_pair_batch
+from qdpo.guards import Interrupt, nonfinite_error, out_of_memory_message
 from qdpo.logps import causal_lm
-from qdpo.memory import token_budget
 from qdpo.losses import Objective
+from qdpo.memory import token_budget
 from qdpo.model import (ModelInfo, hidden_size, load_model, load_tokenizer, save_adapter,
                         trainable_parameters)
 from qdpo.recipe import Recipe
@@ -279,7 +278,7 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
                 display.message(f"[yellow]step {step + 1}: non-finite loss or gradient, step "
                                 f"skipped ({bad_steps} in a row)[/]")
                 if bad_steps >= NONFINITE_LIMIT:
-                    raise _nonfinite_error(bad_steps, step, s.run.path)
+                    raise nonfinite_error(bad_steps, step, s.run.path)
                 continue
             bad_steps, done = 0, step + 1
             dt = time.monotonic() - t0
@@ -326,68 +325,6 @@ def finish(s: Setup, done: int, final_eval: dict[str, float], last: dict[str, fl
     s.run.write_summary(result, seconds, s.recipe)
     ui.run_summary(result, s.recipe, seconds)
     return result
-
-
-# ---------------------------------------------------------------------------------------
-# Stopping cleanly
-# ---------------------------------------------------------------------------------------
-
-class Interrupt:
-    """First Ctrl-C / SIGTERM: finish the step, checkpoint, stop. Second: exit at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.old: dict[int, Any] = {}
-
-    def __enter__(self) -> "Interrupt":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.old[sig] = signal.signal(sig, self.handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        ui.warn("interrupt: saving a checkpoint after this step (press Ctrl-C again to quit "
-                "now)")
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, h in self.old.items():
-            signal.signal(sig, h)
-
-
-class out_of_memory_message:
-    """Turn a CUDA out-of-memory error into one message saying what to change."""
-
-    def __init__(self, recipe: Recipe, device: torch.device, where: Callable[[], str]):
-        self.recipe, self.device, self.where = recipe, device, where
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
-        if kind is None or not issubclass(kind, torch.cuda.OutOfMemoryError):
-            return
-        r, peak = self.recipe, memory_stats(self.device).get("mem/peak_alloc_gib", 0.0)
-        raise QdpoError(
-            f"Out of GPU memory {self.where()} (max_length {r.data.max_length}, max_tokens "
-            f"{r.train.max_tokens}, {r.train.micro_batch_pairs} pairs per micro-batch; peak "
-            f"allocated {peak:.1f} GiB of {total_memory_gib(self.device):.1f} GiB). Set "
-            "train.max_tokens: auto (or see `qdpo plan` for what fits), lower "
-            "train.micro_batch_pairs (gradient accumulation keeps the step size) or "
-            "data.max_length, keep model.gradient_checkpointing on, or use optimizer "
-            "paged_adamw_8bit. A training run resumes from its last checkpoint with --resume."
-        ) from None
-
-
-def _nonfinite_error(bad_steps: int, step: int, run_dir: Path) -> QdpoError:
-    return QdpoError(
-        f"{bad_steps} optimizer steps in a row had a non-finite loss or gradient (last at step "
-        f"{step + 1}). Lower train.learning_rate, check the data, or use compute_dtype: bf16 "
-        f"instead of fp16. The last good checkpoint in {run_dir / 'checkpoints'} is kept.")
 
 
 # `qdpo.train(recipe)` calls train(), though qdpo.train is this module
