@@ -125,7 +125,9 @@ def chat_loop(gen: Generator, sampling: Sampling, compare: bool = False,
               read: Callable[[str], str] = input) -> None:
     """The interactive chat: history, slash commands, streaming (or side by side)."""
     from rich.columns import Columns
+    from rich.markup import escape
     from rich.panel import Panel
+    from rich.text import Text
 
     history: list[dict[str, str]] = []
     ui.console.print(f"[dim]{HELP}[/]")
@@ -148,19 +150,20 @@ def chat_loop(gen: Generator, sampling: Sampling, compare: bool = False,
             gen.system_prompt = text[len("/system"):].strip() or None  # render() adds it
             history = []
             ui.console.print(f"[dim](system prompt {'set' if gen.system_prompt else 'cleared'}; "
-                    "conversation reset)[/]")
+                             "conversation reset)[/]")
             continue
         if text.startswith("/"):
-            ui.console.print(f"[dim]unknown command {text.split()[0]}; {HELP}[/]")
+            ui.console.print(f"[dim]unknown command {escape(text.split()[0])}; {HELP}[/]")
             continue
         history.append({"role": "user", "content": text})
         conv = list(history)
         if compare:
             base = gen.generate([conv], sampling, base=True)[0]
             tuned = gen.generate([conv], sampling)[0]
-            ui.console.print(Columns([Panel(base, title="base", expand=True),
-                                      Panel(tuned, title="tuned", expand=True)], equal=True,
-                                     expand=True))
+            # Text: a reply is shown as written, never read as rich markup
+            ui.console.print(Columns([Panel(Text(base), title="base", expand=True),
+                                      Panel(Text(tuned), title="tuned", expand=True)],
+                                     equal=True, expand=True))
             reply = tuned
         else:
             sys.stdout.write("tuned> ")
