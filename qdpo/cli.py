@@ -69,7 +69,18 @@ def train(
 
     result = run_train(r, resume=resume, overwrite=overwrite)
     if result.interrupted:
+        from qdpo import console as ui
+
+        ui.info(f"resume with: {_resume_command(recipe, overrides or [], result.run_dir)}")
         raise typer.Exit(130)
+
+
+def _resume_command(recipe: Path, overrides: list[str], run_dir: Path) -> str:
+    """The exact command that continues this run: same recipe and overrides, its directory."""
+    import shlex
+
+    keep = [o for o in overrides if not o.startswith("output.dir=")]
+    return shlex.join(["qdpo", "train", str(recipe), *keep, "-o", str(run_dir), "--resume"])
 
 
 @app.command()

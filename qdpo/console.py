@@ -254,7 +254,7 @@ def data_report(data: Any) -> None:
     for ex in data.train_report.examples[:3]:
         info(f"  skipped {ex}")
     if data.eval:
-        info(f"eval: {len(data.eval)} held-out pairs")
+        info(f"eval: {plural(len(data.eval), 'held-out pair')}")
 
 
 def model_banner(recipe: Any, minfo: Any) -> None:
@@ -283,33 +283,74 @@ def eval_line(label: str, ev: dict[str, float]) -> str:
             f"loss {ev['loss']:.4f}")
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def chance_p_value(correct: int, n: int) -> float:
+    """One-sided binomial test: the probability of `correct` or more right out of `n` by coin
+    flips (what a held-out accuracy must beat to mean something)."""
+    if n <= 0:
+        return 1.0
+
+    def log_pmf(k: int) -> float:
+        return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) - n * math.log(2)
+
+    return min(1.0, sum(math.exp(log_pmf(k)) for k in range(max(0, correct), n + 1)))
+
+
+def accuracy_verdict(acc: float, n: int) -> str:
+    p = chance_p_value(round(acc * n), n)
+    if p < 1e-3 and acc >= 0.9:
+        return "clearly above chance"
+    if p < 0.05:
+        return f"above chance (p = {p:.2g})"
+    if acc > 0.5:
+        return (f"not distinguishable from chance with {plural(n, 'pair')} (p = {p:.2g}); "
+                "evaluate on more pairs")
+    return "near chance: the preference was not learned"
+
+
+def _reference_row(result: Any, recipe: Any) -> str:
+    if not recipe.needs_reference:
+        return f"none ({', '.join(recipe.loss_types)} is reference-free)"
+    if recipe.train.reference == "online":
+        return "online, every step"
+    if getattr(result, "reference_reused", False):
+        return "reused from cache"
+    return f"precomputed once, {result.reference_seconds:.1f} s"
+
+
+def average_tokens_per_s(history: list[dict[str, Any]]) -> float | None:
+    """The run's throughput: all tokens over all step time (not the last step's)."""
+    seconds = sum(h.get("step_time_s", 0.0) for h in history)
+    return sum(h.get("tokens", 0) for h in history) / seconds if seconds else None
+
+
 def run_summary(result: Any, recipe: Any, seconds: float) -> None:
     """The table at the end of a run, and what to make of it."""
-    rows: list[tuple[str, Any]] = [("steps", result.steps), ("time", f"{seconds:.0f} s")]
-    if not recipe.needs_reference:
-        rows.append(("reference pass", f"none ({', '.join(recipe.loss_types)} is "
-                                       "reference-free)"))
-    elif recipe.train.reference == "online":
-        rows.append(("reference pass", "online, every step"))
-    else:
-        rows.append(("reference pass", f"precomputed once, {result.reference_seconds:.1f} s"))
-    for k in ("loss", "rewards/accuracies", "rewards/margins", "tokens_per_s",
-              "mem/peak_alloc_gib"):
+    rows: list[tuple[str, Any]] = [("steps", result.steps), ("time", f"{seconds:.0f} s"),
+                                   ("reference pass", _reference_row(result, recipe))]
+    for k in ("loss", "rewards/accuracies", "rewards/margins"):
         if k in result.last_train:
             rows.append((f"train {k}", result.last_train[k]))
+    speed = average_tokens_per_s(result.history)
+    if speed:
+        rows.append(("train tokens/s (average)", speed))
+    if "mem/peak_alloc_gib" in result.last_train:
+        rows.append(("train mem/peak_alloc_gib", result.last_train["mem/peak_alloc_gib"]))
     for k in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
               "rewards/rejected"):
         if k in result.final_eval:
             rows.append((f"eval {k}", result.final_eval[k]))
     show(metrics_table("qdpo run summary", rows))
     if result.interrupted:
-        warn(f"interrupted at step {result.steps}; resume with `qdpo train <recipe> --resume`")
+        warn(f"interrupted at step {result.steps}; the checkpoint is in {result.run_dir}")
         return
     acc = result.final_eval.get("rewards/accuracies")
     if acc is not None:
-        verdict = "clearly above chance" if acc >= 0.9 else \
-            "above chance" if acc > 0.6 else "near chance: the preference was not learned"
-        info(f"held-out reward accuracy {acc:.3f} over {int(result.final_eval['pairs'])} "
-             f"pairs: {verdict}")
+        n = int(result.final_eval["pairs"])
+        info(f"held-out reward accuracy {acc:.3f} over {plural(n, 'pair')}: "
+             f"{accuracy_verdict(acc, n)}")
     info(f"adapter saved to {result.run_dir} (peft format; "
          f"PeftModel.from_pretrained(base, '{result.run_dir}'))")

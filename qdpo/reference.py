@@ -44,6 +44,7 @@ class ReferenceTable:
     rejected: torch.Tensor
     chosen_public: torch.Tensor
     rejected_public: torch.Tensor
+    computed: int = 0  # pairs this run computed (0: everything came from the cache)
 
     @classmethod
     def empty(cls, n: int) -> "ReferenceTable":
@@ -66,7 +67,8 @@ class ReferenceTable:
     def on(self, device: torch.device) -> "ReferenceTable":
         """A copy on `device`: training reads a few rows every micro-batch."""
         return ReferenceTable(*(getattr(self, n).to(device) for n in
-                                ("chosen", "rejected", "chosen_public", "rejected_public")))
+                                ("chosen", "rejected", "chosen_public", "rejected_public")),
+                              computed=self.computed)
 
 
 def _hash_file_tree(path: Path, h: Any) -> None:
@@ -171,6 +173,7 @@ def ensure(model: Any, data: Sequence[PairTokens], ids: Sequence[int], plan: Bat
     with ui.task_progress(f"reference pass ({what})", len(missing)) as advance:
         precompute(model, table, missing, data, plan.scaled(REFERENCE_SCALE), device,
                    autocast_for(device, dtype), advance)
+    table.computed = len(missing)
     synchronize(device)
     dt = time.monotonic() - t0
     if key:

@@ -104,6 +104,7 @@ class RunDir:
                         f"Cannot resume {self.path}: the recipe changed in keys that change "
                         f"the result: {', '.join(changed)}. Put them back, or start a new run "
                         "(another output.dir, or --overwrite).")
+                self._refuse_finished(recipe)
                 _say_resume_changes(self.recipe(), recipe)
                 return ckpt
             if self.is_run() and resume != "auto":
@@ -111,6 +112,11 @@ class RunDir:
             if self.is_run():
                 raise RunDirError(f"'{self.path}' holds a run without any checkpoint to resume "
                                   "from; use --overwrite to start it again.")
+            if not (self.path.exists() and any(self.path.iterdir())):
+                from qdpo import console as ui
+
+                ui.info(f"resume: nothing to resume in {self.path} (no run there yet); "
+                        "starting a new run")
         if self.path.exists() and any(self.path.iterdir()):
             if not overwrite:
                 what = "a qdpo run" if self.is_run() else "other files"
@@ -131,6 +137,21 @@ class RunDir:
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         return None
+
+    def _refuse_finished(self, recipe: Recipe) -> None:
+        """A finished run continues only when asked for more steps (max_steps or epochs)."""
+        try:
+            summary = json.loads((self.path / "summary.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return  # interrupted or killed before the end: nothing finished
+        if summary.get("interrupted") or LENGTH_KEYS & set(recipe_changes(self.recipe(),
+                                                                          recipe)):
+            return
+        steps = summary.get("steps", 0)
+        raise RunDirError(
+            f"'{self.path}' is a finished run ({steps} steps): there is nothing to resume. To "
+            f"train it further, resume with more steps (e.g. train.max_steps={2 * steps} or "
+            "more train.epochs); to start again, use --overwrite.")
 
     def _resume_point(self, resume: str) -> Path | None:
         if resume == "auto":
@@ -187,12 +208,16 @@ class RunDir:
         tmp.rmdir()
 
     def write_summary(self, result: Any, seconds: float, recipe: Recipe) -> None:
+        from qdpo import console as ui
+
         summary = {"steps": result.steps, "seconds": round(seconds, 2),
                    "interrupted": result.interrupted, "train": result.last_train,
                    "reference": ("none" if not recipe.needs_reference else
                                  recipe.train.reference if recipe.train.reference == "online"
                                  else "precompute"),
                    "reference_seconds": round(result.reference_seconds, 3),
+                   "reference_reused": result.reference_reused,
+                   "tokens_per_s_average": ui.average_tokens_per_s(result.history),
                    "eval": result.final_eval, "loss": recipe.loss_types}
         write_text_atomically(self.path / "summary.json", json.dumps(summary, indent=2))
 

@@ -49,6 +49,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
     reference_seconds: float = 0.0
+    reference_reused: bool = False  # every reference log-prob came from the cache
 
 
 # ---------------------------------------------------------------------------------------
@@ -257,8 +258,8 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
     bad_steps, done, interrupted = 0, s.start_step, False
 
     def run_eval(step: int) -> dict[str, float]:
-        ev = evaluate_pairs(ctx.model, data.eval, ctx.objective, s.eval_plan, ctx.device, ctx.dtype,
-                      s.eval_reference)
+        ev = evaluate_pairs(ctx.model, data.eval, ctx.objective, s.eval_plan, ctx.device,
+                            ctx.dtype, s.eval_reference)
         sinks.write({"step": step, **{f"eval/{k}": v for k, v in ev.items()}})
         return ev
 
@@ -275,8 +276,8 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
             metrics = train_step(ctx, data.train, idx)
             if metrics is None:
                 bad_steps += 1
-                display.message(f"[yellow]step {step + 1}: non-finite loss or gradient, step "
-                                f"skipped ({bad_steps} in a row)[/]")
+                ui.warn(f"step {step + 1}: non-finite loss or gradient, step skipped "
+                        f"({bad_steps} in a row)")
                 if bad_steps >= NONFINITE_LIMIT:
                     raise nonfinite_error(bad_steps, step, s.run.path)
                 continue
@@ -320,8 +321,10 @@ def finish(s: Setup, done: int, final_eval: dict[str, float], last: dict[str, fl
         if done > s.start_step:  # lets a later run extend this one (more steps or epochs)
             save(s, done)
         s.run.save_final(lambda d: save_adapter(s.ctx.model, s.tokenizer, d))
+    tables = [t for t in (s.ctx.reference, s.eval_reference) if t is not None]
     result = TrainResult(s.run.path, done, final_eval, last, history, interrupted,
-                         s.reference_seconds)
+                         s.reference_seconds,
+                         reference_reused=bool(tables) and not any(t.computed for t in tables))
     s.run.write_summary(result, seconds, s.recipe)
     ui.run_summary(result, s.recipe, seconds)
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +110,18 @@ def test_overwrite_never_deletes_a_project_folder(tmp_path):
     assert res.returncode == 2 and "Refusing to --overwrite" in res.stderr
     assert (project / "notes.txt").read_text() == "mine"
     assert (project / "quickstart" / "train.jsonl").exists()
+
+
+def test_interrupted_train_prints_the_exact_resume_command(tmp_path, monkeypatch):
+    import qdpo.train as train_mod
+
+    def interrupted(recipe, **kwargs):
+        return train_mod.TrainResult(run_dir=Path(recipe.output.dir), steps=3, final_eval={},
+                                     last_train={}, interrupted=True)
+
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    run = tmp_path / "my run"
+    res = qdpo("train", QUICKSTART_RECIPE, "loss.beta=0.2", "-o", run)
+    assert res.returncode == 130
+    assert (f"resume with: qdpo train {QUICKSTART_RECIPE} loss.beta=0.2 -o '{run}' --resume"
+            in res.stdout)

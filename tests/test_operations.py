@@ -30,6 +30,9 @@ def test_reference_precomputed_once_then_reused(tmp_path):
     b = invoke("train", QUICKSTART_RECIPE, *SMALL, "loss.beta=0.3", "-o", tmp_path / "b")
     assert b.exit_code == 0, b.output
     assert "reused from cache" in b.output and "computed in" not in b.output
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in "ab"]
+    assert [x["reference_reused"] for x in summaries] == [False, True]
+    assert summaries[0]["tokens_per_s_average"] > 0
     ra = [r for r in read_metrics(tmp_path / "a") if "logps/ref_chosen" in r]
     rb = [r for r in read_metrics(tmp_path / "b") if "logps/ref_chosen" in r]
     assert ra[0]["logps/ref_chosen"] == rb[0]["logps/ref_chosen"]

@@ -91,3 +91,28 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
     assert (run / "checkpoints" / "step-0000003").exists()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["interrupted"] and summary["steps"] == 3
+
+
+def test_resume_a_finished_run_only_with_more_steps(tmp_path):
+    from tiny import qdpo
+
+    run = tmp_path / "run"
+    args = [QUICKSTART_RECIPE, "train.max_steps=2", "eval.every_steps=0", "-o", run]
+    assert qdpo("train", *args).returncode == 0
+    again = qdpo("train", *args, "--resume")
+    assert again.returncode != 0 and "finished run (2 steps)" in again.stderr
+    assert "train.max_steps=4" in again.stderr
+    more = qdpo("train", QUICKSTART_RECIPE, "train.max_steps=3", "eval.every_steps=0", "-o", run,
+                "--resume")
+    assert more.returncode == 0, more.stderr
+    assert "resume: train.max_steps 2 -> 3" in more.stdout
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+
+
+def test_resume_where_there_is_no_run_says_it_starts_fresh(tmp_path):
+    from tiny import qdpo
+
+    res = qdpo("train", QUICKSTART_RECIPE, "train.max_steps=1", "eval.every_steps=0", "-o",
+               tmp_path / "new", "--resume")
+    assert res.returncode == 0, res.stderr
+    assert "nothing to resume" in res.stdout and "starting a new run" in res.stdout
