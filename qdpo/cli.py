@@ -9,13 +9,24 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from qdpo import __version__
 from qdpo.errors import QdpoError
 
+def _flags_without_type(option_class: Any) -> None:
+    """Help lists `--overwrite`, not `--overwrite <bool>`: a flag takes no value."""
+    shown = option_class.display_type_rich
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    option_class.display_type_rich = display_type_rich
+
+
+_flags_without_type(typer.core.TyperOption)
 app = typer.Typer(
     name="qdpo", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
     help="QLoRA Direct Preference Optimization on one GPU: train, then merge, export, chat.")
@@ -88,13 +99,14 @@ def init(
     path: Path = typer.Argument(Path("recipe.yaml"), help="Where to write the starter recipe."),
     model: str = typer.Option("meta-llama/Llama-3.1-8B-Instruct", help="model.name_or_path"),
     data: str = typer.Option("HuggingFaceH4/ultrafeedback_binarized", help="data.train"),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    overwrite: bool = typer.Option(False, "--overwrite", "--force",
+                                   help="Replace an existing file."),
 ) -> None:
     """Write a commented starter recipe with every key, its default and its meaning."""
     from qdpo.recipe import starter_yaml
 
-    if path.exists() and not force:
-        raise QdpoError(f"'{path}' already exists; pass --force to overwrite it or choose "
+    if path.exists() and not overwrite:
+        raise QdpoError(f"'{path}' already exists; pass --overwrite to replace it or choose "
                         "another path.")
     text = starter_yaml({"model": {"name_or_path": model}, "data": {"train": [data]}})
     path.write_text(text, encoding="utf-8")

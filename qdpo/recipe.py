@@ -351,11 +351,41 @@ def _coerce_scalar(value: Any, tp: Any) -> Any:
     raise _Bad
 
 
+# What other tools call a key or a value, for did-you-mean hints.
+KEY_ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+               "target": "target_modules", "lr": "learning_rate", "batch_size": "pairs_per_step",
+               "per_device_train_batch_size": "micro_batch_pairs",
+               "gradient_accumulation_steps": "pairs_per_step", "max_seq_length": "max_length",
+               "model": "name_or_path", "model_name": "name_or_path", "loss_type": "type",
+               "optim": "optimizer", "num_train_epochs": "epochs", "warmup": "warmup_ratio"}
+VALUE_ALIASES = {"adam8bit": "adamw_8bit", "adam_8bit": "adamw_8bit", "adamw8bit": "adamw_8bit",
+                 "adamw_bnb_8bit": "adamw_8bit", "paged_adamw": "paged_adamw_8bit",
+                 "paged_adam_8bit": "paged_adamw_8bit", "adam": "adamw", "adamw_torch": "adamw",
+                 "bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "half": "fp16",
+                 "flash_attention": "flash_attention_2", "flex": "flex_attention",
+                 "cos": "cosine"}
+
+
 def _unknown_key(key: str, name: str, allowed: list[str]) -> RecipeError:
-    close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+    alias = KEY_ALIASES.get(name.lower())
+    close = [alias] if alias in allowed else difflib.get_close_matches(name, allowed, n=1,
+                                                                       cutoff=0.6)
     hint = f" Did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}'?" \
         if close else ""
     return RecipeError(f"Unknown recipe key '{key}'.{hint} Allowed here: {', '.join(allowed)}.")
+
+
+def _value_hint(value: Any, tp: Any) -> str:
+    """' (did you mean X?)' for a choice written another tool's way or misspelt."""
+    allowed = [a for t in (typing.get_args(tp) if typing.get_origin(tp) in (Union,
+               types.UnionType) else (tp,)) if typing.get_origin(t) is Literal
+               for a in typing.get_args(t) if isinstance(a, str)]
+    if not allowed or not isinstance(value, str):
+        return ""
+    alias = VALUE_ALIASES.get(value.lower())
+    close = [alias] if alias in allowed else difflib.get_close_matches(value.lower(), allowed,
+                                                                       n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
@@ -371,8 +401,8 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
             kwargs[name] = _coerce(value, tp, key)
         except _Bad:
             raise RecipeError(
-                f"Recipe key '{key}' has the value {value!r}, but it must be {_type_name(tp)}."
-            ) from None
+                f"Recipe key '{key}' has the value {value!r}{_value_hint(value, tp)}, but it "
+                f"must be {_type_name(tp)}.") from None
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field without default (DataSource.path)

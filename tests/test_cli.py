@@ -125,3 +125,21 @@ def test_interrupted_train_prints_the_exact_resume_command(tmp_path, monkeypatch
     assert res.returncode == 130
     assert (f"resume with: qdpo train {QUICKSTART_RECIPE} loss.beta=0.2 -o '{run}' --resume"
             in res.stdout)
+
+
+def test_help_has_no_bool_placeholders_and_init_takes_overwrite(tmp_path):
+    for command in ("train", "init", "export", "chat"):
+        res = qdpo(command, "--help")
+        assert res.returncode == 0 and "<bool>" not in res.stdout, command
+    target = tmp_path / "r.yaml"
+    assert qdpo("init", target).returncode == 0
+    again = qdpo("init", target)
+    assert again.returncode != 0 and "--overwrite" in again.stderr
+    assert qdpo("init", target, "--overwrite").returncode == 0
+
+
+def test_did_you_mean_knows_other_tools_names():
+    res = qdpo("train", QUICKSTART_RECIPE, "lora.rank=8")
+    assert res.returncode != 0 and "Did you mean 'lora.r'?" in res.stderr
+    res = qdpo("train", QUICKSTART_RECIPE, "train.optimizer=adam8bit")
+    assert res.returncode != 0 and "did you mean 'adamw_8bit'?" in res.stderr
