@@ -112,6 +112,27 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
+# What two CPU cores reach on a QLoRA step, roughly (4-bit dequantization included).
+CPU_FLOPS = 20e9
+
+
+def cpu_warning(shape: str, steps: int, prompt_len: tuple[int, int],
+                response_len: tuple[int, int], pairs_per_step: int) -> str | None:
+    """On a machine without a GPU, how long a built-in (GPU-sized) shape will take."""
+    if torch.cuda.is_available() or shape not in SHAPES:
+        return None
+    spec = dict(SHAPES[shape])
+    spec.pop("model_type")
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(**spec)
+    tokens = pairs_per_step * (sum(prompt_len) / 2 + sum(response_len))  # shared prefix
+    seconds = flops_per_token(config, sum(prompt_len) / 2, True) * tokens / CPU_FLOPS
+    return (f"{shape} is a GPU-sized model and this machine has no GPU: expect roughly "
+            f"{seconds / 60:,.0f} minutes per step here ({steps} steps and a reference pass). "
+            "Try --steps 2 --warmup 1 with short --prompt-len/--response-len, or a GPU.")
+
+
 def flops_per_token(config: Any, context: float, with_reference: bool) -> float:
     """Model FLOPs per processed token: LoRA training on a frozen base.
 

@@ -235,6 +235,14 @@ def bench(
     from qdpo.recipe import load_recipe
 
     results, pairs = [], None
+    if shape:
+        from qdpo.bench import cpu_warning
+
+        warning = cpu_warning(shape, steps, _range(prompt_len, "--prompt-len"),
+                              _range(response_len, "--response-len"),
+                              load_recipe(recipe, list(overrides or [])).train.pairs_per_step)
+        if warning:
+            ui.warn(warning)
     if against:
         if against != "trl":
             raise QdpoError(f"--against '{against}': the only tool to compare with is trl.")
@@ -248,8 +256,8 @@ def bench(
     for lay in (layouts.split(",") if layouts else [None]):
         ov = list(overrides or []) + ([f"train.layout={lay.strip()}"] if lay else [])
         r = load_recipe(recipe, ov)
-        ui.info(f"bench: {r.model.name_or_path} layout {r.train.layout}, {steps} steps of "
-                f"{r.train.pairs_per_step} pairs")
+        ui.info(f"bench: {shape or r.model.name_or_path} layout {r.train.layout}, {steps} "
+                f"steps of {r.train.pairs_per_step} pairs")
         results.append(run_bench(r, steps=steps, warmup=warmup, shape=shape,
                                  prompt_len=_range(prompt_len, "--prompt-len"),
                                  response_len=_range(response_len, "--response-len"),

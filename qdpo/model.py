@@ -29,9 +29,22 @@ POLICY_ADAPTER = "default"
 
 
 def _model_path(recipe: Recipe) -> str:
-    """A local directory as an absolute path (adapters record it), else the hub id as given."""
-    p = recipe.resolve_path(recipe.model.name_or_path)
-    return str(Path(p).resolve()) if Path(p).exists() else p
+    """A local directory as an absolute path (adapters record it), else the hub id as given.
+
+    A name that can only be a path (it starts with '.', '/' or '~', or has more than one '/')
+    and matches no folder is an error saying where it was looked for, not a hub request.
+    """
+    name = recipe.model.name_or_path
+    p = recipe.resolve_path(name)
+    if Path(p).exists():
+        return str(Path(p).resolve())
+    if name.startswith((".", "/", "~")) or name.strip("/").count("/") > 1:
+        places = [str(Path(recipe.base_dir) / name)] if recipe.base_dir else []
+        places.append(str(Path.cwd() / Path(name).expanduser()))
+        raise ModelError(f"model.name_or_path '{name}' is a path, and no folder is there "
+                         f"(looked at {' and '.join(dict.fromkeys(places))}). Fix the path, "
+                         "or give a hub id like org/name.")
+    return p
 
 
 def load_tokenizer(recipe: Recipe) -> Any:

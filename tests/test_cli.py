@@ -143,3 +143,11 @@ def test_did_you_mean_knows_other_tools_names():
     assert res.returncode != 0 and "Did you mean 'lora.r'?" in res.stderr
     res = qdpo("train", QUICKSTART_RECIPE, "train.optimizer=adam8bit")
     assert res.returncode != 0 and "did you mean 'adamw_8bit'?" in res.stderr
+
+
+def test_a_model_path_that_matches_no_folder_says_where_it_looked(tmp_path):
+    res = qdpo("train", QUICKSTART_RECIPE, "model.name_or_path=./models/missing",
+               "model.random_init=false", "-o", tmp_path / "run")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "is a path, and no folder is there" in res.stderr
+    assert str(QUICKSTART_RECIPE.parent / "models" / "missing") in res.stderr

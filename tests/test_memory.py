@@ -98,3 +98,16 @@ def test_quickstart_trains_with_max_tokens_auto_on_the_cpu(tmp_path):
     res = qdpo("train", QUICKSTART_RECIPE, "train.max_steps=2", "train.max_tokens=auto",
                "-o", tmp_path / "run")
     assert res.returncode == 0, res.stderr
+
+
+def test_bench_warns_how_slow_a_gpu_shape_is_on_the_cpu():
+    from qdpo.bench import cpu_warning
+
+    if torch.cuda.is_available():
+        pytest.skip("the warning is for machines without a GPU")
+    big = cpu_warning("llama-3.1-8b", 8, (128, 512), (64, 512), 8)
+    small = cpu_warning("llama-3.2-1b", 8, (128, 512), (64, 512), 8)
+    minutes = [int(w.split("roughly ")[1].split(" minutes")[0].replace(",", ""))
+               for w in (big, small)]
+    assert minutes[0] > minutes[1] > 1 and "--steps 2" in big
+    assert cpu_warning("not-a-shape", 8, (1, 2), (1, 2), 8) is None
