@@ -16,6 +16,12 @@ import typer
 from qdpo import __version__
 from qdpo.errors import QdpoError
 
+# The command shows its own progress: the hub's, transformers' and datasets' bars ("Writing
+# model shards", "Generating train split") would interleave with it. Read when they import.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
 def _flags_without_type(option_class: Any) -> None:
     """Help lists `--overwrite`, not `--overwrite <bool>`: a flag takes no value."""
     shown = option_class.display_type_rich
@@ -340,8 +346,10 @@ def merge(
 @app.command()
 def export(
     run: Path = typer.Argument(..., help="Run directory, checkpoint, or peft adapter directory."),
-    fmt: str = typer.Option(..., "--format", "-f", help="peft, gguf-lora or gguf."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output directory (peft) or file (gguf)."),
+    fmt: str = typer.Option(..., "--format", "-f", help="peft, gguf-lora or gguf (gguf also "
+                            "writes an Ollama Modelfile beside the file)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (peft) or file (gguf; "
+                             "its Modelfile goes in the same folder)."),
     outtype: str = typer.Option("f16", "--outtype",
                                 help="GGUF tensor type: f32, f16, bf16 or q8_0."),
     from_nf4: bool = typer.Option(False, "--from-nf4", help="gguf: merge onto the dequantized "

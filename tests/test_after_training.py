@@ -239,7 +239,7 @@ def test_failed_gguf_export_removes_its_merge_scratch(run, tmp_path, monkeypatch
     out.write_bytes(b"old")
     seen = []
 
-    def fail(model_dir, out_path, outtype):
+    def fail(model_dir, out_path, outtype, name=None):
         seen.append(model_dir)
         assert (model_dir / "model.safetensors").is_file() and model_dir.parent.parent == tmp_path
         raise RuntimeError("killed")
@@ -249,3 +249,95 @@ def test_failed_gguf_export_removes_its_merge_scratch(run, tmp_path, monkeypatch
         ex.export(run, "gguf", out, outtype="f32", overwrite=True)
     assert seen and not seen[0].exists()
     assert out.read_bytes() == b"old" and _beside(out) == []
+
+
+def test_gguf_export_checks_the_gguf_package_before_merging(run, tmp_path, monkeypatch):
+    import sys
+
+    import qdpo.export.formats as formats
+    import qdpo.export.merging as merging
+
+    merged = []
+
+    def no_merge(*args, **kwargs):
+        merged.append(args)
+        raise AssertionError("merged before checking for gguf")
+
+    monkeypatch.setattr(formats, "merge", no_merge)
+    monkeypatch.setattr(merging, "merge", no_merge)
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
+    for fmt in ("gguf", "gguf-lora"):
+        res = qdpo("export", run, "--format", fmt, "--out", tmp_path / f"{fmt}.gguf")
+        assert res.returncode == 2, res.stderr
+        assert "pip install 'qdpo[gguf]'" in res.stderr and "Traceback" not in res.stderr
+    assert merged == [] and list(tmp_path.iterdir()) == []
+
+
+def _gguf_kv(path):
+    gguf = pytest.importorskip("gguf")
+    return {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()}
+
+
+def test_gguf_export_is_named_after_the_run_with_an_ollama_modelfile(run, tmp_path):
+    pytest.importorskip("gguf")
+    out = tmp_path / "q.gguf"
+    res = qdpo("export", run, "--format", "gguf", "--out", out, "--outtype", "f32")
+    assert res.returncode == 0, res.stderr
+    assert _gguf_kv(out)["general.name"] == run.name
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert "FROM ./q.gguf" in modelfile.splitlines()
+    assert "<|im_start|>user\n{{ .Content }}<|im_end|>" in modelfile  # the run's ChatML
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert f"ollama create {run.name} -f {tmp_path / 'Modelfile'}" in res.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "q.gguf"]
+    # a checkpoint's GGUF LoRA adapter carries the run's name too
+    step = sorted((run / "checkpoints").iterdir())[-1]
+    res = qdpo("export", step, "--format", "gguf-lora", "--out", tmp_path / "a.gguf")
+    assert res.returncode == 0, res.stderr
+    assert _gguf_kv(tmp_path / "a.gguf")["general.name"] == run.name
+
+
+def test_gguf_export_of_a_bare_adapter_is_named_after_its_directory(run, tmp_path):
+    import shutil
+
+    pytest.importorskip("gguf")
+    adapter = tmp_path / "My Adapter"
+    adapter.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
+              "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy2(run / f, adapter / f)
+    out = tmp_path / "out" / "bare.gguf"
+    res = qdpo("export", adapter, "--format", "gguf", "--out", out, "--outtype", "f32")
+    assert res.returncode == 0, res.stderr
+    assert _gguf_kv(out)["general.name"] == "My Adapter"
+    assert "ollama create my-adapter -f" in res.stdout
+    assert "FROM ./bare.gguf" in (out.parent / "Modelfile").read_text()
+
+
+def _card(path):
+    import yaml
+
+    text = path.read_text()
+    assert text.startswith("---\n")
+    _, front, body = text.split("---\n", 2)
+    return yaml.safe_load(front), body
+
+
+def test_exported_and_merged_model_cards(run, tmp_path):
+    import qdpo.export as ex
+
+    summary = json.loads((run / "summary.json").read_text())
+    ex.export_peft(run, tmp_path / "adapter")
+    meta, body = _card(tmp_path / "adapter" / "README.md")
+    assert meta["library_name"] == "peft" and {"dpo", "qdpo"} <= set(meta["tags"])
+    assert "base_model" not in meta  # a random-init base is nothing on the hub
+    assert f"# {run.name}" in body and "sigmoid (beta 0.1)" in body
+    assert f"| optimizer steps | {summary['steps']} of" in body
+    acc = summary["eval"]["rewards/accuracies"]
+    assert f"| rewards/accuracies | {acc:.4f} |" in body
+    assert f"on {summary['eval']['pairs']} held-out pairs" in body
+    assert "local data `train.jsonl`" in body and "AutoPeftModelForCausalLM" in body
+    ex.merge(run, tmp_path / "merged", dtype="fp32")
+    meta, body = _card(tmp_path / "merged" / "README.md")
+    assert meta["library_name"] == "transformers"
+    assert "| rewards/margins |" in body and "AutoModelForCausalLM" in body

@@ -2,10 +2,12 @@
 
 One module per concern:
 
-* `merging`     merge(): base + adapter as one transformers model; dequantize_base; model_card
+* `merging`     merge(): base + adapter as one transformers model; dequantize_base
+* `card`        model_card(): the README.md of an export (Hugging Face front matter, the run)
 * `adapter`     export_peft(): a clean peft adapter directory
 * `formats`     export(): the one entry point per --format (FORMATS)
 * `gguf`        export_gguf(): a merged model as one GGUF file (tensor plan, hparams)
+* `ollama`      write_modelfile(): the Ollama Modelfile beside a GGUF model file
 * `gguf_vocab`  the tokenizer part of a GGUF model file
 * `gguf_lora`   export_gguf_lora(): a LoRA adapter as a llama.cpp GGUF adapter
 * `gguf_common` architectures, tensor types and the streaming, atomic GGUF writer
@@ -31,11 +33,12 @@ if TYPE_CHECKING:
     from qdpo.export.gguf import export_gguf
     from qdpo.export.gguf_common import GGUF_MISSING, OUTTYPES
     from qdpo.export.gguf_lora import export_gguf_lora
-    from qdpo.export.merging import DTYPES, dequantize_base, merge, model_card
+    from qdpo.export.card import model_card
+    from qdpo.export.merging import DTYPES, dequantize_base, merge
 
 _WHERE = {
     "merge": "merging", "DTYPES": "merging", "dequantize_base": "merging",
-    "model_card": "merging", "export_peft": "adapter", "export": "formats",
+    "model_card": "card", "export_peft": "adapter", "export": "formats",
     "FORMATS": "formats", "export_gguf": "gguf", "export_gguf_lora": "gguf_lora",
     "GGUF_MISSING": "gguf_common", "OUTTYPES": "gguf_common",
 }

@@ -37,6 +37,6 @@ def export_peft(path: str | Path, out: str | Path, overwrite: bool = False) -> P
         (tmp / "README.md").write_text(model_card(src, (
             "A LoRA adapter in peft's format:\n\n```python\nfrom peft import "
             f"AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained('{out}')"
-            "\n```")))
+            "\n```"), library="peft"))
     ui.info(f"adapter written to {out}")
     return out

@@ -35,11 +35,13 @@ _BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
                   "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 
 
-def export_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16") -> Path:
+def export_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16",
+                name: str | None = None) -> Path:
     """Convert a merged Hugging Face model directory to one GGUF file llama.cpp can load.
 
     outtype: ``f32``, ``f16``, ``bf16`` or ``q8_0`` (norms and other 1-D tensors stay F32;
-    q8_0 keeps matrices whose rows are not a multiple of 32 in F16). Returns the output path.
+    q8_0 keeps matrices whose rows are not a multiple of 32 in F16). name: ``general.name``
+    (default: the model directory's name). Returns the output path.
     Raises QdpoError for anything the user can fix (missing gguf, unsupported architecture or
     tokenizer, incomplete model); a failed export leaves an existing ``out_path`` as it was (or
     none) and no temporary file.
@@ -55,7 +57,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16
 
     writer = gguf.GGUFWriter(path=None, arch=arch_name)
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(model_dir.resolve().name)
+    writer.add_name(name or model_dir.resolve().name)
     rope, head_dim = _add_hparams(gguf, writer, config, arch_name, outtype)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_vocab(gguf, writer, model_dir, config, arch_name)

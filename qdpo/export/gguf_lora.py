@@ -38,7 +38,8 @@ _Pairs = dict[str, dict[str, tuple[str, tuple[int, ...]]]]
 
 
 def export_gguf_lora(adapter_dir: str | Path, out_path: str | Path,
-                     base_config: dict | None = None, outtype: str = "f16") -> Path:
+                     base_config: dict | None = None, outtype: str = "f16",
+                     name: str | None = None) -> Path:
     """Convert a peft LoRA adapter directory to a llama.cpp GGUF LoRA adapter.
 
     Tensors are named ``blk.N.attn_q.weight.lora_a`` / ``.lora_b`` with peft's shapes
@@ -49,7 +50,8 @@ def export_gguf_lora(adapter_dir: str | Path, out_path: str | Path,
     ones (rank_pattern / alpha_pattern) have the scale difference folded into lora_b.
 
     base_config: the base model's config.json as a dict; default: read from the adapter's
-    ``base_model_name_or_path`` when that is a local directory.
+    ``base_model_name_or_path`` when that is a local directory. name: ``general.name``
+    (default: the adapter directory's name).
     A failed export leaves an existing ``out_path`` as it was (or none) and no temporary file.
     """
     gguf = load_gguf()
@@ -64,7 +66,7 @@ def export_gguf_lora(adapter_dir: str | Path, out_path: str | Path,
     writer = gguf.GGUFWriter(path=None, arch=arch_name)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_name(adapter_dir.resolve().name)
+    writer.add_name(name or adapter_dir.resolve().name)
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(scale.alpha_written))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     return write_gguf(gguf, writer, plan, Path(out_path))

@@ -9,7 +9,6 @@ the quantization error into the merged weights.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 
 from qdpo import console as ui
 from qdpo.errors import QdpoError
+from qdpo.export.card import model_card
 from qdpo.export.output import check_out, source_root
 from qdpo.files import atomic_dir
 from qdpo.rundir import TrainedSource, open_trained
@@ -72,38 +72,6 @@ def dequantize_base(model: Any, dtype: torch.dtype) -> Any:
     return model
 
 
-def model_card(src: TrainedSource, extra: str = "") -> str:
-    r = src.recipe
-    lines = [f"# {src.adapter_dir.resolve().name}", "",
-             f"Fine-tuned from `{src.base_path}` with [qdpo](https://pypi.org/project/qdpo/) "
-             f"(QLoRA preference optimisation).", "",
-             "| | |", "|---|---|",
-             f"| base model | `{src.base_path}` |",
-             f"| loss | {', '.join(r.loss_types)} (beta {r.loss.beta}) |",
-             f"| LoRA | r={r.lora.r}, alpha={r.lora.alpha}, targets {r.lora.target_modules} |",
-             f"| quantization during training | {r.model.quantization} |"]
-    if src.run is not None:
-        lines += _summary_rows(src.run.path / "summary.json")
-    lines += ["", extra] if extra else []
-    return "\n".join(lines) + "\n"
-
-
-def _summary_rows(summary_path: Path) -> list[str]:
-    """Model-card rows from the run's summary.json (none when it is missing or unreadable)."""
-    rows: list[str] = []
-    try:
-        summary = json.loads(summary_path.read_text())
-        ev = summary.get("eval") or {}
-        if ev:
-            rows.append(f"| held-out reward accuracy | {ev.get('rewards/accuracies', 0):.3f}"
-                        f" ({int(ev.get('pairs', 0))} pairs) |")
-            rows.append(f"| held-out reward margin | {ev.get('rewards/margins', 0):.3f} |")
-        rows.append(f"| optimizer steps | {summary.get('steps')} |")
-    except (OSError, json.JSONDecodeError):
-        pass
-    return rows
-
-
 def _check_memory(src: TrainedSource, dtype: str, from_nf4: bool, dev: torch.device) -> None:
     """Say how much memory the merge needs, and refuse a CPU merge that cannot fit."""
     n = count_params(src.base_path, src.recipe)
@@ -157,7 +125,7 @@ def _merged_card(src: TrainedSource, out: Path, dtype: str, from_nf4: bool) -> s
         f"This is the adapter merged into {how}: a standard transformers model.\n\n"
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
         f"model = AutoModelForCausalLM.from_pretrained('{out}')\n"
-        f"tok = AutoTokenizer.from_pretrained('{out}')\n```"))
+        f"tok = AutoTokenizer.from_pretrained('{out}')\n```"), library="transformers")
 
 
 def merge(path: str | Path, out: str | Path, dtype: str = "bf16", from_nf4: bool = False,

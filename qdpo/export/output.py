@@ -14,6 +14,12 @@ def source_root(src: TrainedSource) -> Path:
     return src.run.path if src.run else src.adapter_dir
 
 
+def run_name(src: TrainedSource) -> str:
+    """What an export is called inside (GGUF general.name, the Ollama model): the run
+    directory's name, or the adapter directory's for a bare adapter."""
+    return source_root(src).resolve().name
+
+
 def check_out(out: Path, overwrite: bool, source: Path | None = None) -> None:
     if source is not None:
         o, src = out.resolve(), source.resolve()
