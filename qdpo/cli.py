@@ -109,12 +109,12 @@ def init(
                                    help="Replace an existing file."),
 ) -> None:
     """Write a commented starter recipe with every key, its default and its meaning."""
-    from qdpo.recipe import starter_yaml
+    from qdpo.recipe import starter_values, starter_yaml
 
     if path.exists() and not overwrite:
         raise QdpoError(f"'{path}' already exists; pass --overwrite to replace it or choose "
                         "another path.")
-    text = starter_yaml({"model": {"name_or_path": model}, "data": {"train": [data]}})
+    text = starter_yaml(starter_values(model, data))
     path.write_text(text, encoding="utf-8")
     typer.echo(f"wrote {path}; edit it, then run: qdpo train {path}")
 

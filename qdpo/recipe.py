@@ -637,6 +637,32 @@ def reference_rows() -> list[tuple[str, str, str]]:
     return rows
 
 
+# Splits of well-known preference sets on the hub (train, held-out), so a starter recipe that
+# names one works as written; None: no held-out split, a fraction of train is held out.
+KNOWN_SPLITS: dict[str, tuple[str, str | None]] = {
+    "HuggingFaceH4/ultrafeedback_binarized": ("train_prefs", "test_prefs"),
+    "argilla/ultrafeedback-binarized-preferences-cleaned": ("train", None),
+    "Anthropic/hh-rlhf": ("train", "test"),
+    "Intel/orca_dpo_pairs": ("train", None),
+    "argilla/distilabel-intel-orca-dpo-pairs": ("train", None),
+    "trl-lib/ultrafeedback_binarized": ("train", "test"),
+    "mlabonne/orpo-dpo-mix-40k": ("train", None),
+}
+
+
+def starter_values(model: str, data: str) -> dict[str, dict[str, Any]]:
+    """What `qdpo init` fills in: the data set's real splits and a held-out set, periodic
+    checkpoints, and the paged 8-bit optimizer the 24 GB recipes use."""
+    train_split, eval_split = KNOWN_SPLITS.get(data, ("train", None))
+    held_out: dict[str, Any] = ({"data": [{"path": data, "split": eval_split}], "max_pairs": 500}
+                                if eval_split else {"split_fraction": 0.02})
+    return {"model": {"name_or_path": model},
+            "data": {"train": [{"path": data, "split": train_split}]},
+            "train": {"optimizer": "paged_adamw_8bit"},
+            "eval": {**held_out, "every_steps": 200},
+            "output": {"save_every_steps": 200, "keep_last": 2}}
+
+
 def starter_yaml(values: dict[str, dict[str, Any]] | None = None) -> str:
     """A commented recipe with every key, its default (or the given value) and its help."""
     values = values or {}

@@ -151,3 +151,19 @@ def test_a_model_path_that_matches_no_folder_says_where_it_looked(tmp_path):
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "is a path, and no folder is there" in res.stderr
     assert str(QUICKSTART_RECIPE.parent / "models" / "missing") in res.stderr
+
+
+def test_init_writes_a_recipe_that_works_as_written(tmp_path):
+    from qdpo.recipe import load_recipe
+
+    target = tmp_path / "r.yaml"
+    assert qdpo("init", target).returncode == 0
+    r = load_recipe(target)
+    assert [(s.path, s.split) for s in r.data.train] == [
+        ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs")]
+    assert [s.split for s in r.eval.data] == ["test_prefs"]
+    assert r.train.optimizer == "paged_adamw_8bit" and r.output.save_every_steps > 0
+    other = tmp_path / "o.yaml"
+    assert qdpo("init", other, "--data", "my/pairs").returncode == 0
+    r = load_recipe(other)
+    assert r.data.train[0].split == "train" and r.eval.split_fraction > 0 and not r.eval.data
