@@ -445,7 +445,9 @@ def apply_override(raw: dict[str, Any], text: str) -> None:
             return
         if not dataclasses.is_dataclass(tp):
             if typing.get_origin(tp) is dict:  # data.columns.prompt=question
-                sub = node.setdefault(part, {}) or {}
+                sub = node.get(part)
+                if not isinstance(sub, dict):  # absent, or a bad value the override replaces
+                    sub = {}
                 node[part] = sub
                 sub[".".join(parts[i + 1:])] = value
                 return

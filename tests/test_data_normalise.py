@@ -111,9 +111,12 @@ def test_orca_dpo_pairs_with_prompt_column_mapping(qs_tok):
     assert (pair.prompt, pair.chosen, pair.rejected) == (ORCA["question"], ORCA["chosen"],
                                                          ORCA["rejected"])
     assert report.formats == Counter(standard=1) and not report.skipped
-    # the leading space of orca's rejected replies is kept as the data has it
-    assert_valid(qs_tok, p, ORCA["chosen"], ORCA["rejected"], [user(ORCA["question"])])
-    assert dec(qs_tok, p.prompt_ids).startswith(BOS + "<|im_start|>user\nGenerate an")
+    # the leading space of orca's rejected replies is kept as the data has it; its "system"
+    # column is the row's system message without being mapped
+    assert pair.system == ORCA_SYSTEM
+    assert_valid(qs_tok, p, ORCA["chosen"], ORCA["rejected"],
+                 [system(ORCA_SYSTEM), user(ORCA["question"])])
+    assert dec(qs_tok, p.prompt_ids).startswith(BOS + "<|im_start|>system\nYou are an AI")
     assert p.prompt_ids.count(qs_tok.bos_token_id) == 1
     # without the mapping, "question" is found as the prompt all the same
     (q,), _, _, _ = tokenize(qs_tok, [ORCA])
@@ -915,7 +918,7 @@ def _known_rows(draw):
         return {"prompt": q, "chosen": c, "rejected": rj}, [user(q)], c, rj
     if fmt == "orca":
         return ({"system": "You are helpful.", "question": q, "chosen": c, "rejected": rj},
-                [user(q)], c, rj)
+                [system("You are helpful."), user(q)], c, rj)
     if fmt == "conversational":
         return {"prompt": turns, "chosen": [asst(c)], "rejected": [asst(rj)]}, turns, c, rj
     if fmt == "implicit_conversation":
@@ -1014,7 +1017,7 @@ def test_malformed_rows_are_counted_skips_or_valid_pairs(qs_tok, rows):
         assert _from_side(pair.rejected, row, "rejected")
         assert dec(qs_tok, p.chosen_ids) == pair.chosen + EOS
         assert dec(qs_tok, p.rejected_ids) == pair.rejected + EOS
-        rendered = Tokenizer(qs_tok, r, True).render_prompt(pair.prompt)
+        rendered = Tokenizer(qs_tok, r, True).render_prompt(pair.prompt, pair.system)
         assert dec(qs_tok, p.prompt_ids) == rendered
     # data.strict: the first bad row is a DataError that names it
     strict = DataConfig(strict=True)
@@ -1160,3 +1163,79 @@ def test_chosen_and_rejected_with_different_conversations_are_skipped():
     ]
     pairs, report = normalise(rows)
     assert pairs == [] and sum(report.skipped.values()) == 2
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 11: a named column must exist; the system column; where each part came from
+# ---------------------------------------------------------------------------------------
+def test_named_prompt_column_that_is_not_there_stops(tmp_path, qs_tok):
+    rows = [{"question": f"Q {i}?", "chosen": f"The answer {i}.", "rejected": f"The answer no {i}."}
+            for i in range(3)]
+    with pytest.raises(DataError) as ei:
+        normalise(rows, columns={"prompt": "questoin"})
+    assert str(ei.value) == (
+        "Column 'questoin' (data.columns.prompt) is not in rows (data.columns applies to every "
+        "source; a source's own `columns:` maps only that one). Its columns: question, chosen, "
+        "rejected. Did you mean 'question'?")
+    # a source's own mapping, through the whole data step
+    path = write_jsonl(tmp_path / "orca.jsonl", rows)
+    src = DataSource(str(path), columns={"prompt": "questoin"})
+    with pytest.raises(DataError) as ei:
+        tokenize_sources([src], DataConfig(), qs_tok, seed=SEED, resolve=str, what="training")
+    assert str(ei.value).startswith("Column 'questoin' (the source's columns.prompt) is not "
+                                    "in orca.jsonl. Its columns: question, chosen, rejected.")
+    # every named field, with no close match
+    with pytest.raises(DataError, match=r"^Column 'score' \(data.columns.weight\).*rejected\.$"):
+        normalise(rows, columns={"weight": "score"})
+
+
+def test_named_prompt_column_is_never_guessed():
+    rows = [{"q": "Why?", "chosen": "Because it is so.", "rejected": "Because no."},
+            {"chosen": "Because it is so.", "rejected": "Because no."},
+            {"q": None, "chosen": "Because it is so.", "rejected": "Because no."}]
+    pairs, rep = normalise(rows, columns={"prompt": "q"})
+    assert [p.prompt for p in pairs] == ["Why?"]
+    assert rep.skipped == Counter({
+        "missing column 'q' (columns: chosen, rejected; map yours with data.columns)": 1,
+        "prompt column 'q' is null": 1})
+    # unnamed, the shared start is still the prompt, and the report says so
+    (p,), rep = normalise(rows[1:2])
+    assert p.prompt == "Because " and rep.origins_summary()[0] == \
+        "prompts: shared start of chosen and rejected (no prompt column)"
+
+
+def test_system_column_used_without_mapping_and_origins_reported(qs_tok):
+    row = {"system": "You are an AI assistant.", "question": "Translate 'hello' to French.",
+           "chosen": "Bonjour.", "rejected": "Hola.", "score": 2}
+    (pt,), rep, _, (p,) = tokenize(qs_tok, [row], columns={"weight": "score"})
+    assert p.system == "You are an AI assistant." and p.weight == 2.0
+    assert dec(qs_tok, pt.prompt_ids) == chat(qs_tok, [system("You are an AI assistant."),
+                                                       user("Translate 'hello' to French.")])
+    assert rep.origins_summary() == [
+        "prompts: column 'question'", "chosen: column 'chosen'", "rejected: column 'rejected'",
+        "system: column 'system'", "weights: column 'score'"]
+    assert "prompts: column 'question'; chosen: column 'chosen'" in rep.summary()
+    # a mapped system column wins; rows without one are counted apart
+    _, rep = normalise([row, dict(row, system=""), dict(row, sys="Be brief.")],
+                       columns={"system": "sys", "prompt": "question"})
+    assert rep.origins_summary()[3] == "system: column 'sys' (1 row)"
+
+
+def test_origins_of_every_row_shape():
+    conv = {"chosen": [user("Hi"), asst("Hello!")], "rejected": [user("Hi"), asst("Go.")]}
+    hh = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!",
+          "rejected": "\n\nHuman: Hi\n\nAssistant: Go."}
+    ranked = {"instruction": "Pick", "completions": [
+        {"response": "A", "overall_score": 2.0}, {"response": "B", "overall_score": 1.0}]}
+    uf = {"prompt": "Hi", "chosen": conv["chosen"], "rejected": conv["rejected"]}
+    pairs, rep = normalise([conv, hh, ranked, uf])
+    assert len(pairs) == 4
+    assert dict(rep.origins) == {
+        ("prompt", "conversation before the reply in chosen and rejected (no prompt column)"): 1,
+        ("prompt", "Human/Assistant turns of chosen and rejected (no prompt column)"): 1,
+        ("prompt", "column 'instruction'"): 1,
+        ("prompt", "conversation before the reply in chosen and rejected (beside column "
+                   "'prompt')"): 1,
+        ("chosen", "column 'chosen'"): 3, ("rejected", "column 'rejected'"): 3,
+        ("chosen", "column 'completions' (ranked by score)"): 1,
+        ("rejected", "column 'completions' (ranked by score)"): 1}

@@ -233,7 +233,8 @@ def test_prepare_quickstart_end_to_end(qs_tok):
     assert (rep.rows, rep.pairs) == (384, 384) and not rep.skipped
     assert rep.formats == Counter(conversational=384)
     assert rep.prompt_truncated == rep.response_truncated == rep.dropped_too_long == 0
-    assert rep.summary() == "384 pairs from 384 rows; format conversational"
+    assert rep.summary() == ("384 pairs from 384 rows; format conversational; prompts: column "
+                             "'prompt'; chosen: column 'chosen'; rejected: column 'rejected'")
     assert d.eval_report.pairs == 64
     assert d.tokenizer.template == qs_tok.chat_template
     for p in d.train + d.eval:
@@ -277,6 +278,22 @@ def test_tokenized_data_cache(tmp_path, qs_tok, monkeypatch):
     os.utime(src, ns=(1, 1))
     fresh = prepare(r, qs_tok)
     assert not fresh.train_report.cached and len(fresh.train) == 100
+
+
+def test_cached_report_keeps_its_counts(tmp_path, qs_tok, monkeypatch):
+    """Skip reasons, formats and where each part came from read back from the cache as they
+    were written (dataclasses.asdict turned a Counter into counts of its items)."""
+    monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
+    rows = standard_rows(4) + [{"prompt": "q", "chosen": "same", "rejected": "same"}] * 2
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    first = prepare_file(qs_tok, path).train_report
+    again = prepare_file(qs_tok, path).train_report
+    assert again.cached and not first.cached
+    assert again.skipped == first.skipped == Counter({"chosen identical to rejected": 2})
+    assert again.formats == first.formats and again.origins == first.origins
+    assert again.summary() == first.summary().replace(
+        "6 rows", "6 rows (tokenized earlier, from cache)")
+    assert "weights: column 'weight'" in again.summary()
 
 
 def test_parallel_tokenization_equals_serial(tmp_path, qs_tok, monkeypatch):

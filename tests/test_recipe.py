@@ -677,3 +677,10 @@ def test_sorting_losses_accept_whole_steps(loss):
     # other losses may split a step
     assert build("train.pairs_per_step=8", "train.micro_batch_pairs=4").train.max_tokens is None
     build("train.pairs_per_step=8", "train.micro_batch_pairs=8", "train.max_tokens=512")
+
+
+@pytest.mark.parametrize("columns", ["x", ["a"], 3])
+def test_columns_override_on_a_bad_columns_value_is_a_recipe_error(columns):
+    raw = {"model": {"name_or_path": "m"}, "data": {"columns": columns, "train": "a.jsonl"}}
+    r = recipe_from_dict(raw, ["data.columns.prompt=question"])
+    assert r.data.columns == {"prompt": "question"}

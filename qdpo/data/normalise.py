@@ -8,6 +8,7 @@ shows, so their wording is part of the interface.
 
 from __future__ import annotations
 
+import difflib
 import math
 import random
 from dataclasses import dataclass
@@ -23,12 +24,14 @@ from qdpo.data.shapes import (
     ranked_pair,
     split_shared_text,
 )
+from qdpo.errors import DataError
 
 if TYPE_CHECKING:
     from qdpo.recipe import DataConfig
 
 _DEFAULT_COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected",
-                    "weight": "weight", "responses": "completions", "scores": "scores"}
+                    "weight": "weight", "responses": "completions", "scores": "scores",
+                    "system": "system"}
 _PROMPT_FALLBACKS = ("instruction", "question", "input")
 
 
@@ -37,7 +40,7 @@ class _Context:
     """What every row of one source is read with."""
 
     cols: dict[str, str]
-    prompt_mapped: bool
+    prompt_mapped: bool  # a prompt column was named: never guess the prompt
     format: str
     pair_selection: str
     rng: random.Random
@@ -58,6 +61,8 @@ class _Row:
     rejected_prefix: Any = None
     weight: float = 1.0
     system: str | None = None
+    prompt_from: str = ""  # which rule built the prompt, as the report says it
+    pair_from: str = ""  # where chosen and rejected came from, when not their own columns
 
 
 def _prompt_fallback(r: _Row, c: _Context) -> str | None:
@@ -68,6 +73,7 @@ def _prompt_fallback(r: _Row, c: _Context) -> str | None:
     if alt is not None and (c.cols["chosen"] not in r.row or c.cols["rejected"] not in r.row
                             or isinstance(r.row.get(c.cols["chosen"]), str)):
         r.row = dict(r.row, **{c.cols["prompt"]: r.row[alt]})
+        r.prompt_from = f"column '{alt}'"
     return None
 
 
@@ -82,16 +88,23 @@ def _rank_responses(r: _Row, c: _Context) -> str | None:
     if isinstance(picked, str):
         return picked
     r.row = dict(row, **{cols["chosen"]: picked[0], cols["rejected"]: picked[1]})
+    r.pair_from = f"column '{cols['responses'] if cols['responses'] in row else 'responses'}'" \
+        " (ranked by score)"
     c.report.formats["ranked"] += 1
     return None
 
 
 def _take_columns(r: _Row, c: _Context) -> str | None:
-    missing = [k for k in (c.cols["chosen"], c.cols["rejected"]) if k not in r.row]
+    """chosen, rejected and the prompt from their columns; a named prompt column must be
+    there, since without it the prompt would be guessed."""
+    needed = ("prompt", "chosen", "rejected") if c.prompt_mapped else ("chosen", "rejected")
+    missing = [c.cols[k] for k in needed if c.cols[k] not in r.row]
     if missing:
         return (f"missing column {', '.join(repr(m) for m in missing)} (columns: "
                 f"{', '.join(map(str, r.row))}; map yours with data.columns)")
     r.prompt = r.row.get(c.cols["prompt"])
+    if r.prompt is not None and not r.prompt_from:
+        r.prompt_from = f"column '{c.cols['prompt']}'"
     r.chosen_raw, r.rejected_raw = r.row[c.cols["chosen"]], r.row[c.cols["rejected"]]
     return None
 
@@ -101,15 +114,19 @@ def _implicit_text_prompt(r: _Row, c: _Context) -> str | None:
     if r.prompt is not None or not (isinstance(r.chosen_raw, str)
                                     and isinstance(r.rejected_raw, str)):
         return None
+    if c.prompt_mapped:  # the named column is there but null: never guess
+        return f"prompt column '{c.cols['prompt']}' is null"
     hc, hr = hh_messages(r.chosen_raw), hh_messages(r.rejected_raw)
     if hc and hr and c.format != "standard":
         r.chosen_raw, r.rejected_raw = hc, hr
         c.report.formats["implicit (HH dialogue)"] += 1
+        r.prompt_from = "Human/Assistant turns of chosen and rejected (no prompt column)"
         return None
     split = split_shared_text(r.chosen_raw, r.rejected_raw)
     if split is None:
         return "missing prompt (and chosen/rejected share no prefix)"
     r.prompt, r.chosen_raw, r.rejected_raw = split
+    r.prompt_from = "shared start of chosen and rejected (no prompt column)"
     c.report.formats["implicit (shared text prefix)"] += 1
     return None
 
@@ -133,12 +150,19 @@ def _conversation_prompt(r: _Row, c: _Context) -> str | None:
     """The prompt from the conversation both sides carry, where the row has none (or, e.g.
     UltraFeedback, a prompt string beside full, possibly multi-turn, conversations)."""
     same = r.chosen_prefix is not None and r.chosen_prefix == r.rejected_prefix
+    conversation = "conversation before the reply in chosen and rejected"
     if r.prompt is None or (isinstance(r.prompt, str) and not r.prompt and r.chosen_prefix):
         if not same:
             return "missing prompt (and chosen/rejected do not share a conversation prefix)"
+        if not r.prompt_from.startswith("Human/"):  # HH turns became this conversation
+            column = c.cols["prompt"]
+            r.prompt_from = conversation + (
+                f" ({r.prompt_from} empty)" if r.prompt_from else
+                f" (column '{column}' null)" if column in r.row else " (no prompt column)")
         r.prompt = r.chosen_prefix
     if isinstance(r.prompt, str) and same and c.format != "standard":
         r.prompt = r.chosen_prefix
+        r.prompt_from = f"{conversation} (beside {r.prompt_from})"
     return None
 
 
@@ -182,7 +206,7 @@ def _distinct_replies(r: _Row, c: _Context) -> str | None:
 
 
 def _weight(r: _Row, c: _Context) -> str | None:
-    value = r.row.get(c.cols["weight"]) if c.cols["weight"] in r.row else None
+    value = r.row.get(c.cols["weight"])
     if value is None:
         return None
     try:
@@ -195,9 +219,9 @@ def _weight(r: _Row, c: _Context) -> str | None:
 
 
 def _row_system(r: _Row, c: _Context) -> str | None:
-    """A mapped system column: the row's own system message, unless its prompt has one."""
-    column = c.cols.get("system")
-    text = r.row.get(column) if column else None
+    """The system column (`system` unless mapped, as in Orca data): the row's own system
+    message, unless its prompt has one."""
+    text = r.row.get(c.cols["system"])
     if isinstance(text, str) and text.strip() and (
             isinstance(r.prompt, str) or r.prompt[0]["role"] != "system"):
         r.system = text
@@ -233,14 +257,55 @@ def _normalise_row(row: Any, c: _Context) -> _Row | str:
     return r
 
 
+def check_named_columns(rows: list[Any], named: dict[str, tuple[str, str]],
+                        source: str) -> None:
+    """Every column the user named (field -> (column, the key that named it)) is in the
+    data, or one DataError with the columns there are and the closest one. A named column
+    that is absent would otherwise mean a guessed prompt, or weights or system messages
+    silently left out."""
+    present: dict[str, None] = {}
+    for row in rows:
+        if isinstance(row, dict):
+            present.update(dict.fromkeys(map(str, row)))
+    if not present:
+        return  # no rows: "no usable pair" says so
+    for field, (column, key) in named.items():
+        if column in present:
+            continue
+        close = difflib.get_close_matches(column, list(present), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        every = (" (data.columns applies to every source; a source's own `columns:` maps "
+                 "only that one)") if key.startswith("data.") else ""
+        raise DataError(f"Column '{column}' ({key}.{field}) is not in "
+                        f"{source or 'the data'}{every}. Its columns: "
+                        f"{', '.join(present)}.{hint}")
+
+
+def _record_origins(r: _Row, c: _Context) -> None:
+    """Which column (or rule) fed each part of this pair, for the report."""
+    side = r.pair_from or None
+    for part, how in (("prompt", r.prompt_from),
+                      ("chosen", side or f"column '{c.cols['chosen']}'"),
+                      ("rejected", side or f"column '{c.cols['rejected']}'"),
+                      ("system", r.system is not None and f"column '{c.cols['system']}'"),
+                      ("weight", r.row.get(c.cols["weight"]) is not None
+                       and f"column '{c.cols['weight']}'")):
+        if how:
+            c.report.origins[(part, how)] += 1
+
+
 def normalise_rows(rows: list[Any], settings: DataConfig, report: DataReport, *, seed: int,
                    source: str = "", columns: dict[str, str] | None = None) -> list[Pair]:
     """Pairs of the usable rows; every other row is counted in `report` with its reason (or,
     with data.strict, stops everything). `seed` draws the rejected response for
-    data.pair_selection best_vs_random; `columns` is one source's own mapping."""
-    cols = {**_DEFAULT_COLUMNS, **settings.columns, **(columns or {})}
-    ctx = _Context(cols, "prompt" in settings.columns or "prompt" in (columns or {}),
-                   settings.format, settings.pair_selection, random.Random(seed), report)
+    data.pair_selection best_vs_random; `columns` is one source's own mapping. A column
+    either mapping names must be in the data."""
+    named = {**{k: (v, "data.columns") for k, v in settings.columns.items()},
+             **{k: (v, "the source's columns") for k, v in (columns or {}).items()}}
+    check_named_columns(rows, named, source)
+    cols = {**_DEFAULT_COLUMNS, **{k: v for k, (v, _) in named.items()}}
+    ctx = _Context(cols, "prompt" in named, settings.format, settings.pair_selection,
+                   random.Random(seed), report)
     pairs = []
     for i, row in enumerate(rows):
         report.rows += 1
@@ -248,5 +313,6 @@ def normalise_rows(rows: list[Any], settings: DataConfig, report: DataReport, *,
         if isinstance(r, str):
             report.skip(r, f"{source} row {i + 1}" if source else f"row {i + 1}")
             continue
+        _record_origins(r, ctx)
         pairs.append(Pair(r.prompt, r.chosen, r.rejected, r.weight, i + 1, source, r.system))
     return pairs

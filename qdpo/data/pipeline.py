@@ -8,6 +8,7 @@ recipe for the callers that have one.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,6 +79,22 @@ def _held_out(pairs: list[Pair], settings: DataConfig, eval: EvalConfig, *, seed
     return pairs, [], None
 
 
+def _pair_key(p: Pair) -> str:
+    return json.dumps([p.prompt, p.chosen, p.rejected], sort_keys=True, ensure_ascii=False)
+
+
+def _count_overlap(pairs: list[Pair], held: list[Pair], *reports: DataReport | None) -> None:
+    """How many eval pairs are also training pairs (same prompt and responses): eval.data
+    that is a split of the training data, or duplicate rows across eval.split_fraction."""
+    if not held:
+        return
+    seen = {_pair_key(p) for p in pairs}
+    n = sum(_pair_key(p) in seen for p in held)
+    for report in reports:
+        if report is not None:
+            report.eval_overlap, report.eval_pairs = n, len(held)
+
+
 def _prepare(settings: DataConfig, eval: EvalConfig, tokenizer: Any, *, seed: int,
              resolve: Resolve, progress: Any = None) -> PreparedData:
     report = DataReport(strict=settings.strict)
@@ -91,6 +108,7 @@ def _prepare(settings: DataConfig, eval: EvalConfig, tokenizer: Any, *, seed: in
         pairs = pairs[: settings.max_pairs]
     if eval.max_pairs:
         eval_pairs = eval_pairs[: eval.max_pairs]
+    _count_overlap(pairs, eval_pairs, report, eval_report)
     tok = Tokenizer(tokenizer, settings, _conversational(pairs + eval_pairs))
     train = tok(pairs, report, progress)
     if not train:
@@ -107,12 +125,21 @@ def prepare_data(settings: DataConfig, eval: EvalConfig, tokenizer: Any, *, seed
         if use_cache else None
     if key is not None and cache_file(key).exists():
         try:
-            return read_cache(cache_file(key), settings, tokenizer)
+            return _warn_overlap(read_cache(cache_file(key), settings, tokenizer))
         except Exception:  # a damaged cache is rebuilt, never trusted
             pass
     data = _prepare(settings, eval, tokenizer, seed=seed, resolve=resolve, progress=progress)
     if key is not None:
         write_cache(cache_file(key), data)
+    return _warn_overlap(data)
+
+
+def _warn_overlap(data: PreparedData) -> PreparedData:
+    note = data.train_report.overlap_note()
+    if note:
+        from qdpo import console
+
+        console.warn(note)
     return data
 
 

@@ -3,12 +3,18 @@ directly, anything else loaded from the Hugging Face hub with `datasets`.
 
 Paths arrive as the user wrote them; a `resolve` callable (like `Recipe.resolve_path`) turns a
 relative path into the one to open, so this module never needs the recipe.
+
+A directory is read the way `datasets` reads a local folder, so that a source's `split` picks
+the same files there and on the hub: shards named `data/{split}-00000-of-00001.parquet`, folders
+and file names that start with the split (or, for train / validation / test, one of the
+keywords `datasets` knows for it). A directory whose names carry no split is all `train`.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -22,8 +28,83 @@ Resolve = Callable[[str], str]
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def local_files(path: str) -> list[Path] | None:
-    """The files a local path names, or None when it names no local file (a hub id)."""
+# As datasets.data_files has them: SPLIT_KEYWORDS, NON_WORDS_CHARS, SPLIT_PATTERN_SHARDED.
+SPLIT_KEYWORDS = {"train": ("train", "training"),
+                  "validation": ("validation", "valid", "dev", "val"),
+                  "test": ("test", "testing", "eval", "evaluation")}
+_SEP = "-._ 0123456789"
+_SHARD = re.compile(r"^(?P<split>[\w.-]+?)-\d{5}-of-\d{5}")
+
+
+def _starts_with(name: str, word: str) -> bool:
+    """`name` is `word`, or `word` followed by a separator (train.jsonl, train_prefs-0...)."""
+    return name == word or (name.startswith(word) and name[len(word)] in _SEP)
+
+
+def _keyword_split(name: str) -> str | None:
+    """train / validation / test when a folder or file name carries one of its keywords at
+    the start or between separators (datasets' KEYWORDS_IN_*_BASE_PATTERNS)."""
+    for split, words in SPLIT_KEYWORDS.items():
+        for w in words:
+            if _starts_with(name, w) or any(
+                    _starts_with(name[i + 1:], w) for i, ch in enumerate(name) if ch in _SEP):
+                return split
+    return None
+
+
+def _split_label(rel: Path) -> tuple[str, str | None] | None:
+    """(the split a file's place names, the train/validation/test it counts as), or None
+    when its name and folders carry no split."""
+    shard = _SHARD.match(rel.name)
+    if shard and len(rel.parts) <= 2 and rel.parts[0] in ("data", rel.name):
+        return shard["split"], None
+    for part in rel.parts[:-1]:
+        if _keyword_split(part):
+            return part, _keyword_split(part)
+    canon = _keyword_split(rel.name)
+    if canon is None:
+        return None
+    own = re.split(r"[-.]", rel.name, maxsplit=1)[0].rstrip("_ 0123456789")
+    return (own if own and _keyword_split(own) else canon), canon
+
+
+def _in_split(rel: Path, label: tuple[str, str | None] | None, split: str) -> bool:
+    """A shard by its own split name only, as datasets does; any other file also by a
+    folder or file name that starts with the split, or by the keyword split it counts as."""
+    if label is not None and label[1] is None:
+        return label[0] == split
+    if label is not None and split in label:
+        return True
+    return any(_starts_with(part, split) for part in rel.parts)
+
+
+def _split_files(d: Path, split: str) -> list[Path]:
+    """The files of one split of directory `d` (see the module's docstring)."""
+    found = sorted(f for f in d.rglob("*") if f.suffix in EXTENSIONS and f.is_file()
+                   and not any(n.startswith((".", "__")) for n in f.relative_to(d).parts))
+    labels = {f: _split_label(f.relative_to(d)) for f in found}
+    picked = [f for f in found if _in_split(f.relative_to(d), labels[f], split)]
+    names = sorted({lab[0] for lab in labels.values() if lab is not None})
+    if not picked and not names:
+        if split == "train":  # no split in any name: every file at the top, as always
+            return [f for f in found if f.parent == d]
+        raise DataError(
+            f"Data directory '{d}' has no file for split '{split}': its file names carry no "
+            f"split. Name the files after it ({split}.jsonl, {split}-00000-of-00001.parquet or "
+            f"a folder {split}/), or point the source at the file and leave split out.")
+    if not picked:
+        raise DataError(f"Data directory '{d}' has no file for split '{split}'. Splits found: "
+                        f"{', '.join(names)}. Set the source's split to one of them.")
+    mixed = sorted({labels[f][0] if labels[f] else split for f in picked})
+    if len(mixed) > 1 and split not in mixed:
+        raise DataError(f"Split '{split}' of data directory '{d}' matches the files of several "
+                        f"splits: {', '.join(mixed)}. Set the source's split to one of them.")
+    return picked
+
+
+def local_files(path: str, split: str = "train") -> list[Path] | None:
+    """The files a local path names, or None when it names no local file (a hub id). A
+    directory gives the files of `split`; a file or a glob is taken as it is."""
     p = Path(path)
     if any(ch in path for ch in "*?["):
         files = sorted(Path(f) for f in glob.glob(path))
@@ -31,7 +112,7 @@ def local_files(path: str) -> list[Path] | None:
             raise DataError(f"Data path '{path}' matches no file.")
         return files
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix in EXTENSIONS)
+        files = _split_files(p, split)
         if not files:
             raise DataError(f"Data directory '{path}' holds no .jsonl/.json/.parquet/.csv file.")
         return files
@@ -128,7 +209,7 @@ def _read_hub(source: DataSource, path: str) -> list[dict[str, Any]]:
 def read_rows(source: DataSource, resolve: Resolve | None = None) -> list[dict[str, Any]]:
     """All rows of one source as plain dicts (local files read directly, hub via datasets)."""
     path = resolve(source.path) if resolve else source.path
-    files = local_files(path)
+    files = local_files(path, source.split)
     if files is None:
         return _read_hub(source, path)
     rows: list[dict[str, Any]] = []

@@ -1,5 +1,6 @@
 """What happened to the rows: counts of pairs, skips (with the first few reasons), truncation,
-formats seen, source mixing, and notes a user should read once."""
+formats seen, source mixing, which column fed each part of the pairs, eval pairs that are also
+training pairs, and notes a user should read once."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from qdpo.errors import DataError
+
+
+PARTS = (("prompt", "prompts"), ("chosen", "chosen"), ("rejected", "rejected"),
+         ("system", "system"), ("weight", "weights"))
 
 
 @dataclass
@@ -23,6 +28,10 @@ class DataReport:
     strict: bool = False
     cached: bool = False
     notes: list[str] = field(default_factory=list)
+    # (part, where it came from) -> rows: ("prompt", "column 'question'"), ("system", ...)
+    origins: Counter = field(default_factory=Counter)
+    eval_overlap: int = 0  # eval pairs that are also training pairs
+    eval_pairs: int = 0
 
     def merge(self, other: DataReport) -> None:
         """Add a worker's counts (tokenization in parallel processes)."""
@@ -47,6 +56,27 @@ class DataReport:
         if text not in self.notes:
             self.notes.append(text)
 
+    def origins_summary(self) -> list[str]:
+        """"prompts: column 'prompt'", "chosen: column 'good'", ...: where each part of the
+        pairs came from, with row counts where it was not the same for every pair."""
+        total = sum(n for (part, _), n in self.origins.items() if part == "prompt")
+        out = []
+        for part, label in PARTS:
+            hows = [(how, n) for (p, how), n in self.origins.most_common() if p == part]
+            if len(hows) == 1 and hows[0][1] == total:
+                out.append(f"{label}: {hows[0][0]}")
+            elif hows:
+                out.append(f"{label}: " + ", ".join(
+                    f"{how} ({n} row{'s' if n != 1 else ''})" for how, n in hows))
+        return out
+
+    def overlap_note(self) -> str | None:
+        if not self.eval_overlap:
+            return None
+        return (f"{self.eval_overlap} of {self.eval_pairs} eval pairs are also training pairs "
+                "(same prompt and responses): eval metrics overstate how well the model "
+                "generalises")
+
     def summary(self) -> str:
         parts = [f"{self.pairs} pairs from {self.rows} rows"
                  + (" (tokenized earlier, from cache)" if self.cached else "")]
@@ -63,5 +93,7 @@ class DataReport:
             parts.append(f"{self.response_truncated} responses cut")
         if self.dropped_too_long:
             parts.append(f"{self.dropped_too_long} dropped (no room for a response)")
-        parts.extend(self.notes)
+        parts.extend(self.origins_summary())
+        overlap = self.overlap_note()
+        parts.extend(self.notes + ([overlap] if overlap else []))
         return "; ".join(parts)

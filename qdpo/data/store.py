@@ -23,9 +23,10 @@ if TYPE_CHECKING:
     from qdpo.recipe import DataConfig, EvalConfig
 
 # Bumped when the same inputs would tokenize differently: 2 = the system prompt is kept (as
-# plain text) when the tokenizer has no chat template.
-DATA_CACHE_VERSION = 2
-_COUNTERS = ("skipped", "formats")
+# plain text) when the tokenizer has no chat template; 3 = a `system` column is used without
+# being mapped, a directory's split picks its files, a named prompt column is never guessed.
+DATA_CACHE_VERSION = 3
+_COUNTERS = ("skipped", "formats", "origins")
 
 
 def fingerprint_inputs(data: DataConfig, eval: EvalConfig, tokenizer: Any, *, seed: int,
@@ -39,7 +40,7 @@ def fingerprint_inputs(data: DataConfig, eval: EvalConfig, tokenizer: Any, *, se
     parts = [json.dumps(settings, sort_keys=True, default=str)]
     for src in data.train + eval.data:
         path = resolve(src.path)
-        files = local_files(path)
+        files = local_files(path, src.split)
         if files is None:  # a hub set: by the commit the local hub cache resolves it to
             commit = resolved_commit(path, src.revision, "dataset")
             parts.append(f"hub:{path}:{src.split}:{src.name}:{src.revision}:{commit}")
@@ -98,7 +99,8 @@ def _pairs_from_arrays(arrays: dict[str, Any], prefix: str) -> list[PairTokens]:
 def _report_to_dict(r: DataReport | None) -> dict[str, Any] | None:
     if r is None:
         return None
-    d = dataclasses.asdict(r)
+    # not dataclasses.asdict: it rebuilds a Counter from its (key, count) pairs, counting them
+    d = {f.name: getattr(r, f.name) for f in dataclasses.fields(r)}
     for k in _COUNTERS:  # keys may be tuples: keep them as [key, count] pairs
         d[k] = [[list(key) if isinstance(key, tuple) else key, n] for key, n in d[k].items()]
     return d
@@ -109,7 +111,8 @@ def _report_from_dict(d: dict[str, Any] | None) -> DataReport | None:
         return None
     d = dict(d)
     for k in _COUNTERS:
-        d[k] = Counter({tuple(key) if isinstance(key, list) else key: n for key, n in d[k]})
+        d[k] = Counter({tuple(key) if isinstance(key, list) else key: n
+                        for key, n in d.get(k, [])})
     return DataReport(**d)
 
 
