@@ -25,9 +25,9 @@ from qdpo import console as ui
 from qdpo.batching import REFERENCE_SCALE, BatchPlan
 from qdpo.cache import cache_dir
 from qdpo.files import write_atomically
-from qdpo.hub import resolved_commit
 from qdpo.data import PairTokens
 from qdpo.device import autocast_for, synchronize
+from qdpo.hub import resolved_commit
 from qdpo.logps import SequenceLogps, sequence_logps
 from qdpo.model import reference_mode
 from qdpo.recipe import Recipe
@@ -112,14 +112,16 @@ def cache_key(recipe: Recipe, base_path: str, pairs: Sequence[PairTokens],
 
 
 def cache_path(key: str) -> Path:
-    return cache_dir() / "reference" / f"{key}.pt"
+    return cache_dir() / "reference" / f"{key}.safetensors"
 
 
 def load_cached(key: str, n: int) -> ReferenceTable:
     path = cache_path(key)
     if path.exists():
         try:
-            d = torch.load(path, map_location="cpu", weights_only=True)
+            from safetensors.torch import load_file
+
+            d = load_file(str(path))
             if d["chosen"].shape[0] == n:
                 return ReferenceTable(d["chosen"], d["rejected"], d["chosen_public"],
                                       d["rejected_public"])
@@ -129,10 +131,12 @@ def load_cached(key: str, n: int) -> ReferenceTable:
 
 
 def save_cached(key: str, table: ReferenceTable) -> None:
-    with write_atomically(cache_path(key)) as tmp:
-        torch.save({"chosen": table.chosen, "rejected": table.rejected,
-                    "chosen_public": table.chosen_public,
-                    "rejected_public": table.rejected_public}, tmp)
+    from safetensors.torch import save_file
+
+    with write_atomically(cache_path(key)) as tmp:  # safetensors: reading it runs no code
+        save_file({"chosen": table.chosen, "rejected": table.rejected,
+                   "chosen_public": table.chosen_public,
+                   "rejected_public": table.rejected_public}, str(tmp))
 
 
 def precompute(model: Any, table: ReferenceTable, ids: Sequence[int], data: Sequence[PairTokens],

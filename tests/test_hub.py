@@ -130,3 +130,4 @@ def test_a_hub_data_set_is_fingerprinted_by_its_commit(tmp_path, monkeypatch, qs
     assert any(MAIN in part for part in before)
     (folder / "refs" / "main").write_text(NEWER)  # the set was updated upstream
     assert inputs() != before
+
