@@ -587,6 +587,22 @@ def recipe_from_dict(raw: dict[str, Any] | None, overrides: list[str] | tuple[st
     return validate(r)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML where a key given twice in one mapping is an error, not a silent replacement (a
+    second `train:` block would otherwise reset the first one's keys to defaults)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise RecipeError(f"Recipe key '{key}' is given twice, at lines {seen[key]} and "
+                                  f"{line}: keep one (YAML would silently use the last).")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a YAML recipe, apply `key.sub=value` overrides, validate."""
     p = Path(path)
@@ -594,7 +610,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise RecipeError(f"Recipe file '{path}' does not exist. Write one with `qdpo init "
                           f"{path}` or pass the path of an existing YAML recipe.")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

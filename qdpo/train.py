@@ -192,7 +192,7 @@ def step_context(recipe: Recipe, model: Any, pad_id: int, device: torch.device,
 
 
 def setup(recipe: Recipe, resume: str | None, overwrite: bool) -> Setup:
-    run = RunDir(Path(recipe.output.dir))
+    run = RunDir(Path(recipe.output.dir).expanduser())  # `~/runs/x`, as input paths are
     resume_from = run.prepare_for_training(recipe, resume=resume, overwrite=overwrite)
     torch.manual_seed(recipe.train.seed)
     random.seed(recipe.train.seed)

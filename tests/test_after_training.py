@@ -216,17 +216,17 @@ def test_failed_exports_keep_old_output_and_leave_no_temporaries(run, tmp_path, 
              "model.safetensors", merging, "_merged_card")):
         out = tmp_path / name / "out"
         out.mkdir(parents=True)
-        (out / "keep.txt").write_text("old")
+        (out / "README.md").write_text("old")  # an earlier export's card
         with monkeypatch.context() as m:
             m.setattr(module, step, die_half_way(out, weights))
             with pytest.raises(Killed):
                 call(out, overwrite=True)
-        assert [p.name for p in out.iterdir()] == ["keep.txt"], name
+        assert [p.name for p in out.iterdir()] == ["README.md"], name
         assert _beside(out) == [], name
         with pytest.raises(RunDirError, match="--overwrite"):
             call(out)
         call(out, overwrite=True)
-        assert (out / weights).is_file() and not (out / "keep.txt").exists()
+        assert (out / weights).is_file() and (out / "README.md").read_text() != "old"
         assert _beside(out) == [], name
 
 
@@ -341,3 +341,19 @@ def test_exported_and_merged_model_cards(run, tmp_path):
     meta, body = _card(tmp_path / "merged" / "README.md")
     assert meta["library_name"] == "transformers"
     assert "| rewards/margins |" in body and "AutoModelForCausalLM" in body
+
+
+def test_overwrite_replaces_only_an_earlier_export(run, tmp_path):
+    import qdpo.export as ex
+
+    mine = tmp_path / "documents"
+    mine.mkdir()
+    (mine / "thesis.docx").write_text("years of work")
+    with pytest.raises(RunDirError, match="thesis.docx"):
+        ex.export_peft(run, mine, overwrite=True)
+    assert (mine / "thesis.docx").read_text() == "years of work"
+    note = tmp_path / "notes.txt"
+    note.write_text("mine")
+    with pytest.raises(RunDirError, match="notes.txt"):
+        ex.export(run, "gguf-lora", note, overwrite=True)
+    assert note.read_text() == "mine"

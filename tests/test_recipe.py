@@ -684,3 +684,16 @@ def test_columns_override_on_a_bad_columns_value_is_a_recipe_error(columns):
     raw = {"model": {"name_or_path": "m"}, "data": {"columns": columns, "train": "a.jsonl"}}
     r = recipe_from_dict(raw, ["data.columns.prompt=question"])
     assert r.data.columns == {"prompt": "question"}
+
+
+def test_a_key_given_twice_in_the_yaml_is_refused_with_both_lines(tmp_path):
+    from qdpo.recipe import load_recipe
+
+    p = tmp_path / "r.yaml"
+    p.write_text("model:\n  name_or_path: m\ntrain:\n  epochs: 2\ndata:\n  train: a.jsonl\n"
+                 "train:\n  seed: 3\n")
+    with pytest.raises(RecipeError, match="given twice, at lines 3 and 7"):
+        load_recipe(p)
+    p.write_text("model:\n  name_or_path: m\n  name_or_path: n\ndata:\n  train: a.jsonl\n")
+    with pytest.raises(RecipeError, match="'name_or_path' is given twice"):
+        load_recipe(p)

@@ -30,3 +30,27 @@ def check_out(out: Path, overwrite: bool, source: Path | None = None) -> None:
         if not overwrite:
             raise RunDirError(f"Output '{out}' already exists; pass --overwrite to replace it or "
                               "choose another path.")
+        foreign = foreign_entries(out)
+        if foreign:
+            raise RunDirError(
+                f"Refusing to --overwrite '{out}': it holds what a merge or export does not "
+                f"write: {', '.join(foreign[:10])}"
+                + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+                + ". Move them out, or choose another path.")
+
+
+# What merges and exports write (a model or adapter folder, or a GGUF file): only such an
+# output is replaced by --overwrite, so it can never delete a user's own folder or file.
+OUTPUT_NAMES = {"config.json", "generation_config.json", "model.safetensors.index.json",
+                "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt",
+                "added_tokens.json", "README.md", "Modelfile"}
+OUTPUT_PREFIXES = ("model", "adapter_", "tokenizer")
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """The names at `out` that no merge or export writes (empty: safe to replace)."""
+    if out.is_file():
+        return [] if out.suffix == ".gguf" else [out.name]
+    return sorted(e.name for e in out.iterdir()
+                  if not (e.is_file() and (e.name in OUTPUT_NAMES
+                                           or e.name.startswith(OUTPUT_PREFIXES))))
