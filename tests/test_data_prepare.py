@@ -361,3 +361,18 @@ def test_importing_pair_tokens_stays_light():
              "numpy", "multiprocessing", "yaml"}
     assert not heavy & loaded
     assert PairTokens([1], [2], [3]).num_tokens == 4
+
+
+def test_a_file_changed_in_place_with_its_time_restored_is_tokenized_again(tmp_path, qs_tok):
+    import os
+
+    rows = [{"prompt": "Say yes.", "chosen": "Yes, gladly.", "rejected": "No way!!!!!"}]
+    src = write_jsonl(tmp_path / "d.jsonl", rows)
+    data = DataConfig(train=[DataSource(str(src))])
+    before = data_fingerprint(data, EvalConfig(), qs_tok, seed=SEED, resolve=str)
+    st = src.stat()
+    swapped = [{"prompt": "Say yes.", "chosen": "No way!!!!!", "rejected": "Yes, gladly."}]
+    write_jsonl(src, swapped)  # the same size: chosen and rejected swapped
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert src.stat().st_size == st.st_size and src.stat().st_mtime_ns == st.st_mtime_ns
+    assert data_fingerprint(data, EvalConfig(), qs_tok, seed=SEED, resolve=str) != before
