@@ -376,3 +376,18 @@ def test_a_file_changed_in_place_with_its_time_restored_is_tokenized_again(tmp_p
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert src.stat().st_size == st.st_size and src.stat().st_mtime_ns == st.st_mtime_ns
     assert data_fingerprint(data, EvalConfig(), qs_tok, seed=SEED, resolve=str) != before
+
+
+def test_a_template_that_drops_the_content_stops_the_run(tmp_path, qs_tok):
+    rows = [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
+             "chosen": [{"role": "assistant", "content": f"A good answer {i}."}],
+             "rejected": [{"role": "assistant", "content": f"A bad one {i}."}]} for i in range(6)]
+    src = write_jsonl(tmp_path / "d.jsonl", rows)
+    no_content = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\\n<|im_end|>{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\\n{% endif %}")
+    data = DataConfig(train=[DataSource(str(src))], chat_template=no_content)
+    with pytest.raises(DataError, match="6 of 6 training pairs have the same tokens"):
+        prepare_data(data, EvalConfig(), qs_tok, seed=SEED, resolve=str, use_cache=False)
+    fine = DataConfig(train=[DataSource(str(src))])
+    assert len(prepare_data(fine, EvalConfig(), qs_tok, seed=SEED, resolve=str,
+                            use_cache=False).train) == 6

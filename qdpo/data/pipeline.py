@@ -56,6 +56,19 @@ def _nothing_left(report: DataReport, what: str) -> DataError:
                      f"problems: {why}.")
 
 
+def _refuse_identical(pairs: list[PairTokens], what: str) -> None:
+    """Rows whose chosen equals rejected are skipped when read; if most pairs are still equal
+    once rendered and tokenized, the chat template or the column mapping lost the responses,
+    and training would learn nothing (or noise)."""
+    same = sum(p.chosen_ids == p.rejected_ids for p in pairs)
+    if pairs and same * 2 > len(pairs):
+        raise DataError(
+            f"{same} of {len(pairs)} {what} pairs have the same tokens for chosen and rejected "
+            "once rendered: there is nothing to prefer. The chat template probably drops the "
+            "message content (check data.chat_template, and `qdpo data` shows the rendered "
+            "text), or data.columns maps chosen and rejected to the same field.")
+
+
 def _conversational(pairs: list[Pair]) -> bool:
     return any(not isinstance(p.prompt, str) for p in pairs)
 
@@ -113,6 +126,7 @@ def _prepare(settings: DataConfig, eval: EvalConfig, tokenizer: Any, *, seed: in
     train = tok(pairs, report, progress)
     if not train:
         raise _nothing_left(report, "training")
+    _refuse_identical(train, "training")
     ev = tok(eval_pairs, eval_report, progress) if eval_pairs and eval_report is not None \
         else []
     return PreparedData(train, ev, report, eval_report, tok)
@@ -161,6 +175,7 @@ def tokenize_sources(sources: list[DataSource], settings: DataConfig, tokenizer:
     out = Tokenizer(tokenizer, settings, _conversational(pairs))(pairs, report)
     if not out:
         raise _nothing_left(report, what)
+    _refuse_identical(out, what)
     return out, report
 
 
