@@ -1239,3 +1239,16 @@ def test_origins_of_every_row_shape():
         ("chosen", "column 'chosen'"): 3, ("rejected", "column 'rejected'"): 3,
         ("chosen", "column 'completions' (ranked by score)"): 1,
         ("rejected", "column 'completions' (ranked by score)"): 1}
+
+
+def test_a_null_prompt_is_skipped_and_a_capitalised_prompt_column_is_used():
+    rows = [{"prompt": None, "chosen": "Hello there friend", "rejected": "Hello there enemy"},
+            {"Prompt": "Hi?", "chosen": "Yes ok", "rejected": "No"}]
+    report = DataReport(strict=False)
+    out = normalise_rows(rows, DataConfig(), report, seed=0, source="x", columns={})
+    assert [(p.prompt, p.chosen) for p in out] == [("Hi?", "Yes ok")]  # never a guessed prompt
+    assert report.skipped["prompt column 'prompt' is null"] == 1
+    assert "prompts: column 'Prompt'" in report.summary()
+    with pytest.raises(DataError, match="is null"):
+        normalise_rows(rows[:1], DataConfig(strict=True), DataReport(strict=True), seed=0,
+                       source="x", columns={})

@@ -69,7 +69,9 @@ def _prompt_fallback(r: _Row, c: _Context) -> str | None:
     """No prompt column: take "instruction", "question" or "input" when the row has one."""
     if c.prompt_mapped or c.cols["prompt"] in r.row:
         return None
-    alt = next((k for k in _PROMPT_FALLBACKS if k in r.row), None)
+    # "Prompt", "Question": the usual names in another case are the same columns
+    names = (c.cols["prompt"],) + _PROMPT_FALLBACKS
+    alt = next((k for k in r.row if isinstance(k, str) and k.lower() in names), None)
     if alt is not None and (c.cols["chosen"] not in r.row or c.cols["rejected"] not in r.row
                             or isinstance(r.row.get(c.cols["chosen"]), str)):
         r.row = dict(r.row, **{c.cols["prompt"]: r.row[alt]})
@@ -114,7 +116,7 @@ def _implicit_text_prompt(r: _Row, c: _Context) -> str | None:
     if r.prompt is not None or not (isinstance(r.chosen_raw, str)
                                     and isinstance(r.rejected_raw, str)):
         return None
-    if c.prompt_mapped:  # the named column is there but null: never guess
+    if c.prompt_mapped or c.cols["prompt"] in r.row:  # the column is there but null: skip
         return f"prompt column '{c.cols['prompt']}' is null"
     hc, hr = hh_messages(r.chosen_raw), hh_messages(r.rejected_raw)
     if hc and hr and c.format != "standard":
