@@ -2,6 +2,8 @@
 
 "Base" is the same loaded weights with the adapters disabled (or the run's frozen starting
 adapter), so a comparison costs no extra memory and differs only by what training changed.
+A plain model directory (a merged model, any transformers model) has no adapter and so no base
+to compare with.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import torch
 
 from qdpo import console as ui
 from qdpo.data import Tokenizer
-from qdpo.errors import DataError
+from qdpo.errors import DataError, QdpoError
 from qdpo.files import write_atomically
 from qdpo.model import reference_mode
+
+Messages = list[dict[str, str]]
 
 
 @dataclass
@@ -42,15 +46,28 @@ class Sampling:
         return kw
 
 
+def context_length(model: Any) -> int | None:
+    """The longest sequence the model takes (config max_position_embeddings), if it says."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
 class Generator:
     """Renders conversations with the run's chat template and generates from them."""
 
-    def __init__(self, model: Any, tokenizer: Any, recipe: Any):
+    def __init__(self, model: Any, tokenizer: Any, recipe: Any, source: Any = None):
         self.model = model
         self.tok = tokenizer
+        self.recipe = recipe
+        self.source = source  # the TrainedSource it was loaded from, for the chat's banner
         # the same prompt rendering as training (template, system prompt)
         self.format = Tokenizer(tokenizer, recipe, conversational=False)
         self.device = next(model.parameters()).device
+        self.has_adapter = hasattr(model, "peft_config")  # a plain model has no base to compare
+        self.context_length = context_length(model)
         eos = {tokenizer.eos_token_id}
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if isinstance(gen_eos, int):
@@ -67,15 +84,44 @@ class Generator:
     def system_prompt(self, text: str | None) -> None:
         self.format.system_prompt = text
 
-    def _inputs(self, conversations: list[list[dict[str, str]]]) -> dict[str, torch.Tensor]:
+    def prompt_tokens(self, conversation: Messages) -> int:
+        """How many tokens the rendered prompt (system prompt included) takes."""
+        text = self.format.render_prompt(conversation)
+        return len(self.tok(text, add_special_tokens=self.format.template is None,
+                            verbose=False)["input_ids"])
+
+    def describe(self) -> list[str]:
+        """What was loaded, for the chat's banner."""
+        from qdpo.device import compute_dtype
+
+        src = self.source
+        lines = []
+        if src is not None and getattr(src, "adapter_dir", None) is not None:
+            lines.append(f"base {src.base_path} + adapter {src.adapter_dir}")
+        elif src is not None:
+            lines.append(f"model {src.base_path} (no adapter: a plain or merged model)")
+        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        qcfg = getattr(getattr(lm, "config", None), "quantization_config", None)
+        weights = (f"4-bit {getattr(qcfg, 'bnb_4bit_quant_type', 'nf4')} weights"
+                   if getattr(lm, "is_loaded_in_4bit", False) else "unquantized weights")
+        dtype = str(compute_dtype(self.recipe.model.compute_dtype, self.device))
+        ctx = f", context {self.context_length} tokens" if self.context_length else ""
+        lines.append(f"device {self.device}, compute dtype {dtype.removeprefix('torch.')}, "
+                     f"{weights}{ctx}")
+        return lines
+
+    def _inputs(self, conversations: list[Messages]) -> dict[str, torch.Tensor]:
         rendered = [self.format.render_prompt(c) for c in conversations]
         self.tok.padding_side = "left"
         enc = self.tok(rendered, return_tensors="pt", padding=True,
                        add_special_tokens=self.format.template is None)
         return {k: v.to(self.device) for k, v in enc.items()}
 
-    def generate(self, conversations: list[list[dict[str, str]]], sampling: Sampling,
+    def generate(self, conversations: list[Messages], sampling: Sampling,
                  base: bool = False, streamer: Any = None) -> list[str]:
+        if base and not self.has_adapter:
+            raise QdpoError("This is a plain model (no adapter), so there is no base to compare "
+                            "it with; generate without the base.")
         inputs = self._inputs(conversations)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
@@ -117,71 +163,211 @@ class _PrintStreamer:
         self.write(text[self.printed:] + "\n")
 
 
+# ---------------------------------------------------------------------------------------
+# The interactive chat
+# ---------------------------------------------------------------------------------------
+
 HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system prompt and "
-        "reset), /exit")
+        "reset), /exit (or Ctrl-C, Ctrl-D at the prompt); Ctrl-C during a reply stops it")
+# below this many columns the compare view shows base, then tuned, instead of two columns
+SIDE_BY_SIDE_MIN_WIDTH = 100
+
+
+def fit_history(history: Messages, count: Callable[[Messages], int],
+                limit: int) -> tuple[Messages, int]:
+    """Drop the oldest turns (a user message and its replies) until `count` is within `limit`.
+
+    System messages and the last message stay; returns the kept messages and how many turns
+    went. The result can still be over the limit when the last message alone is.
+    """
+    msgs = list(history)
+    dropped = 0
+    while count(msgs) > limit:
+        turn = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
+        if not turn:
+            break
+        end = turn[0] + 1
+        while end < len(msgs) - 1 and msgs[end]["role"] not in ("user", "system"):
+            end += 1
+        del msgs[turn[0]:end]
+        dropped += 1
+    return msgs, dropped
+
+
+def enable_line_editing(stdin: Any = None) -> bool:
+    """In a terminal, `input()` gets line editing and history (Up for earlier messages) from
+    the readline module, when Python has it. Returns whether it is on."""
+    stdin = stdin or sys.stdin
+    try:
+        if not stdin.isatty():
+            return False
+        import readline  # noqa: F401  (importing it is what hooks input())
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return True
+
+
+def _note(text: str) -> None:
+    from rich.text import Text
+
+    ui.console.print(Text(text, style="dim"))
+
+
+def _write(s: str) -> None:
+    sys.stdout.write(s)
+    sys.stdout.flush()
+
+
+class ChatSession:
+    """One conversation per side shown (tuned; base and tuned with compare), each side with
+    its own history, trimmed to the model's context. A reply stopped with Ctrl-C leaves the
+    conversation as it was before the message that asked for it."""
+
+    def __init__(self, gen: Generator, sampling: Sampling, compare: bool = False):
+        self.gen = gen
+        self.sampling = sampling
+        self.sides = ("base", "tuned") if compare else ("tuned",)
+        # a plain model's replies are not "tuned" ones
+        self.label = "tuned" if getattr(gen, "has_adapter", True) else "model"
+        self.histories: dict[str, Messages] = {s: [] for s in self.sides}
+
+    def reset(self) -> None:
+        self.histories = {s: [] for s in self.sides}
+
+    def command(self, text: str) -> bool:
+        """Run a slash command; False means quit."""
+        if text in ("/exit", "/quit"):
+            return False
+        if text == "/reset":
+            self.reset()
+            _note("(conversation reset)")
+        elif text.startswith("/system") and text[len("/system"):][:1] in ("", " ", "\t"):
+            self.gen.system_prompt = text[len("/system"):].strip() or None  # render() adds it
+            self.reset()
+            _note(f"(system prompt {'set' if self.gen.system_prompt else 'cleared'}; "
+                  "conversation reset)")
+        else:
+            _note(f"unknown command {text.split()[0]}; {HELP}")
+        return True
+
+    def turn(self, text: str) -> None:
+        """Ask every side `text`, show the replies, and keep them in each side's history."""
+        convs = {}
+        for side in self.sides:
+            conv = self._fit(side, self.histories[side] + [{"role": "user", "content": text}])
+            if conv is None:
+                return
+            convs[side] = conv
+        try:
+            replies = self._compare(convs) if len(self.sides) > 1 else \
+                {"tuned": self._stream(convs["tuned"])}
+        except KeyboardInterrupt:
+            _write("\n")
+            _note("(reply stopped; this message and the partial reply are left out of the "
+                  "conversation)")
+            return
+        for side in self.sides:
+            self.histories[side] = convs[side] + [{"role": "assistant", "content": replies[side]}]
+
+    def _fit(self, side: str, conv: Messages) -> Messages | None:
+        ctx = getattr(self.gen, "context_length", None)
+        if not ctx:
+            return conv
+        limit = ctx - self.sampling.max_new_tokens
+        conv, dropped = fit_history(conv, self.gen.prompt_tokens, limit)
+        if self.gen.prompt_tokens(conv) > limit:
+            _note(f"(this message is too long: with --max-new-tokens "
+                  f"{self.sampling.max_new_tokens}, a prompt may take {limit} of the model's "
+                  f"{ctx} tokens of context; shorten it)")
+            return None
+        if dropped:
+            whose = f"the {side} conversation" if len(self.sides) > 1 else "the conversation"
+            _note(f"(dropped the {ui.plural(dropped, 'oldest turn')} of {whose} to fit the "
+                  f"model's context of {ctx} tokens)")
+        return conv
+
+    def _stream(self, conv: Messages) -> str:
+        _write(f"{self.label}> ")
+        return self.gen.generate([conv], self.sampling,
+                                 streamer=_PrintStreamer(self.gen.tok, _write))[0]
+
+    def _compare(self, convs: dict[str, Messages]) -> dict[str, str]:
+        from rich.panel import Panel
+        from rich.table import Table
+        from rich.text import Text
+
+        replies = {"base": self.gen.generate([convs["base"]], self.sampling, base=True)[0],
+                   "tuned": self.gen.generate([convs["tuned"]], self.sampling)[0]}
+        # Text: a reply is shown as written, never read as rich markup
+        panels = [Panel(Text(replies[s]), title=s, expand=True) for s in self.sides]
+        if ui.console.width >= SIDE_BY_SIDE_MIN_WIDTH:  # two columns, half the width each
+            grid = Table.grid(expand=True, padding=(0, 1))
+            for _ in panels:
+                grid.add_column(ratio=1)
+            grid.add_row(*panels)
+            ui.console.print(grid)
+        else:
+            for p in panels:
+                ui.console.print(p)
+        return replies
 
 
 def chat_loop(gen: Generator, sampling: Sampling, compare: bool = False,
-              read: Callable[[str], str] = input) -> None:
-    """The interactive chat: history, slash commands, streaming (or side by side)."""
-    from rich.columns import Columns
-    from rich.markup import escape
-    from rich.panel import Panel
-    from rich.text import Text
-
-    history: list[dict[str, str]] = []
-    ui.console.print(f"[dim]{HELP}[/]")
+              read: Callable[[str], str] | None = None) -> None:
+    """The interactive chat: a banner, then turns and slash commands until /exit, Ctrl-C or
+    Ctrl-D at the prompt."""
+    ctx = getattr(gen, "context_length", None)
+    if ctx and sampling.max_new_tokens >= ctx:
+        raise QdpoError(f"--max-new-tokens {sampling.max_new_tokens} leaves no room for the "
+                        f"conversation in the model's context of {ctx} tokens; use fewer.")
+    if compare and not getattr(gen, "has_adapter", True):
+        raise QdpoError("This is a plain model (no adapter), so there is no base to compare it "
+                        "with; chat without --compare.")
+    if read is None:
+        enable_line_editing()
+        read = input
+    session = ChatSession(gen, sampling, compare)
+    for line in (["qdpo chat"] + gen.describe() if hasattr(gen, "describe") else []) + [HELP]:
+        _note(line)
     while True:
         try:
-            line = read("you> ")
+            text = read("you> ").strip()
         except (EOFError, KeyboardInterrupt):
-            ui.info("")
+            _write("\n")
             return
-        text = line.strip()
         if not text:
             continue
-        if text in ("/exit", "/quit"):
-            return
-        if text == "/reset":
-            history = []
-            ui.console.print("[dim](conversation reset)[/]")
-            continue
-        if text.startswith("/system"):
-            gen.system_prompt = text[len("/system"):].strip() or None  # render() adds it
-            history = []
-            ui.console.print(f"[dim](system prompt {'set' if gen.system_prompt else 'cleared'}; "
-                             "conversation reset)[/]")
-            continue
         if text.startswith("/"):
-            ui.console.print(f"[dim]unknown command {escape(text.split()[0])}; {HELP}[/]")
+            if not session.command(text):
+                return
             continue
-        history.append({"role": "user", "content": text})
-        conv = list(history)
-        if compare:
-            base = gen.generate([conv], sampling, base=True)[0]
-            tuned = gen.generate([conv], sampling)[0]
-            # Text: a reply is shown as written, never read as rich markup
-            ui.console.print(Columns([Panel(Text(base), title="base", expand=True),
-                                      Panel(Text(tuned), title="tuned", expand=True)],
-                                     equal=True, expand=True))
-            reply = tuned
-        else:
-            sys.stdout.write("tuned> ")
-            sys.stdout.flush()
-
-            def write(s: str) -> None:
-                sys.stdout.write(s)
-                sys.stdout.flush()
-
-            reply = gen.generate([conv], sampling, streamer=_PrintStreamer(gen.tok, write))[0]
-        history.append({"role": "assistant", "content": reply})
+        session.turn(text)
 
 
-def read_prompts(path: Path) -> list[list[dict[str, str]]]:
-    """jsonl rows with `prompt` (text or messages) or `messages` -> conversations."""
+# ---------------------------------------------------------------------------------------
+# Generation for a file of prompts
+# ---------------------------------------------------------------------------------------
+
+def _prompt_row(row: Any, path: Path, i: int) -> tuple[Messages, dict[str, Any]]:
+    """One jsonl row -> (conversation, the row's other fields)."""
+    p = row.get("prompt", row.get("messages")) if isinstance(row, dict) else row
+    extra = {k: v for k, v in row.items() if k not in ("prompt", "messages")} \
+        if isinstance(row, dict) else {}
+    if isinstance(p, str) and p.strip():
+        return [{"role": "user", "content": p}], extra
+    if isinstance(p, list) and p and all(isinstance(m, dict) and isinstance(
+            m.get("content"), str) and m.get("role") for m in p):
+        return (p[:-1] if p[-1]["role"] == "assistant" else p), extra
+    raise DataError(f"'{path}' line {i}: expected a 'prompt' (text or a list of "
+                    "messages) or 'messages'.")
+
+
+def read_prompt_rows(path: Path) -> list[tuple[Messages, dict[str, Any]]]:
+    """jsonl rows with `prompt` (text or messages) or `messages` -> (conversation, other
+    fields such as id or category, kept for the output)."""
     if not path.is_file():
         raise DataError(f"Prompts file '{path}' does not exist.")
-    convs = []
+    rows = []
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -189,36 +375,39 @@ def read_prompts(path: Path) -> list[list[dict[str, str]]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"'{path}' line {i} is not valid JSON ({e.msg}).") from None
-        p = row.get("prompt", row.get("messages")) if isinstance(row, dict) else row
-        if isinstance(p, str) and p.strip():
-            convs.append([{"role": "user", "content": p}])
-        elif isinstance(p, list) and p and all(isinstance(m, dict) and isinstance(
-                m.get("content"), str) and m.get("role") for m in p):
-            if p[-1]["role"] == "assistant":
-                p = p[:-1]
-            convs.append(p)
-        else:
-            raise DataError(f"'{path}' line {i}: expected a 'prompt' (text or a list of "
-                            "messages) or 'messages'.")
-    if not convs:
+        rows.append(_prompt_row(row, path, i))
+    if not rows:
         raise DataError(f"'{path}' holds no prompts.")
-    return convs
+    return rows
+
+
+def read_prompts(path: Path) -> list[Messages]:
+    """jsonl rows with `prompt` (text or messages) or `messages` -> conversations."""
+    return [conv for conv, _ in read_prompt_rows(path)]
 
 
 def generate_file(gen: Generator, prompts: Path, out: Path, sampling: Sampling,
                   compare: bool = False, batch_size: int = 8) -> int:
-    convs = read_prompts(prompts)
+    """Replies for every prompt row, written as jsonl: the row's own fields (id, category,
+    ...), then prompt, response and, with compare, base_response."""
+    rows = read_prompt_rows(prompts)
+    ours = {"response", "base_response"} if compare else {"response"}
+    clash = sorted({k for _, extra in rows for k in extra} & ours)
+    if clash:
+        ui.warn(f"the prompts file has {', '.join(clash)} fields; the output replaces them with "
+                "the generated replies")
     # the file appears complete or not at all (the previous one stays until then)
-    with write_atomically(out) as tmp, ui.task_progress("generate", len(convs)) as advance, \
+    with write_atomically(out) as tmp, ui.task_progress("generate", len(rows)) as advance, \
             tmp.open("w") as f:
-        for s in range(0, len(convs), batch_size):
-            chunk = convs[s:s + batch_size]
-            tuned = gen.generate(chunk, sampling)
-            base = gen.generate(chunk, sampling, base=True) if compare else [None] * len(chunk)
-            for conv, t, b in zip(chunk, tuned, base):
-                row: dict[str, Any] = {"prompt": conv, "response": t}
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s:s + batch_size]
+            convs = [conv for conv, _ in chunk]
+            tuned = gen.generate(convs, sampling)
+            base = gen.generate(convs, sampling, base=True) if compare else [None] * len(chunk)
+            for (conv, extra), t, b in zip(chunk, tuned, base):
+                row: dict[str, Any] = {**extra, "prompt": conv, "response": t}
                 if compare:
                     row["base_response"] = b
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             advance(len(chunk))
-    return len(convs)
+    return len(rows)

@@ -2,16 +2,23 @@
 
 Each checkpoint is written into a temporary directory next to its final place and renamed when
 everything (adapter, optimizer, scheduler, RNG states, position in the data, metric state) is on
-disk, so a kill at any moment leaves the previous checkpoints usable.
+disk, so a kill at any moment leaves the previous checkpoints usable. Its metadata
+(checkpoint.json), written last, records its step and the size and sha256 of every other file,
+so that `verify` can tell a checkpoint damaged later (a full disk, a bad copy, a file manager's
+rename, bit rot) from an intact one before a resume trusts it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import random
+import re
 import shutil
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -23,6 +30,13 @@ STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 LEGACY_STATE = "trainer_state.pt"
 META = "checkpoint.json"
+ADAPTER = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+STEP_DIR = re.compile(r"step-(\d+)")
+
+
+class CheckpointError(QdpoError):
+    """A checkpoint on disk is damaged, or does not fit the model it is loaded into."""
 
 
 def atomic_dir(final: Path, write: Any) -> None:
@@ -120,12 +134,44 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return run_dir / CKPT_DIR / f"step-{step:07d}"
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
+def step_of(path: Path) -> int | None:
+    """The step in a checkpoint directory's name (`step-0000008` -> 8); None for other names."""
+    m = STEP_DIR.fullmatch(path.name)
+    return int(m.group(1)) if m else None
+
+
+def scan(run_dir: Path) -> tuple[list[Path], list[Path]]:
+    """The `step-NNNNNNN` directories in checkpoints/, oldest first, complete or not, and the
+    stray entries beside them (a folder a file manager copied, notes). Hidden names are writes
+    in progress (or left by a kill) and belong to neither."""
     d = run_dir / CKPT_DIR
     if not d.is_dir():
-        return []
-    done = [p for p in d.iterdir() if p.name.startswith("step-") and (p / META).exists()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+        return [], []
+    steps, strays = [], []
+    for p in d.iterdir():
+        if not p.name.startswith("."):
+            (steps if p.is_dir() and step_of(p) is not None else strays).append(p)
+    return sorted(steps, key=lambda p: step_of(p) or 0), sorted(strays)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (their metadata written), oldest first; not yet verified."""
+    return [p for p in scan(run_dir)[0] if (p / META).exists()]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file in `directory` but the metadata. Computed right after
+    the files are written, while the OS still caches them: about a second per GB."""
+    return {f.relative_to(directory).as_posix(): {"size": f.stat().st_size, "sha256": sha256(f)}
+            for f in sorted(directory.rglob("*")) if f.is_file() and f.name != META}
 
 
 def save(run_dir: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
@@ -141,7 +187,8 @@ def save(run_dir: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, s
                      "scaler": scaler.state_dict() if scaler is not None else None,
                      "objective": objective.state_dict(), "rng": rng_state(),
                      "trainer": {"step": step}}, tmp)
-        (tmp / META).write_text(json.dumps({"step": step}))  # last: marks it complete
+        meta = {"step": step, "files": manifest(tmp)}
+        (tmp / META).write_text(json.dumps(meta, indent=1))  # last: marks it complete
 
     atomic_dir(final, write)
     for old in list_checkpoints(run_dir)[:-keep_last]:
@@ -149,21 +196,171 @@ def save(run_dir: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, s
     return final
 
 
+# ---------------------------------------------------------------------------------------
+# verification: is a checkpoint on disk what was saved?
+# ---------------------------------------------------------------------------------------
+
+def verify(path: Path) -> bool:
+    """Raise CheckpointError naming the first damaged file of checkpoint `path` and why.
+
+    Checks every recorded file's presence, size and sha256, and that the step in the metadata
+    is the directory name's and the trainer state's. Returns False for a checkpoint written
+    before qdpo recorded hashes: only its files' presence and structure can be checked.
+    """
+    meta = _read_meta(path)
+    step, named = meta.get("step"), step_of(path)
+    if not _is_int(step):
+        raise CheckpointError(f"{path / META} records no step ({step!r})")
+    if named is not None and named != step:
+        raise CheckpointError(f"{path / META} says step {step}, but the directory is named "
+                              f"{path.name} (renamed or copied over?)")
+    listed = meta.get("files")
+    if listed is None:
+        _check_structure(path)
+    else:
+        _check_files(path, listed)
+    state_step = _state_step(path)
+    if state_step is not None and state_step != step:
+        raise CheckpointError(f"{path / STATE_JSON} holds step {state_step}, but {META} says "
+                              f"step {step}")
+    return listed is not None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    f = path / META
+    if not f.exists():
+        raise CheckpointError(f"{f} is missing (the checkpoint was never completed)")
+    try:
+        meta = json.loads(f.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f} is unreadable ({files.short_error(e)})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{f} is not a checkpoint record")
+    return meta
+
+
+def _check_files(path: Path, listed: Any) -> None:
+    try:
+        records = [(name, int(r["size"]), str(r["sha256"])) for name, r in listed.items()]
+        if any(Path(name).is_absolute() or ".." in Path(name).parts for name, _, _ in records):
+            raise ValueError("a file outside the checkpoint")
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path / META} has an unreadable list of files") from None
+    for name, size, digest in records:
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing")
+        actual = f.stat().st_size
+        if actual != size:
+            raise CheckpointError(f"{f} is {actual:,} bytes, {size:,} when saved "
+                                  f"({'truncated' if actual < size else 'written to since'})")
+        if sha256(f) != digest:
+            raise CheckpointError(f"{f} changed since it was saved (its sha256 differs)")
+
+
+def _check_structure(path: Path) -> None:
+    """What can be checked without hashes: the files are there and their framing is whole
+    (safetensors headers cover the file, json parses, a torch zip's CRCs match)."""
+    state = [STATE_JSON, STATE_TENSORS] if (path / STATE_JSON).exists() else [LEGACY_STATE]
+    for name in [ADAPTER, ADAPTER_CONFIG, *state]:
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing")
+        with _reading(f):
+            if name.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                with safe_open(str(f), "pt"):
+                    pass
+            elif name.endswith(".json"):
+                json.loads(f.read_bytes().decode("utf-8"))
+            else:
+                with zipfile.ZipFile(f) as z:
+                    bad = z.testzip()
+                    if bad:
+                        raise ValueError(f"member {bad} fails its CRC")
+
+
+def _state_step(path: Path) -> int | None:
+    """The step in the trainer state, without loading its tensors (None for qdpo 0.1.0's torch
+    file, whose step restore checks)."""
+    f = path / STATE_JSON
+    if not f.exists():
+        return None
+    with _reading(f):
+        step = json.loads(f.read_bytes().decode("utf-8"))["trainer"]["step"]
+    if not _is_int(step):
+        raise CheckpointError(f"{f} records no step ({step!r})")
+    return step
+
+
+@contextlib.contextmanager
+def _reading(f: Path) -> Iterator[None]:
+    """Any failure while reading `f` becomes one line naming it."""
+    try:
+        yield
+    except QdpoError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{f} is unreadable ({files.short_error(e)})") from e
+
+
+def check_fits(path: Path, model: Any, weights: dict[str, torch.Tensor]) -> None:
+    """Refuse an adapter of another shape (LoRA rank, target modules) with one message, before
+    peft prints a `size mismatch` per tensor or silently skips the modules it does not know."""
+    from peft import get_peft_model_state_dict
+
+    want = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    if want == {k: tuple(v.shape) for k, v in weights.items()}:
+        return
+    try:
+        saved = json.loads((path / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError):
+        saved = {}
+    ours = model.peft_config["default"]
+    raise CheckpointError(
+        f"The adapter in '{path}' ({_lora_shape(saved.get('r'), saved.get('target_modules'))}) "
+        f"does not fit this run's model ({_lora_shape(ours.r, ours.target_modules)}). Resume "
+        "with the recipe that wrote the checkpoint (lora.r, lora.target_modules), or start a "
+        "new run.")
+
+
+def _lora_shape(r: Any, targets: Any) -> str:
+    if isinstance(targets, (list, tuple, set)):
+        targets = ", ".join(sorted(str(t) for t in targets))
+    return f"LoRA r={r if r is not None else '?'} on {targets or 'unknown modules'}"
+
+
 def restore(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any,
             objective: Any) -> int:
-    """Load checkpoint `path` into the runtime objects; returns the step it was saved at."""
+    """Load checkpoint `path` into the runtime objects; returns the step it was saved at.
+    Call `verify` first: this only names the file that fails to load, it does not check it."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     if not (path / META).exists():
         raise QdpoError(f"'{path}' is not a complete qdpo checkpoint.")
-    state = read_state(path)
-    set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")),
-                              adapter_name="default")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    objective.load_state_dict(state.get("objective") or {})
-    set_rng_state(state["rng"])
-    return int(state["trainer"]["step"])
+    state_file = path / (STATE_JSON if (path / STATE_JSON).exists() else LEGACY_STATE)
+    with _reading(state_file):
+        state = read_state(path)
+        step = state["trainer"]["step"]
+    named = step_of(path)
+    if not _is_int(step) or (named is not None and step != named):
+        raise CheckpointError(f"{state_file} holds step {step!r}, but the directory is named "
+                              f"{path.name}")
+    with _reading(path / ADAPTER):
+        weights = load_file(str(path / ADAPTER))
+    check_fits(path, model, weights)
+    set_peft_model_state_dict(model, weights, adapter_name="default")
+    with _reading(state_file):
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        objective.load_state_dict(state.get("objective") or {})
+        set_rng_state(state["rng"])
+    return int(step)

@@ -374,14 +374,18 @@ def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
     return Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
 
 
-def _generator(run: Path, quantize: bool):
+def _generator(run: Path, quantize: bool, compare: bool = False):
     from qdpo.chat import Generator
     from qdpo.model import load_trained
     from qdpo.rundir import open_trained
 
-    src = open_trained(run)
+    src = open_trained(run, allow_plain=True)
+    if compare and not src.has_adapter:
+        raise QdpoError(f"'{run}' is a plain model (no adapter_config.json), so there is no base "
+                        "to compare it with: --compare needs a qdpo run, checkpoint or adapter. "
+                        "Run without --compare.")
     model, tok = load_trained(src, quantize=quantize)
-    return Generator(model, tok, src.recipe)
+    return Generator(model, tok, src.recipe, source=src)
 
 
 _MAX_NEW = typer.Option(256, "--max-new-tokens", help="Longest reply in tokens.")
@@ -396,20 +400,22 @@ _NO_Q = typer.Option(False, "--no-quantize", help="Load the base in full precisi
 
 @app.command()
 def chat(
-    run: Path = typer.Argument(..., help="Run directory, checkpoint, or peft adapter directory."),
+    run: Path = typer.Argument(..., help="Run directory, checkpoint, peft adapter, or "
+                                          "plain (e.g. merged) model directory."),
     compare: bool = typer.Option(False, "--compare", help="Answer every turn twice, base "
-                                                          "(adapters off) and tuned, side by "
-                                                          "side."),
+                                                          "(adapters off) and tuned, each with "
+                                                          "its own history, side by side."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     max_new_tokens: int = _MAX_NEW, temperature: float = _TEMP, top_p: float = _TOP_P,
     top_k: int = _TOP_K, repetition_penalty: float = _REP, seed: Optional[int] = _SEED,
     no_quantize: bool = _NO_Q,
 ) -> None:
-    """Chat with the tuned model in the terminal (/reset, /system TEXT, /exit)."""
+    """Chat with the tuned model in the terminal (/reset, /system TEXT, /exit; Ctrl-C stops a
+    reply, and quits at the prompt)."""
     from qdpo.chat import chat_loop
 
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
-    gen = _generator(run, not no_quantize)
+    gen = _generator(run, not no_quantize, compare)
     if system:
         gen.system_prompt = system
     chat_loop(gen, sampling, compare=compare)
@@ -417,7 +423,8 @@ def chat(
 
 @app.command()
 def generate(
-    run: Path = typer.Argument(..., help="Run directory, checkpoint, or peft adapter directory."),
+    run: Path = typer.Argument(..., help="Run directory, checkpoint, peft adapter, or "
+                                          "plain (e.g. merged) model directory."),
     prompts: Path = typer.Option(..., "--prompts", "-p", help="jsonl with a 'prompt' (text or "
                                                               "messages) per line."),
     out: Path = typer.Option(..., "--out", "-o", help="Output jsonl."),
@@ -429,7 +436,7 @@ def generate(
     top_k: int = _TOP_K, repetition_penalty: float = _REP, seed: Optional[int] = _SEED,
     no_quantize: bool = _NO_Q,
 ) -> None:
-    """Generate replies for a file of prompts, to jsonl."""
+    """Generate replies for a file of prompts, to jsonl (each row keeps its other fields)."""
     from qdpo import console as ui
     from qdpo.chat import generate_file, read_prompts
 
@@ -437,7 +444,7 @@ def generate(
         raise QdpoError(f"Output '{out}' already exists; pass --overwrite to replace it.")
     read_prompts(prompts)  # fail on a bad file before loading the model
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
-    gen = _generator(run, not no_quantize)
+    gen = _generator(run, not no_quantize, compare)
     n = generate_file(gen, prompts, out, sampling, compare=compare, batch_size=batch_size)
     ui.info(f"wrote {n} generations to {out}")
 
@@ -445,6 +452,9 @@ def generate(
 @app.command(name="eval")
 def eval_cmd(
     run: Path = typer.Argument(..., help="Run directory, checkpoint, or peft adapter directory."),
+    overrides: Optional[list[str]] = typer.Argument(
+        None, help="Overrides of the run's recipe as key.sub=value, as for train, e.g. "
+                   "data.columns.prompt=Question", show_default=False),
     data: list[str] = typer.Option(..., "--data", "-d", help="Data source (file, glob or hub "
                                                               "id); repeat for several."),
     split: str = typer.Option("train", "--split", help="Split, for hub datasets."),
@@ -463,7 +473,7 @@ def eval_cmd(
     # a path that exists from here means this file, not one beside the run's recipe
     srcs = [DataSource(path=str(Path(d).resolve()) if Path(d).exists() else d, split=split)
             for d in data]
-    res = evaluate_run(run, srcs, max_pairs)
+    res = evaluate_run(run, srcs, max_pairs, overrides=overrides or [])
     if json_out:
         typer.echo(_json.dumps(res, indent=2))
         return

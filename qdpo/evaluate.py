@@ -47,17 +47,32 @@ def eval_plan(train_plan: BatchPlan, eval_micro_batch_pairs: int | None) -> Batc
 
 
 def evaluate_run(path: str | Path, sources: Sequence[Any], max_pairs: int | None = None,
-                 micro_batch_pairs: int | None = None) -> dict[str, float]:
+                 micro_batch_pairs: int | None = None,
+                 overrides: Sequence[str] = ()) -> dict[str, float]:
     """A trained run, checkpoint or adapter against its reference on any data (paths, hub ids
-    or DataSource): `qdpo eval`, and `qdpo.evaluate(...)` from Python."""
+    or DataSource): `qdpo eval`, and `qdpo.evaluate(...)` from Python. `overrides`
+    (key.sub=value, as for train) change the run's recipe first, e.g. data.columns.prompt=q."""
     from qdpo.attention import model_kernel
     from qdpo.data import prepare_sources
+    from qdpo.errors import RunDirError
     from qdpo.model import hidden_size, load_trained
-    from qdpo.recipe import DataSource
+    from qdpo.recipe import DataSource, recipe_from_dict
     from qdpo.rundir import open_trained
 
     sources = [s if isinstance(s, DataSource) else DataSource(path=str(s)) for s in sources]
-    src = open_trained(path)
+    src = open_trained(path, allow_plain=True)
+    if not src.has_adapter:
+        raise RunDirError(f"'{path}' is a plain model (no adapter), so it has no reference to "
+                          "evaluate against: eval measures a trained adapter against its base "
+                          "with the adapter off. Pass the run or adapter it came from.")
+    if overrides:
+        raw = src.recipe.to_dict()
+        bare = not raw["data"]["train"]  # a bare adapter's recipe names no training data
+        if bare:
+            raw["data"]["train"] = [{"path": "-"}]
+        src.recipe = recipe_from_dict(raw, list(overrides), base_dir=src.recipe.base_dir)
+        if bare:
+            src.recipe.data.train = []
     device = default_device()
     model, tok = load_trained(src, device)
     recipe = src.recipe

@@ -434,14 +434,32 @@ def load_trained(source: Any, device: torch.device | None = None,
     """A trained adapter on its base, as in training (4-bit unless quantize=False).
 
     The policy adapter is active; `reference_mode` gives the run's reference (adapters
-    disabled, or the frozen starting adapter when the run had one).
+    disabled, or the frozen starting adapter when the run had one). A source without an adapter
+    (a plain or merged model directory) gives that model alone, with no reference.
     """
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
     device = device or default_device()
     recipe = source.recipe
     base = load_base(recipe, device, quantize=quantize)
+    adapter_dir = getattr(source, "adapter_dir", None)
+    model = base if adapter_dir is None else _with_trained_adapter(base, source)
+    model.eval()
+    check_lean_head(model, compute_dtype(recipe.model.compute_dtype, device))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(adapter_dir or source.base_path))
+    except Exception:
+        tok = load_tokenizer(recipe)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def _with_trained_adapter(base: Any, source: Any) -> Any:
+    """The source's adapter on `base` (active), and the run's starting adapter as reference."""
+    from peft import PeftModel
+
+    recipe = source.recipe
     try:
         model = PeftModel.from_pretrained(base, str(source.adapter_dir),
                                           adapter_name=POLICY_ADAPTER, is_trainable=False)
@@ -452,12 +470,4 @@ def load_trained(source: Any, device: torch.device | None = None,
     except Exception as e:
         raise ModelError(f"Cannot load the adapter in '{source.adapter_dir}' onto "
                          f"'{source.base_path}': {type(e).__name__}: {e}") from None
-    model.eval()
-    check_lean_head(model, compute_dtype(recipe.model.compute_dtype, device))
-    try:
-        tok = AutoTokenizer.from_pretrained(str(source.adapter_dir))
-    except Exception:
-        tok = load_tokenizer(recipe)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
+    return model

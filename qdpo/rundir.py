@@ -67,20 +67,41 @@ def _say_resume_changes(old: Recipe, new: Recipe) -> None:
                 "new number of steps (the steps already taken are kept as they were)")
 
 
+# What a run directory holds: the final adapter and tokenizer files, the run's records,
+# checkpoints, TensorBoard events, and the temporary names of atomic writes.
+RUN_ENTRIES = {"recipe.yaml", "run.json", "metrics.jsonl", "summary.json", "README.md",
+               "checkpoints", "tensorboard", "special_tokens_map.json", "chat_template.jinja",
+               "vocab.json", "merges.txt", "added_tokens.json"}
+RUN_PREFIXES = ("adapter_", "tokenizer", ".final-adapter")
+
+
+def _is_run_entry(name: str) -> bool:
+    atomic_temporary = name.startswith(".") and (".tmp-" in name or ".old-" in name)
+    return name in RUN_ENTRIES or name.startswith(RUN_PREFIXES) or atomic_temporary
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
 
     # -- what is there ---------------------------------------------------------------
     def is_run(self) -> bool:
-        """A directory qdpo train wrote (run.json is written by qdpo only)."""
-        return (self.path / "run.json").exists()
+        """A directory qdpo train wrote: its run.json is qdpo's (a JSON object naming the qdpo
+        version that wrote it), not merely a file of that name."""
+        info = self.info()
+        return isinstance(info, dict) and "qdpo_version" in info and "recipe_dir" in info
+
+    def unexpected_entries(self) -> list[str]:
+        """What in the directory a qdpo run does not write (user files an overwrite would
+        destroy)."""
+        return sorted(e.name for e in self.path.iterdir() if not _is_run_entry(e.name))
 
     def info(self) -> dict[str, Any]:
         try:
-            return json.loads((self.path / "run.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            info = json.loads((self.path / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # absent, unreadable, not JSON, not UTF-8
             return {}
+        return info if isinstance(info, dict) else {}
 
     def recipe(self) -> Recipe:
         try:
@@ -126,6 +147,13 @@ class RunDir:
             if not self.is_run():
                 raise RunDirError(f"Refusing to --overwrite '{self.path}': it is not a qdpo run "
                                   "directory. Choose another output.dir.")
+            extra = self.unexpected_entries()
+            if extra:
+                raise RunDirError(
+                    f"Refusing to --overwrite '{self.path}': besides a qdpo run it holds files "
+                    f"qdpo did not write: {', '.join(extra[:10])}"
+                    + (f" and {len(extra) - 10} more" if len(extra) > 10 else "")
+                    + ". Move them out, or choose another output.dir.")
             here = self.path.resolve()
             inputs = [Path(recipe.base_dir)] + [
                 Path(recipe.resolve_path(x)).resolve() for x in
@@ -154,16 +182,17 @@ class RunDir:
             "more train.epochs); to start again, use --overwrite.")
 
     def _resume_point(self, resume: str) -> Path | None:
+        """The checkpoint to resume from: the newest intact one (damaged newer ones are named
+        and skipped), or the one `resume` names, which must be intact."""
         if resume == "auto":
-            ckpts = list_checkpoints(self.path)
-            return ckpts[-1] if ckpts else None
+            return newest_intact_checkpoint(self.path)
         p = Path(resume)
         if p.name.startswith("step-") and p.is_dir():
-            return p
-        ckpts = list_checkpoints(p)
-        if not ckpts:
+            return verified_checkpoint(p)
+        ckpt = newest_intact_checkpoint(p)
+        if ckpt is None:
             raise RunDirError(f"No complete checkpoint found at '{resume}'.")
-        return ckpts[-1]
+        return ckpt
 
     # -- writing ---------------------------------------------------------------------------
     def write_run_info(self, recipe: Recipe, minfo: Any, data: Any, steps: int) -> None:
@@ -185,17 +214,18 @@ class RunDir:
         write_text_atomically(self.path / "run.json", json.dumps(info, indent=2))
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop records after `step`: a resumed run logs those steps again."""
+        """Drop records after `step`: a resumed run logs those steps again. The file is a log,
+        not the run's state: damaged lines are counted, reported once and dropped."""
+        from qdpo import console as ui
+
         f = self.path / "metrics.jsonl"
         if not f.exists():
             return
-        keep = []
-        for line in f.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:  # a line cut by the kill
-                continue
+        keep, damaged = metric_lines(f.read_bytes(), step)
+        if damaged:
+            ui.warn(f"{f}: {damaged} damaged line{'s' if damaged > 1 else ''} skipped (not "
+                    "UTF-8, not a JSON object, or a step that is not an integer); it is only a "
+                    "log, the run resumes from its checkpoint")
         write_text_atomically(f, "".join(x + "\n" for x in keep))
 
     def save_final(self, save_adapter: Callable[[Path], None]) -> None:
@@ -227,21 +257,31 @@ class RunDir:
 # ---------------------------------------------------------------------------------------
 
 class TrainedSource:
-    """An adapter and everything needed to rebuild its model: base weights and recipe."""
+    """An adapter and everything needed to rebuild its model: base weights and recipe.
 
-    def __init__(self, adapter_dir: Path, recipe: Recipe, base_path: str, run: RunDir | None):
+    `adapter_dir` is None for a plain model directory (a merged model, any transformers model):
+    then `base_path` is the model itself and there is no reference to compare it with.
+    """
+
+    def __init__(self, adapter_dir: Path | None, recipe: Recipe, base_path: str,
+                 run: RunDir | None):
         self.adapter_dir = adapter_dir
         self.recipe = recipe
         self.base_path = base_path
         self.run = run
 
     @property
+    def has_adapter(self) -> bool:
+        return self.adapter_dir is not None
+
+    @property
     def name(self) -> str:
-        return self.adapter_dir.name
+        return (self.adapter_dir or Path(self.base_path)).name
 
 
-def open_trained(path: str | Path) -> TrainedSource:
-    """Resolve a run dir, a checkpoint dir inside one, or a plain peft adapter directory."""
+def open_trained(path: str | Path, allow_plain: bool = False) -> TrainedSource:
+    """Resolve a run dir, a checkpoint dir inside one, or a plain peft adapter directory; with
+    `allow_plain`, also a plain model directory (merged, or any transformers model)."""
     p = Path(path)
     if not p.exists():
         raise RunDirError(f"'{path}' does not exist. Pass a qdpo run directory (what `qdpo "
@@ -252,8 +292,14 @@ def open_trained(path: str | Path) -> TrainedSource:
             hint = f"; its last checkpoint is {ckpts[-1]}" if ckpts else ""
             raise RunDirError(f"'{path}' is a qdpo run without a final adapter (interrupted "
                               f"or still running{hint}). Resume it, or pass a checkpoint.")
-        raise RunDirError(f"'{path}' is neither a qdpo run directory nor a peft adapter "
-                          "directory (no adapter_config.json).")
+        if (p / "config.json").is_file():  # a transformers model: merged, or any other
+            if allow_plain:
+                base = str(p.resolve())
+                return TrainedSource(None, Recipe.for_adapter(base), base, None)
+            raise RunDirError(f"'{path}' is a plain model directory (no adapter_config.json); "
+                              "this command needs a qdpo run directory or a peft adapter.")
+        raise RunDirError(f"'{path}' is neither a qdpo run directory, a peft adapter directory "
+                          "nor a model directory (no adapter_config.json or config.json).")
     run_root = p if RunDir(p).is_run() else (
         p.parent.parent if p.parent.name == "checkpoints" and RunDir(p.parent.parent).is_run()
         else None)
@@ -277,3 +323,90 @@ def open_trained(path: str | Path) -> TrainedSource:
         raise RunDirError(f"The adapter in '{path}' does not say which base model it belongs "
                           "to (base_model_name_or_path is empty).")
     return TrainedSource(p, Recipe.for_adapter(base), base, None)
+
+
+# ---------------------------------------------------------------------------------------
+# Resuming from what is on disk: checkpoints that verify, metrics that parse
+# ---------------------------------------------------------------------------------------
+
+def newest_intact_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of `run_dir` that verifies, or None when it has none at all.
+
+    Each damaged newer checkpoint is named with the file and the reason, and left in place
+    (training past its step replaces it); entries that are not checkpoints are noted and
+    ignored. Raises RunDirError when checkpoints exist but none is intact.
+    """
+    from qdpo import checkpoint as ck
+    from qdpo import console as ui
+
+    steps, strays = ck.scan(run_dir)
+    for stray in strays:
+        ui.info(f"resume: ignoring '{stray}': not a checkpoint (qdpo names them step-NNNNNNN)")
+    damaged = []
+    for ckpt in reversed(steps):
+        try:
+            hashed = ck.verify(ckpt)
+        except ck.CheckpointError as e:
+            ui.warn(f"resume: checkpoint {ckpt.name} is damaged and skipped: {e}")
+            damaged.append(ckpt.name)
+            continue
+        _note_unverified(ckpt, hashed)
+        if damaged:
+            ui.warn(f"resume: falling back to {ckpt.name}, the newest intact checkpoint; the "
+                    f"steps after {ck.step_of(ckpt)} are trained again")
+        return ckpt
+    if damaged:
+        raise RunDirError(
+            f"No intact checkpoint to resume in '{run_dir / ck.CKPT_DIR}': "
+            f"{', '.join(reversed(damaged))} {'is' if len(damaged) == 1 else 'are'} damaged "
+            "(see above). Restore them from a backup, or start again with --overwrite.")
+    return None
+
+
+def verified_checkpoint(path: Path) -> Path:
+    """A checkpoint named on the command line: used only if it verifies."""
+    from qdpo import checkpoint as ck
+
+    try:
+        hashed = ck.verify(path)
+    except ck.CheckpointError as e:
+        raise RunDirError(f"Cannot resume from damaged checkpoint '{path}': {e}. Resume from "
+                          "an older checkpoint, or from the run directory (--resume picks the "
+                          "newest intact one).") from None
+    _note_unverified(path, hashed)
+    return path
+
+
+def _note_unverified(ckpt: Path, hashed: bool) -> None:
+    if not hashed:
+        from qdpo import console as ui
+
+        ui.info(f"resume: {ckpt} was written by an older qdpo without checksums: it cannot be "
+                "verified, only checked for missing or cut files")
+
+
+def metric_lines(data: bytes, step: int) -> tuple[list[str], int]:
+    """The lines of a metrics.jsonl with a step <= `step`, and how many lines are damaged.
+    A last line without its newline was cut by a kill: dropped without counting it."""
+    lines = data.split(b"\n")
+    keep, damaged = [], 0
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        record = _metric_record(raw)
+        if record is None:
+            damaged += i < len(lines) - 1
+        elif record.get("step", 0) <= step:
+            keep.append(raw.decode("utf-8"))
+    return keep, damaged
+
+
+def _metric_record(raw: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    step = record.get("step", 0)
+    return record if isinstance(step, int) and not isinstance(step, bool) else None

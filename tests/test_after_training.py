@@ -357,3 +357,86 @@ def test_overwrite_replaces_only_an_earlier_export(run, tmp_path):
     with pytest.raises(RunDirError, match="notes.txt"):
         ex.export(run, "gguf-lora", note, overwrite=True)
     assert note.read_text() == "mine"
+
+
+# --------------------------------------------------------------------------------------
+# chat, generate and eval: banner and context, plain models, row fields, eval overrides
+# --------------------------------------------------------------------------------------
+
+def test_chat_banner_and_history_trimmed_to_the_context(run):
+    # context 512, replies up to 8 tokens: three messages of ~170 tokens do not fit
+    msgs = [f"Message {i}: " + " ".join(["the lake and the harbour lights at night"] * 15)
+            for i in range(3)]
+    res = qdpo("chat", run, "--max-new-tokens", "8", "--temperature", "0",
+               stdin="\n".join(msgs + ["/exit"]) + "\n")
+    assert res.returncode == 0, res.stderr
+    assert f"adapter {run}" in res.stdout and "device cpu" in res.stdout
+    assert "4-bit nf4" in res.stdout and "context 512 tokens" in res.stdout
+    assert res.stdout.count("dropped the 1 oldest turn of the conversation") == 1
+    assert res.stdout.count("tuned>") == 3
+
+
+@pytest.fixture(scope="module")
+def merged(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain") / "merged"
+    res = qdpo("merge", run, "--out", out, "--dtype", "fp32")
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def test_plain_model_directory_chats_and_generates_but_has_no_base(merged, tmp_path):
+    res = qdpo("chat", merged, "--max-new-tokens", "4", stdin="Hello\n/exit\n")
+    assert res.returncode == 0, res.stderr
+    assert "no adapter" in res.stdout and res.stdout.count("model>") == 1
+    res = qdpo("chat", merged, "--compare", stdin="/exit\n")
+    assert res.returncode == 2 and "no base to compare" in res.stderr
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "a1", "prompt": "Hi"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    res = qdpo("generate", merged, "--prompts", prompts, "--out", out, "--max-new-tokens", "4")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(out.read_text())["id"] == "a1"
+    res = qdpo("generate", merged, "--prompts", prompts, "--out", out, "--compare",
+               "--overwrite")
+    assert res.returncode == 2 and "no base to compare" in res.stderr
+    res = qdpo("eval", merged, "--data", QUICKSTART / "eval.jsonl")
+    assert res.returncode == 2 and "no reference" in res.stderr
+    assert "Traceback" not in res.stderr
+    # merge and export still want an adapter, and say so
+    res = qdpo("export", merged, "--format", "peft", "--out", tmp_path / "e")
+    assert res.returncode == 2 and "plain model directory" in res.stderr
+
+
+def test_generate_keeps_the_rows_other_fields(run, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    rows = [{"id": 1, "category": "sky", "prompt": "What about the night sky?"},
+            {"messages": [{"role": "user", "content": "Hi"}], "id": "two", "meta": {"x": [1]}}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    res = qdpo("generate", run, "--prompts", prompts, "--out", out, "--compare",
+               "--max-new-tokens", "4", "--temperature", "0")
+    assert res.returncode == 0, res.stderr
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(g["id"], g.get("category"), g.get("meta")) for g in got] == \
+        [(1, "sky", None), ("two", None, {"x": [1]})]
+    assert all("response" in g and "base_response" in g for g in got)
+    assert got[1]["prompt"] == [{"role": "user", "content": "Hi"}] and "messages" not in got[1]
+
+
+def test_eval_takes_recipe_overrides(run, tmp_path):
+    renamed = tmp_path / "renamed.jsonl"
+    rows = [json.loads(x) for x in (QUICKSTART / "eval.jsonl").read_text().splitlines()]
+    renamed.write_text("".join(json.dumps({"Question": r["prompt"], "Good": r["chosen"],
+                                           "Bad": r["rejected"]}) + "\n" for r in rows[:8]))
+    plain = qdpo("eval", run, "--data", QUICKSTART / "eval.jsonl", "--max-pairs", "8", "--json")
+    assert plain.returncode == 0, plain.stderr
+    res = qdpo("eval", run, "data.columns.prompt=Question", "data.columns.chosen=Good",
+               "data.columns.rejected=Bad", "--data", renamed, "--json")
+    assert res.returncode == 0, res.stderr
+    got, want = json.loads(res.stdout), json.loads(plain.stdout)
+    assert got["pairs"] == 8
+    assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
+    res = qdpo("eval", run, "--data", renamed)  # without the mapping: a clear data error
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    res = qdpo("eval", run, "data.no_such_key=1", "--data", renamed)
+    assert res.returncode == 2 and "no_such_key" in res.stderr

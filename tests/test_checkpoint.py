@@ -169,3 +169,90 @@ def test_restore_refuses_an_incomplete_checkpoint(tmp_path):
     assert ck.list_checkpoints(tmp_path) == []
     with pytest.raises(QdpoError, match="not a complete"):
         ck.restore(path, model, opt, sched, scaler, obj)
+
+
+def test_save_records_the_size_and_sha256_of_every_file(tmp_path):
+    import hashlib
+
+    model, opt, sched, scaler, obj = runtime(seed=1)
+    path = ck.save(tmp_path, 3, model, None, opt, sched, scaler, obj, keep_last=1)
+    meta = json.loads((path / ck.META).read_text())
+    assert meta["step"] == 3
+    assert sorted(meta["files"]) == sorted(p.name for p in path.iterdir() if p.name != ck.META)
+    for name, rec in meta["files"].items():
+        data = (path / name).read_bytes()
+        assert rec == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert ck.verify(path) is True
+
+
+def test_verify_names_the_damaged_file_and_why(tmp_path):
+    model, opt, sched, scaler, obj = runtime(seed=1)
+    path = ck.save(tmp_path, 3, model, None, opt, sched, scaler, obj, keep_last=1)
+    f = path / ck.STATE_TENSORS
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 1
+    f.write_bytes(bytes(data))
+    with pytest.raises(ck.CheckpointError, match=f"{ck.STATE_TENSORS} changed since it was"):
+        ck.verify(path)
+    f.write_bytes(bytes(data[:-10]))
+    with pytest.raises(ck.CheckpointError, match="10 bytes|truncated"):
+        ck.verify(path)
+    moved = ck.checkpoint_path(tmp_path, 5)
+    path.rename(moved)
+    with pytest.raises(ck.CheckpointError, match="says step 3, but the directory is named "
+                                                 "step-0000005"):
+        ck.verify(moved)
+
+
+def test_checkpoint_without_hashes_verifies_as_unverifiable(tmp_path):
+    model, opt, sched, scaler, obj = runtime(seed=1)
+    path = ck.save(tmp_path, 3, model, None, opt, sched, scaler, obj, keep_last=1)
+    (path / ck.META).write_text(json.dumps({"step": 3}))  # what qdpo wrote before hashes
+    assert ck.verify(path) is False
+    (path / ck.STATE_JSON).write_text("{")
+    with pytest.raises(ck.CheckpointError, match=f"{ck.STATE_JSON} is unreadable"):
+        ck.verify(path)
+
+
+def test_list_checkpoints_ignores_stray_entries(tmp_path):
+    d = tmp_path / ck.CKPT_DIR
+    for name in ("step-0000002", "step-0000010", "step-0000002 copy", ".step-0000004.tmp-7"):
+        (d / name).mkdir(parents=True)
+        (d / name / ck.META).write_text('{"step": 2}')
+    (d / "notes.txt").write_text("x")
+    (d / "step-0000006").mkdir()  # no metadata: not complete
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step-0000002", "step-0000010"]
+    steps, strays = ck.scan(tmp_path)
+    assert [p.name for p in steps] == ["step-0000002", "step-0000006", "step-0000010"]
+    assert [p.name for p in strays] == ["notes.txt", "step-0000002 copy"]
+
+
+def test_restore_refuses_an_adapter_of_another_shape_in_one_message(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model, opt, sched, scaler, obj = runtime(seed=1)
+    path = ck.save(tmp_path, 3, model, None, opt, sched, scaler, obj, keep_last=1)
+    base = AutoModelForCausalLM.from_config(model.get_base_model().config)
+    other = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.restore(path, other, opt, sched, scaler, obj)
+    msg = str(e.value)
+    assert "\n" not in msg and "size mismatch" not in msg
+    assert "(LoRA r=4 on " in msg and "does not fit this run's model (LoRA r=2 on q_proj)" in msg
+
+
+def test_checkpoint_of_qdpo_0_1_0_verifies_and_restores(tmp_path):
+    """A torch-file trainer state and no hashes: checked for structure (zip CRCs), restored."""
+    model, opt, sched, scaler, obj = runtime(seed=1)
+    path = ck.save(tmp_path, 3, model, None, opt, sched, scaler, obj, keep_last=1)
+    torch.save(ck.read_state(path), path / ck.LEGACY_STATE)
+    (path / ck.STATE_JSON).unlink()
+    (path / ck.STATE_TENSORS).unlink()
+    (path / ck.META).write_text(json.dumps({"step": 3}))
+    assert ck.verify(path) is False
+    assert ck.restore(path, model, opt, sched, scaler, obj) == 3
+    data = (path / ck.LEGACY_STATE).read_bytes()
+    (path / ck.LEGACY_STATE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ck.CheckpointError, match=f"{ck.LEGACY_STATE} is unreadable"):
+        ck.verify(path)

@@ -167,3 +167,32 @@ def test_init_writes_a_recipe_that_works_as_written(tmp_path):
     assert qdpo("init", other, "--data", "my/pairs").returncode == 0
     r = load_recipe(other)
     assert r.data.train[0].split == "train" and r.eval.split_fraction > 0 and not r.eval.data
+
+
+def test_overwrite_removes_only_what_qdpo_wrote(tmp_path):
+    foreign = tmp_path / "home"
+    (foreign / ".ssh").mkdir(parents=True)
+    (foreign / ".ssh" / "id_rsa").write_text("secret")
+    (foreign / "run.json").write_text('{"tool": "someone else"}')  # another tool's run.json
+    res = qdpo("train", QUICKSTART_RECIPE, "train.max_steps=1", "-o", foreign, "--overwrite")
+    assert res.returncode != 0 and "not a qdpo run" in res.stderr
+    assert (foreign / ".ssh" / "id_rsa").read_text() == "secret"
+
+    run = tmp_path / "run"
+    assert qdpo("train", QUICKSTART_RECIPE, "train.max_steps=1", "eval.every_steps=0", "-o",
+                run).returncode == 0
+    (run / "notes.txt").write_text("mine")
+    res = qdpo("train", QUICKSTART_RECIPE, "train.max_steps=1", "-o", run, "--overwrite")
+    assert res.returncode != 0 and "notes.txt" in res.stderr
+    assert (run / "notes.txt").exists() and (run / "run.json").exists()
+    (run / "notes.txt").unlink()
+    assert qdpo("train", QUICKSTART_RECIPE, "train.max_steps=1", "eval.every_steps=0", "-o",
+                run, "--overwrite").returncode == 0
+
+
+def test_output_dir_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    res = qdpo("train", QUICKSTART_RECIPE, "train.max_steps=1", "eval.every_steps=0",
+               "output.dir=~/runs/qs")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "runs" / "qs" / "run.json").exists() and not Path("~").exists()
