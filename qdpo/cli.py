@@ -326,6 +326,11 @@ def plan(
     raise typer.Exit(1)
 
 
+_TRUST = typer.Option(False, "--trust-remote-code", help="Allow the model's own code from "
+                                                          "its repository to run (a run's "
+                                                          "recipe.yaml never implies it).")
+
+
 @app.command()
 def merge(
     run: Path = typer.Argument(..., help="Run directory, checkpoint, or peft adapter directory."),
@@ -336,11 +341,13 @@ def merge(
                                   "against, instead of the original base weights."),
     device: str = typer.Option("cpu", "--device", help="Where to merge: cpu or cuda."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    trust_remote_code: bool = _TRUST,
 ) -> None:
     """Merge the adapter into a full-precision base: a standard transformers model."""
     from qdpo.export import merge as do_merge
 
-    do_merge(run, out, dtype=dtype, from_nf4=from_nf4, overwrite=overwrite, device=device)
+    do_merge(run, out, dtype=dtype, from_nf4=from_nf4, overwrite=overwrite, device=device,
+             trust_remote_code=trust_remote_code)
 
 
 @app.command()
@@ -356,12 +363,13 @@ def export(
                                                             "NF4 base."),
     device: str = typer.Option("cpu", "--device", help="gguf: where to merge."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    trust_remote_code: bool = _TRUST,
 ) -> None:
     """Export the adapter (peft, llama.cpp GGUF LoRA) or the merged model (GGUF)."""
     from qdpo.export import export as do_export
 
     do_export(run, fmt, out, outtype=outtype, overwrite=overwrite, from_nf4=from_nf4,
-              device=device)
+              device=device, trust_remote_code=trust_remote_code)
 
 
 def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
@@ -374,12 +382,12 @@ def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
     return Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
 
 
-def _generator(run: Path, quantize: bool, compare: bool = False):
+def _generator(run: Path, quantize: bool, compare: bool = False, trust: bool = False):
     from qdpo.chat import Generator
     from qdpo.model import load_trained
     from qdpo.rundir import open_trained
 
-    src = open_trained(run, allow_plain=True)
+    src = open_trained(run, allow_plain=True, trust_remote_code=trust)
     if compare and not src.has_adapter:
         raise QdpoError(f"'{run}' is a plain model (no adapter_config.json), so there is no base "
                         "to compare it with: --compare needs a qdpo run, checkpoint or adapter. "
@@ -408,14 +416,14 @@ def chat(
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     max_new_tokens: int = _MAX_NEW, temperature: float = _TEMP, top_p: float = _TOP_P,
     top_k: int = _TOP_K, repetition_penalty: float = _REP, seed: Optional[int] = _SEED,
-    no_quantize: bool = _NO_Q,
+    no_quantize: bool = _NO_Q, trust_remote_code: bool = _TRUST,
 ) -> None:
     """Chat with the tuned model in the terminal (/reset, /system TEXT, /exit; Ctrl-C stops a
     reply, and quits at the prompt)."""
     from qdpo.chat import chat_loop
 
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
-    gen = _generator(run, not no_quantize, compare)
+    gen = _generator(run, not no_quantize, compare, trust_remote_code)
     if system:
         gen.system_prompt = system
     chat_loop(gen, sampling, compare=compare)
@@ -434,7 +442,7 @@ def generate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     max_new_tokens: int = _MAX_NEW, temperature: float = _TEMP, top_p: float = _TOP_P,
     top_k: int = _TOP_K, repetition_penalty: float = _REP, seed: Optional[int] = _SEED,
-    no_quantize: bool = _NO_Q,
+    no_quantize: bool = _NO_Q, trust_remote_code: bool = _TRUST,
 ) -> None:
     """Generate replies for a file of prompts, to jsonl (each row keeps its other fields)."""
     from qdpo import console as ui
@@ -444,7 +452,7 @@ def generate(
         raise QdpoError(f"Output '{out}' already exists; pass --overwrite to replace it.")
     read_prompts(prompts)  # fail on a bad file before loading the model
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
-    gen = _generator(run, not no_quantize, compare)
+    gen = _generator(run, not no_quantize, compare, trust_remote_code)
     n = generate_file(gen, prompts, out, sampling, compare=compare, batch_size=batch_size)
     ui.info(f"wrote {n} generations to {out}")
 
@@ -460,6 +468,7 @@ def eval_cmd(
     split: str = typer.Option("train", "--split", help="Split, for hub datasets."),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Evaluate at most N pairs."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    trust_remote_code: bool = _TRUST,
 ) -> None:
     """Preference metrics of the trained policy against its reference on a data set."""
     import json as _json
@@ -473,7 +482,8 @@ def eval_cmd(
     # a path that exists from here means this file, not one beside the run's recipe
     srcs = [DataSource(path=str(Path(d).resolve()) if Path(d).exists() else d, split=split)
             for d in data]
-    res = evaluate_run(run, srcs, max_pairs, overrides=overrides or [])
+    res = evaluate_run(run, srcs, max_pairs, overrides=overrides or [],
+                       trust_remote_code=trust_remote_code)
     if json_out:
         typer.echo(_json.dumps(res, indent=2))
         return

@@ -47,8 +47,8 @@ def eval_plan(train_plan: BatchPlan, eval_micro_batch_pairs: int | None) -> Batc
 
 
 def evaluate_run(path: str | Path, sources: Sequence[Any], max_pairs: int | None = None,
-                 micro_batch_pairs: int | None = None,
-                 overrides: Sequence[str] = ()) -> dict[str, float]:
+                 micro_batch_pairs: int | None = None, overrides: Sequence[str] = (),
+                 trust_remote_code: bool = False) -> dict[str, float]:
     """A trained run, checkpoint or adapter against its reference on any data (paths, hub ids
     or DataSource): `qdpo eval`, and `qdpo.evaluate(...)` from Python. `overrides`
     (key.sub=value, as for train) change the run's recipe first, e.g. data.columns.prompt=q."""
@@ -60,7 +60,7 @@ def evaluate_run(path: str | Path, sources: Sequence[Any], max_pairs: int | None
     from qdpo.rundir import open_trained
 
     sources = [s if isinstance(s, DataSource) else DataSource(path=str(s)) for s in sources]
-    src = open_trained(path, allow_plain=True)
+    src = open_trained(path, allow_plain=True, trust_remote_code=trust_remote_code)
     if not src.has_adapter:
         raise RunDirError(f"'{path}' is a plain model (no adapter), so it has no reference to "
                           "evaluate against: eval measures a trained adapter against its base "

@@ -279,9 +279,24 @@ class TrainedSource:
         return (self.adapter_dir or Path(self.base_path)).name
 
 
-def open_trained(path: str | Path, allow_plain: bool = False) -> TrainedSource:
+def open_trained(path: str | Path, allow_plain: bool = False,
+                 trust_remote_code: bool = False) -> TrainedSource:
     """Resolve a run dir, a checkpoint dir inside one, or a plain peft adapter directory; with
-    `allow_plain`, also a plain model directory (merged, or any transformers model)."""
+    `allow_plain`, also a plain model directory (merged, or any transformers model).
+
+    Code from a model's repository runs only when the caller says so (`--trust-remote-code`
+    on the command line): a run directory received from someone else must not run code by
+    being opened, whatever its recipe.yaml says."""
+    src = _open_trained(path, allow_plain)
+    if src.run is not None and src.recipe.model.trust_remote_code and not trust_remote_code:
+        raise RunDirError(f"'{path}' was trained with model.trust_remote_code: true, so loading "
+                          "its model runs code from the model's repository. Pass "
+                          "--trust-remote-code to allow that.")
+    src.recipe.model.trust_remote_code = trust_remote_code
+    return src
+
+
+def _open_trained(path: str | Path, allow_plain: bool) -> TrainedSource:
     p = Path(path)
     if not p.exists():
         raise RunDirError(f"'{path}' does not exist. Pass a qdpo run directory (what `qdpo "

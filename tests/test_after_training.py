@@ -440,3 +440,23 @@ def test_eval_takes_recipe_overrides(run, tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     res = qdpo("eval", run, "data.no_such_key=1", "--data", renamed)
     assert res.returncode == 2 and "no_such_key" in res.stderr
+
+
+def test_a_received_run_runs_no_model_code_without_the_flag(run, tmp_path):
+    import shutil
+
+    received = tmp_path / "received"
+    shutil.copytree(run, received)
+    recipe = received / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("trust_remote_code: false",
+                                                 "trust_remote_code: true"))
+    assert "trust_remote_code: true" in recipe.read_text()
+    for args in (("merge", received, "--out", tmp_path / "m"),
+                 ("eval", received, "--data", QUICKSTART / "eval.jsonl", "--max-pairs", "2"),
+                 ("export", received, "--format", "gguf-lora", "--out", tmp_path / "a.gguf")):
+        res = qdpo(*args)
+        assert res.returncode != 0 and "--trust-remote-code" in res.stderr, args
+        assert "Traceback" not in res.stderr
+    res = qdpo("eval", received, "--data", QUICKSTART / "eval.jsonl", "--max-pairs", "2",
+               "--trust-remote-code")
+    assert res.returncode == 0, res.stderr

@@ -23,7 +23,7 @@ def export_peft(path: str | Path, out: str | Path, overwrite: bool = False) -> P
 
     Written whole or not at all: an existing output is replaced only once the new one is
     complete."""
-    src = open_trained(path)
+    src = open_trained(path, trust_remote_code=True)  # copies files: no model code runs
     out = Path(out)
     check_out(out, overwrite, source_root(src))
     with atomic_dir(out) as tmp:

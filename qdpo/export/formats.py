@@ -19,7 +19,8 @@ LORA_OUTTYPES = ("f32", "f16", "bf16")
 
 
 def export(path: str | Path, fmt: str, out: str | Path, outtype: str = "f16",
-           overwrite: bool = False, from_nf4: bool = False, device: str = "cpu") -> Path:
+           overwrite: bool = False, from_nf4: bool = False, device: str = "cpu",
+           trust_remote_code: bool = False) -> Path:
     """Export a run, checkpoint or adapter as `fmt` (one of FORMATS) to `out`.
 
     Everything that can be checked cheaply (format, the gguf package, outtype, the output
@@ -36,7 +37,7 @@ def export(path: str | Path, fmt: str, out: str | Path, outtype: str = "f16",
                         "adapters unquantized). Use --outtype f16.")
     if fmt == "peft":
         return export_peft(path, out, overwrite)
-    src = open_trained(path)
+    src = open_trained(path, trust_remote_code=trust_remote_code)
     check_out(out, overwrite, source_root(src))
     if fmt == "gguf-lora":
         return _gguf_lora(src, out, outtype)
@@ -66,7 +67,8 @@ def _gguf_model(src: TrainedSource, path: str | Path, out: Path, outtype: str, f
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.merged-", dir=out.parent) as work:
         merged = Path(work) / "merged"
-        merge(path, merged, dtype=merged_dtype, from_nf4=from_nf4, overwrite=True, device=device)
+        merge(path, merged, dtype=merged_dtype, from_nf4=from_nf4, overwrite=True, device=device,
+              trust_remote_code=src.recipe.model.trust_remote_code)
         export_gguf(merged, out, outtype=outtype, name=run_name(src))
         ui.info(f"GGUF model written to {out} ({outtype}); run it with llama.cpp "
                 f"(llama-cli -m {out}) or Ollama (the Modelfile beside it)")

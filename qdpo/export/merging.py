@@ -129,12 +129,12 @@ def _merged_card(src: TrainedSource, out: Path, dtype: str, from_nf4: bool) -> s
 
 
 def merge(path: str | Path, out: str | Path, dtype: str = "bf16", from_nf4: bool = False,
-          overwrite: bool = False, device: str = "cpu") -> Path:
+          overwrite: bool = False, device: str = "cpu", trust_remote_code: bool = False) -> Path:
     """Write base + adapter as one standard transformers model directory.
 
     Written whole or not at all: an existing output is replaced only once the new one is
     complete, and a failure leaves no temporary directory behind."""
-    src = open_trained(path)
+    src = open_trained(path, trust_remote_code=trust_remote_code)
     out = Path(out)
     check_out(out, overwrite, source_root(src))
     if dtype not in DTYPES:
