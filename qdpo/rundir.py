@@ -14,6 +14,7 @@ Layout (the directory itself is a peft adapter directory, so
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -69,10 +70,34 @@ def _say_resume_changes(old: Recipe, new: Recipe) -> None:
 
 # What a run directory holds: the final adapter and tokenizer files, the run's records,
 # checkpoints, TensorBoard events, and the temporary names of atomic writes.
-RUN_ENTRIES = {"recipe.yaml", "run.json", "metrics.jsonl", "summary.json", "README.md",
+LOCK = ".qdpo-train.lock"  # held (flock) by the training process; the OS frees it on exit
+RUN_ENTRIES = {LOCK, "recipe.yaml", "run.json", "metrics.jsonl", "summary.json", "README.md",
                "checkpoints", "tensorboard", "special_tokens_map.json", "chat_template.jinja",
                "vocab.json", "merges.txt", "added_tokens.json"}
 RUN_PREFIXES = ("adapter_", "tokenizer", ".final-adapter")
+
+
+_HELD: dict[Path, int] = {}  # run directories this process holds the lock of
+
+
+def _try_lock(path: Path, keep: bool) -> int | None:
+    """An exclusive lock on `path` without waiting: the open descriptor (kept open to hold
+    it, with this process id written in), or None when another process holds it."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    if not keep:
+        os.close(fd)  # closing releases the probe's lock
+        return 1
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
 
 
 def _is_run_entry(name: str) -> bool:
@@ -90,6 +115,10 @@ class RunDir:
         version that wrote it), not merely a file of that name."""
         info = self.info()
         return isinstance(info, dict) and "qdpo_version" in info and "recipe_dir" in info
+
+    def _holds_anything(self) -> bool:
+        """Anything but a lock file left by a process that ended."""
+        return self.path.exists() and any(e.name != LOCK for e in self.path.iterdir())
 
     def unexpected_entries(self) -> list[str]:
         """What in the directory a qdpo run does not write (user files an overwrite would
@@ -114,7 +143,34 @@ class RunDir:
     # -- starting and resuming ---------------------------------------------------------
     def prepare_for_training(self, recipe: Recipe, resume: str | None,
                              overwrite: bool) -> Path | None:
-        """Create or check the directory; return the checkpoint to resume from, if any."""
+        """Create or check the directory, and hold its lock for as long as this process
+        trains; return the checkpoint to resume from, if any."""
+        self._refuse_if_locked()
+        ckpt = self._prepare(recipe, resume, overwrite)
+        self._lock()
+        return ckpt
+
+    # -- one training process per directory ----------------------------------------------
+    def _refuse_if_locked(self) -> None:
+        """Two runs writing one directory would interleave checkpoints and metrics."""
+        self.unlock()  # a run this process trained here before (it ended, or failed)
+        if (self.path / LOCK).exists() and not _try_lock(self.path / LOCK, keep=False):
+            holder = (self.path / LOCK).read_text(errors="replace").strip() or "?"
+            raise RunDirError(f"Another qdpo train is running in '{self.path}' (process "
+                              f"{holder}). Wait for it to finish, stop it, or choose another "
+                              "output.dir.")
+
+    def _lock(self) -> None:
+        fd = _try_lock(self.path / LOCK, keep=True)
+        if fd is not None:
+            _HELD[self.path.resolve()] = fd
+
+    def unlock(self) -> None:
+        fd = _HELD.pop(self.path.resolve(), None)
+        if fd is not None:
+            os.close(fd)
+
+    def _prepare(self, recipe: Recipe, resume: str | None, overwrite: bool) -> Path | None:
         if resume:
             ckpt = self._resume_point(resume)
             if ckpt is not None:
@@ -133,12 +189,12 @@ class RunDir:
             if self.is_run():
                 raise RunDirError(f"'{self.path}' holds a run without any checkpoint to resume "
                                   "from; use --overwrite to start it again.")
-            if not (self.path.exists() and any(self.path.iterdir())):
+            if not self._holds_anything():
                 from qdpo import console as ui
 
                 ui.info(f"resume: nothing to resume in {self.path} (no run there yet); "
                         "starting a new run")
-        if self.path.exists() and any(self.path.iterdir()):
+        if self._holds_anything():
             if not overwrite:
                 what = "a qdpo run" if self.is_run() else "other files"
                 raise RunDirError(

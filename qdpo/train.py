@@ -326,6 +326,7 @@ def finish(s: Setup, done: int, final_eval: dict[str, float], last: dict[str, fl
                          s.reference_seconds,
                          reference_reused=bool(tables) and not any(t.computed for t in tables))
     s.run.write_summary(result, seconds, s.recipe)
+    s.run.unlock()
     ui.run_summary(result, s.recipe, seconds)
     return result
 

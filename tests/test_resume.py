@@ -116,3 +116,24 @@ def test_resume_where_there_is_no_run_says_it_starts_fresh(tmp_path):
                tmp_path / "new", "--resume")
     assert res.returncode == 0, res.stderr
     assert "nothing to resume" in res.stdout and "starting a new run" in res.stdout
+
+
+def test_a_second_train_in_a_running_runs_directory_is_refused(tmp_path):
+    """A real second process holds the directory's lock; this one must not start there."""
+    from tiny import qdpo
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from qdpo.rundir import RunDir; "
+         "RunDir(sys.argv[1])._lock(); print('locked', flush=True); time.sleep(60)", str(run)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        res = qdpo("train", QUICKSTART_RECIPE, "train.max_steps=1", "-o", run, "--overwrite")
+        assert res.returncode != 0 and "Another qdpo train is running" in res.stderr
+        assert str(holder.pid) in res.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    res = qdpo("train", QUICKSTART_RECIPE, "train.max_steps=1", "eval.every_steps=0", "-o", run)
+    assert res.returncode == 0, res.stderr  # the lock died with its process
