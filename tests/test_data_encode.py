@@ -427,3 +427,19 @@ def test_truncation_keeps_prompt_end_and_counts(qs_tok):
     assert len(pt.prompt_ids) == 30 and qs_tok.decode(pt.prompt_ids).endswith("FINAL")
     assert len(pt.prompt_ids) + len(pt.chosen_ids) == 60
     assert rep.prompt_truncated == 1 and rep.response_truncated == 1
+
+
+def test_a_cut_prompt_keeps_its_template_head_and_the_newest_content(qs_tok):
+    long = "Rinse the rice under running water until it runs clear. " * 20
+    rows = [{"prompt": [system("Be brief."), user(long)], "chosen": [asst("Yes.")],
+             "rejected": [asst("No.")]}]
+    (p,), report, _, _ = tokenize(qs_tok, rows, max_prompt_length=40, max_length=80)
+    text = dec(qs_tok, p.prompt_ids)
+    assert report.prompt_truncated == 1 and len(p.prompt_ids) == 40
+    head = f"{BOS}<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+    assert text.startswith(head)  # BOS, the system turn and the role header survive the cut
+    assert text.endswith(f"runs clear. {EOS}\n{GEN}")  # the newest text and the reply header
+    plain_rows = [{"prompt": long, "chosen": "Yes.", "rejected": "No."}]
+    (q,), _, _, _ = tokenize(qs_tok, plain_rows, max_prompt_length=30, max_length=60,
+                             chat_template="none")
+    assert q.prompt_ids[0] == qs_tok.bos_token_id and len(q.prompt_ids) == 30

@@ -218,13 +218,32 @@ class Tokenizer:
     def encode_prompt(self, text: str, templated: bool) -> list[int]:
         return self.tok(text, add_special_tokens=not templated)["input_ids"]
 
+    def _head_len(self, pair: Pair, p: list[int]) -> int:
+        """Tokens at the start of a prompt that a cut must keep: BOS, the system turn and the
+        first role header (everything before the first message's content), so a prompt cut
+        from the left is still a well-formed conversation. 0 when they cannot be told apart."""
+        if self.template is None:
+            return 1 if p and p[0] == self.tok.bos_token_id else 0
+        msgs = self.prompt_messages(pair.prompt, pair.system)
+        first = next((m["content"] for m in msgs if m["role"] != "system" and m["content"]),
+                     None)
+        text = self._render(msgs, True)
+        at = text.find(first) if first else -1
+        if at <= 0:
+            return 0
+        head = self.encode_prompt(text[:at], templated=True)
+        return len(head) if p[:len(head)] == head else 0
+
     def _fit(self, pair: Pair, p: list[int], c: list[int], r: list[int],
              report: DataReport) -> PairTokens | None:
-        """One pair cut to data.max_prompt_length (from the left) and data.max_length (the
-        responses from the right), or None when it is dropped or skipped."""
+        """One pair cut to data.max_prompt_length (the oldest content, keeping the template's
+        head) and data.max_length (the responses from the right), or None when it is dropped
+        or skipped."""
         max_len, max_prompt = self.settings.max_length, self.settings.max_prompt_length
         if len(p) > max_prompt:
-            p = p[-max_prompt:]
+            head = self._head_len(pair, p)
+            keep_head = 0 < head <= max_prompt // 2
+            p = p[:head] + p[len(p) - (max_prompt - head):] if keep_head else p[-max_prompt:]
             report.prompt_truncated += 1
         room = max_len - len(p)
         if room < 1:

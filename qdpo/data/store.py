@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 # Bumped when the same inputs would tokenize differently: 2 = the system prompt is kept (as
 # plain text) when the tokenizer has no chat template; 3 = a `system` column is used without
 # being mapped, a directory's split picks its files, a named prompt column is never guessed.
-DATA_CACHE_VERSION = 4
+DATA_CACHE_VERSION = 5
 _COUNTERS = ("skipped", "formats", "origins")
 
 
