@@ -188,7 +188,7 @@ def data(
     ui.console.print(ui.metrics_table("data summary", [
         ("train pairs", rep.pairs), ("eval pairs", len(d.eval)),
         ("rows skipped", sum(rep.skipped.values())),
-        ("prompts cut from the left", rep.prompt_truncated),
+        ("prompts cut (oldest content, head kept)", rep.prompt_truncated),
         ("responses cut (max_length)", rep.response_truncated),
         ("pairs dropped (no room for a response)", rep.dropped_too_long),
         ("tokens per epoch (prompt+chosen + prompt+rejected)", per_epoch),

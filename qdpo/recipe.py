@@ -113,7 +113,8 @@ class DataConfig:
     system_prompt: str | None = _f(None, help="System message put before every prompt (without "
                                               "a chat template: its text and a newline)")
     max_length: int = _f(1024, help="Max tokens of prompt + one response")
-    max_prompt_length: int = _f(512, help="Max prompt tokens; longer prompts keep their end")
+    max_prompt_length: int = _f(512, help="Max prompt tokens; longer prompts keep their "
+                                          "template head and their end")
     max_pairs: int | None = _f(None, help="Use at most this many training pairs (after "
                                           "shuffling with train.seed)")
     strict: bool = _f(False, help="Stop at the first bad row instead of skipping and counting it")

@@ -321,11 +321,11 @@ def test_long_prompts_keep_their_end(qs_tok):
     assert len(full) > 8
     (p, q), report, _, _ = tokenize(qs_tok, [long, SHORT], chat_template="none", max_length=40,
                                  max_prompt_length=8)
-    assert p.prompt_ids == full[-8:]
-    assert dec(qs_tok, p.prompt_ids).endswith("END") and p.prompt_ids[0] != qs_tok.bos_token_id
+    assert p.prompt_ids == full[:1] + full[-7:]  # BOS kept, then the end
+    assert dec(qs_tok, p.prompt_ids).endswith("END") and p.prompt_ids[0] == qs_tok.bos_token_id
     assert q.prompt_ids == enc(qs_tok, SHORT["prompt"], special=True)  # short: untouched
     assert report.prompt_truncated == 1 and report.response_truncated == 0
-    assert "1 prompts cut from the left" in report.summary()
+    assert "1 prompt cut (the oldest content" in report.summary()
 
 
 def test_long_responses_are_cut_from_the_right(qs_tok):
@@ -368,7 +368,7 @@ def test_prompt_cut_from_the_left_responses_from_the_right(qs_tok):
                                  max_prompt_length=16)
     p, q = out
     full_prompt = enc(qs_tok, long_prompt, special=True)
-    assert p.prompt_ids == full_prompt[-16:]  # the end is kept
+    assert p.prompt_ids == full_prompt[:1] + full_prompt[-15:]  # BOS and the end are kept
     assert dec(qs_tok, p.prompt_ids).endswith("QUESTION: why?")
     room = 40 - 16
     assert p.chosen_ids == enc(qs_tok, long_reply + EOS)[:room]  # the start is kept
@@ -377,8 +377,8 @@ def test_prompt_cut_from_the_left_responses_from_the_right(qs_tok):
     assert q.prompt_ids == enc(qs_tok, "Short?", special=True)
     assert (report.prompt_truncated, report.response_truncated, report.dropped_too_long) == \
         (1, 1, 0)
-    assert "1 prompts cut from the left" in report.summary()
-    assert "1 responses cut" in report.summary()
+    assert "1 prompt cut (the oldest content" in report.summary()
+    assert "1 response cut" in report.summary()
 
 
 def test_templated_prompt_keeps_the_generation_prompt_when_cut(qs_tok):
@@ -387,7 +387,8 @@ def test_templated_prompt_keeps_the_generation_prompt_when_cut(qs_tok):
     row = {"prompt": turns, "chosen": [asst("Answer.")], "rejected": [asst("Nope.")]}
     (p,), report, _, _ = tokenize(qs_tok, [row], max_length=40, max_prompt_length=20)
     full = enc(qs_tok, chat(qs_tok, turns))
-    assert len(full) > 20 and p.prompt_ids == full[-20:]
+    head = len(enc(qs_tok, BOS + "<|im_start|>user\n"))  # kept: BOS and the first header
+    assert len(full) > 20 and p.prompt_ids == full[:head] + full[-(20 - head):]
     assert dec(qs_tok, p.prompt_ids).endswith("Final question?" + EOS + "\n" + GEN)
     assert p.chosen_ids[-1] == qs_tok.eos_token_id  # fits: not cut
     assert (report.prompt_truncated, report.response_truncated) == (1, 0)

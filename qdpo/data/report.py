@@ -88,9 +88,12 @@ class DataReport:
             parts.append(f"{sum(self.skipped.values())} skipped ("
                          + ", ".join(f"{n} {r}" for r, n in self.skipped.most_common()) + ")")
         if self.prompt_truncated:
-            parts.append(f"{self.prompt_truncated} prompts cut from the left")
+            n = self.prompt_truncated
+            parts.append(f"{n} prompt{'s' if n != 1 else ''} cut (the oldest content; the "
+                         "template's head kept)")
         if self.response_truncated:
-            parts.append(f"{self.response_truncated} responses cut")
+            n = self.response_truncated
+            parts.append(f"{n} response{'s' if n != 1 else ''} cut")
         if self.dropped_too_long:
             parts.append(f"{self.dropped_too_long} dropped (no room for a response)")
         parts.extend(self.origins_summary())
