@@ -162,7 +162,7 @@ def data(
     if not rep.cached:
         ui.info(f"tokenized {rep.pairs} pairs in {dt:.1f} s ({rep.pairs / max(dt, 1e-9):,.0f} "
                 "pairs/s)")
-    for ex in rep.examples:
+    for ex in rep.example_lines():
         ui.info(f"  skipped {ex}")
     if d.eval_report is not None:
         ui.info(f"eval: {len(d.eval)} pairs")

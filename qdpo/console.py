@@ -251,7 +251,7 @@ def metrics_table(title: str, rows: list[tuple[str, Any]]) -> Table:
 
 def data_report(data: Any) -> None:
     info(f"data: {data.train_report.summary()}")
-    for ex in data.train_report.examples[:3]:
+    for ex in data.train_report.example_lines()[:3]:
         info(f"  skipped {ex}")
     if data.eval:
         info(f"eval: {plural(len(data.eval), 'held-out pair')}")

@@ -1004,7 +1004,7 @@ def test_malformed_rows_are_counted_skips_or_valid_pairs(qs_tok, rows):
         where, _, reason = ex.partition(": ")
         assert where.startswith("rows row ") and reason
         assert int(where.removeprefix("rows row ")) not in kept  # names a skipped row
-    assert len(report.examples) == min(5, sum(report.skipped.values()))
+    assert len(report.examples) == min(5, len(report.skipped))  # one example per problem
     assert len(out) == len(pairs)  # default limits: nothing dropped
     for p, pair in zip(out, pairs):
         row = rows[pair.row - 1]
@@ -1252,3 +1252,13 @@ def test_a_null_prompt_is_skipped_and_a_capitalised_prompt_column_is_used():
     with pytest.raises(DataError, match="is null"):
         normalise_rows(rows[:1], DataConfig(strict=True), DataReport(strict=True), seed=0,
                        source="x", columns={})
+
+
+def test_a_problem_on_many_rows_is_listed_once_with_its_count():
+    rows = [{"prompt": "Hi?", "chosen": "", "rejected": "No."} for _ in range(7)]
+    rows.append({"prompt": "Ok?", "chosen": "Same.", "rejected": "Same."})
+    report = DataReport(strict=False)
+    normalise_rows(rows, DataConfig(), report, seed=0, source="d.jsonl", columns={})
+    assert report.example_lines() == [
+        "d.jsonl row 1: empty chosen or rejected (and 6 more rows like it)",
+        "d.jsonl row 8: chosen identical to rejected"]

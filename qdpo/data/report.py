@@ -48,8 +48,18 @@ class DataReport:
             raise DataError(f"Bad row ({where}): {reason}. Fix the row, or set data.strict: "
                             "false to skip bad rows and count them.")
         self.skipped[reason] += 1
-        if len(self.examples) < 5:
+        if len(self.examples) < 5 and self.skipped[reason] == 1:  # one example per problem
             self.examples.append(f"{where}: {reason}")
+
+    def example_lines(self) -> list[str]:
+        """Each problem once: its first row, and how many more rows have it."""
+        lines = []
+        for ex in self.examples:
+            reason = ex.split(": ", 1)[-1]
+            more = self.skipped.get(reason, 1) - 1
+            lines.append(ex + (f" (and {more} more row{'s' if more != 1 else ''} like it)"
+                               if more > 0 else ""))
+        return lines
 
     def note(self, text: str) -> None:
         """Something the user should know about the whole set, said once."""
