@@ -15,6 +15,18 @@ from pathlib import Path
 from typing import Iterator
 
 
+# Files get the mode the user's umask gives any new file: some writers (safetensors) create
+# theirs 0600, which left weights unreadable to the group when every other file was not.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
+
+def _finish_file(path: Path) -> None:
+    os.chmod(path, FILE_MODE)
+    fsync_path(path)
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file's or a directory's entries to disk (best effort: not every FS allows it)."""
     try:
@@ -50,7 +62,7 @@ def write_atomically(path: Path) -> Iterator[Path]:
     tmp = _temporary(path, "tmp")
     try:
         yield tmp
-        fsync_path(tmp)
+        _finish_file(tmp)
         tmp.replace(path)
         fsync_path(path.parent)
     finally:
@@ -68,7 +80,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
-                fsync_path(f)
+                _finish_file(f)
         fsync_path(tmp)
         if path.exists() or path.is_symlink():
             old = _temporary(path, "old")

@@ -38,3 +38,19 @@ def test_atomic_dir_replaces_a_complete_directory_only(tmp_path):
 def test_short_error_keeps_the_type_and_first_line():
     assert short_error(ValueError("bad value\nmore detail")) == "ValueError: bad value"
     assert short_error(KeyError()) == "KeyError"
+
+
+def test_written_files_get_the_umask_mode_whatever_the_writer(tmp_path):
+    import os
+
+    from qdpo.files import FILE_MODE
+
+    with atomic_dir(tmp_path / "d") as tmp:
+        f = tmp / "w.bin"
+        f.write_bytes(b"1")
+        os.chmod(f, 0o600)  # what safetensors' writer leaves
+    with write_atomically(tmp_path / "one.bin") as tmp:
+        tmp.write_bytes(b"2")
+        os.chmod(tmp, 0o600)
+    for path in (tmp_path / "d" / "w.bin", tmp_path / "one.bin"):
+        assert path.stat().st_mode & 0o777 == FILE_MODE
