@@ -27,3 +27,9 @@ class ModelError(QdpoError):
 
 class RunDirError(QdpoError):
     """The run / output directory is not what the command expects."""
+
+
+def listed(names: list[str], limit: int = 10) -> str:
+    """Names for a message: 'a, b, c', or the first `limit` and how many more."""
+    more = len(names) - limit
+    return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")

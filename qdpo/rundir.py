@@ -24,7 +24,7 @@ import yaml
 
 from qdpo import __version__
 from qdpo.checkpoint import atomic_dir, list_checkpoints
-from qdpo.errors import RunDirError
+from qdpo.errors import RunDirError, listed
 from qdpo.files import write_text_atomically
 from qdpo.recipe import Recipe, recipe_from_dict
 
@@ -207,9 +207,8 @@ class RunDir:
             if extra:
                 raise RunDirError(
                     f"Refusing to --overwrite '{self.path}': besides a qdpo run it holds files "
-                    f"qdpo did not write: {', '.join(extra[:10])}"
-                    + (f" and {len(extra) - 10} more" if len(extra) > 10 else "")
-                    + ". Move them out, or choose another output.dir.")
+                    f"qdpo did not write: {listed(extra)}. Move them out, or choose another "
+                    "output.dir.")
             here = self.path.resolve()
             inputs = [Path(recipe.base_dir)] + [
                 Path(recipe.resolve_path(x)).resolve() for x in

@@ -28,24 +28,17 @@ from qdpo.data import (
 )
 from qdpo.errors import DataError, QdpoError, RecipeError
 from qdpo.recipe import DataConfig, DataSource, EvalConfig, recipe_from_dict
-from tiny import QUICKSTART, asst, system, user, write_jsonl
+from tiny import QUICKSTART, asst, chat, dec, enc, system, tokenize, user, write_jsonl
 
 BOS, EOS = "<|begin_of_text|>", "<|im_end|>"
 GEN = "<|im_start|>assistant\n"
 SEED = 42
 
 
-def dec(tok, ids) -> str:
-    return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def enc(tok, text: str, special: bool = False) -> list[int]:
-    return tok(text, add_special_tokens=special)["input_ids"]
 
 
-def chat(tok, msgs) -> str:
-    """The tokenizer's own rendering of a prompt (generation prompt appended)."""
-    return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
 def normalise(rows, seed=SEED, **data):
@@ -53,13 +46,6 @@ def normalise(rows, seed=SEED, **data):
     return normalise_rows(rows, DataConfig(**data), report, seed=seed, source="rows"), report
 
 
-def tokenize(tok, rows, seed=SEED, **data):
-    """normalise + tokenize in row order: (tokenized pairs, report, Tokenizer, normalised pairs)."""
-    s = DataConfig(**data)
-    report = DataReport(strict=s.strict)
-    pairs = normalise_rows(rows, s, report, seed=seed, source="rows")
-    t = Tokenizer(tok, s, any(not isinstance(p.prompt, str) for p in pairs))
-    return t(pairs, report), report, t, pairs
 
 
 def prepare_file(tok, path, seed=SEED, **data):

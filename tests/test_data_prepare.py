@@ -12,19 +12,16 @@ from pathlib import Path
 import pytest
 
 from qdpo.data import (
-    DataReport,
     PairTokens,
-    Tokenizer,
     data_fingerprint,
     fingerprint_inputs,
-    normalise_rows,
     prepare,
     prepare_data,
     read_rows,
 )
 from qdpo.errors import DataError
 from qdpo.recipe import DataConfig, DataSource, EvalConfig, load_recipe, recipe_from_dict
-from tiny import QUICKSTART, QUICKSTART_RECIPE, write_jsonl
+from tiny import QUICKSTART, QUICKSTART_RECIPE, dec, tokenize, write_jsonl
 
 BOS, EOS = "<|begin_of_text|>", "<|im_end|>"
 SEED = 42
@@ -33,17 +30,8 @@ ROW = {"prompt": "What is the capital of France?", "chosen": "Paris.",
        "rejected": "I do not know."}
 
 
-def dec(tok, ids) -> str:
-    return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def tokenize(tok, rows, seed=SEED, **data):
-    """normalise + tokenize in row order: (tokenized pairs, report, Tokenizer, normalised pairs)."""
-    s = DataConfig(**data)
-    report = DataReport(strict=s.strict)
-    pairs = normalise_rows(rows, s, report, seed=seed, source="rows")
-    t = Tokenizer(tok, s, any(not isinstance(p.prompt, str) for p in pairs))
-    return t(pairs, report), report, t, pairs
 
 
 def prepare_file(tok, path, seed=SEED, eval=None, use_cache=True, **data):

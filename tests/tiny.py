@@ -121,3 +121,29 @@ def tiny_lora_model(arch: str, impl: str = "sdpa") -> Any:
             if "lora_B" in n:
                 p.normal_(0, 0.1)
     return model
+
+
+def dec(tok: Any, ids: Any) -> str:
+    """Token ids back to text, special tokens and spaces as they are."""
+    return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def enc(tok: Any, text: str, special: bool = False) -> list[int]:
+    return tok(text, add_special_tokens=special)["input_ids"]
+
+
+def chat(tok: Any, msgs: Any) -> str:
+    """The tokenizer's own rendering of a prompt (generation prompt appended)."""
+    return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def tokenize(tok: Any, rows: Any, seed: int = 42, **data: Any) -> tuple[Any, Any, Any, Any]:
+    """normalise + tokenize in row order: (tokenized pairs, report, Tokenizer, normalised pairs)."""
+    from qdpo.data import DataReport, Tokenizer, normalise_rows
+    from qdpo.recipe import DataConfig
+
+    s = DataConfig(**data)
+    report = DataReport(strict=s.strict)
+    pairs = normalise_rows(rows, s, report, seed=seed, source="rows")
+    t = Tokenizer(tok, s, any(not isinstance(p.prompt, str) for p in pairs))
+    return t(pairs, report), report, t, pairs

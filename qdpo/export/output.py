@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qdpo.errors import RunDirError
+from qdpo.errors import RunDirError, listed
 from qdpo.rundir import TrainedSource
 
 
@@ -34,9 +34,7 @@ def check_out(out: Path, overwrite: bool, source: Path | None = None) -> None:
         if foreign:
             raise RunDirError(
                 f"Refusing to --overwrite '{out}': it holds what a merge or export does not "
-                f"write: {', '.join(foreign[:10])}"
-                + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
-                + ". Move them out, or choose another path.")
+                f"write: {listed(foreign)}. Move them out, or choose another path.")
 
 
 # What merges and exports write (a model or adapter folder, or a GGUF file): only such an
