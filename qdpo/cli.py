@@ -536,9 +536,30 @@ def main() -> None:
             sys.exit(130)
         if _state["debug"]:
             raise
+        disk = _disk_problem(e)
+        if disk:
+            ui.error(disk)
+            sys.exit(2)
         ui.error(f"{type(e).__name__}: {e}\n(this is a bug in qdpo or an unexpected "
                  "environment; run with --debug for the traceback and report it)")
         sys.exit(1)
+
+
+def _disk_problem(e: BaseException) -> str | None:
+    """A file system refusing a write (full, read-only, no permission) as one message saying
+    what to do: not a bug, and what was saved before stays usable."""
+    import errno
+
+    fixes = {errno.ENOSPC: "the disk is full: free some space",
+             errno.EDQUOT: "the disk quota is used up: free some space",
+             errno.EROFS: "the file system is read-only: choose a writable output directory",
+             errno.EACCES: "permission denied: choose a directory you can write to",
+             errno.EPERM: "permission denied: choose a directory you can write to"}
+    if not isinstance(e, OSError) or e.errno not in fixes:
+        return None
+    where = f" '{e.filename}'" if e.filename else ""
+    return (f"Cannot write{where}: {fixes[e.errno]}. Earlier checkpoints and outputs are "
+            "untouched; a training run continues from its last checkpoint with --resume.")
 
 
 if __name__ == "__main__":

@@ -196,3 +196,17 @@ def test_output_dir_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
                "output.dir=~/runs/qs")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "runs" / "qs" / "run.json").exists() and not Path("~").exists()
+
+
+@pytest.mark.parametrize("code,says", [(30, "read-only"), (28, "disk is full"),
+                                       (13, "permission denied")])
+def test_a_file_system_refusing_writes_is_one_message(tmp_path, monkeypatch, code, says):
+    import qdpo.rundir as rundir
+
+    def refuse(self, *args, **kwargs):
+        raise OSError(code, "refused", str(self.path))
+
+    monkeypatch.setattr(rundir.RunDir, "prepare_for_training", refuse)
+    res = qdpo("train", QUICKSTART_RECIPE, "-o", tmp_path / "run")
+    assert res.returncode == 2 and says in res.stderr and str(tmp_path / "run") in res.stderr
+    assert "bug in qdpo" not in res.stderr and "Traceback" not in res.stderr
