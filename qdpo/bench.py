@@ -175,12 +175,14 @@ def run_bench(recipe: Recipe, *, steps: int = 8, warmup: int = 2, shape: str | N
     """Reference pass (when the recipe precomputes it) and `steps` real optimizer steps."""
     from qdpo import reference
     from qdpo.device import compute_dtype, default_device, reset_peak_memory
+    from qdpo.guards import out_of_memory_message
     from qdpo.train import step_context
 
     if steps <= warmup:
         raise QdpoError(f"--steps ({steps}) must be larger than --warmup ({warmup}).")
     device = default_device()
-    model, config = _bench_model(recipe, shape, random_weights, device)
+    with out_of_memory_message(recipe, device, lambda: "while building the model"):
+        model, config = _bench_model(recipe, shape, random_weights, device)
     dtype = compute_dtype(recipe.model.compute_dtype, device)
     pps = recipe.train.pairs_per_step
     data = pairs or synthetic_pairs(steps * pps, config.vocab_size, prompt_len, response_len,
@@ -189,8 +191,9 @@ def run_bench(recipe: Recipe, *, steps: int = 8, warmup: int = 2, shape: str | N
     reset_peak_memory(device)
     ref_s = 0.0
     if ctx.objective.needs_reference and recipe.train.reference in ("auto", "precompute"):
-        ctx.reference, ref_s = reference.ensure(model, data, range(len(data)), ctx.plan, device,
-                                                dtype, key=None, what="bench")
+        with out_of_memory_message(recipe, device, lambda: "in the reference pass"):
+            ctx.reference, ref_s = reference.ensure(model, data, range(len(data)), ctx.plan,
+                                                    device, dtype, key=None, what="bench")
     times, tokens, slots = _time_steps(recipe, ctx, data, steps, warmup, quiet, profile)
     return _result(recipe, shape, config, ctx, data, times, tokens, slots, warmup, ref_s,
                    prompt_len, response_len)
