@@ -133,8 +133,30 @@ class TensorBoardSink:
         self.w.close()
 
 
+class WandbSink:
+    """Weights & Biases: one W&B run per qdpo run, named after its directory, with the recipe
+    as its config; its files go into the run directory. WANDB_MODE=offline needs no network
+    (`wandb sync` uploads later)."""
+
+    def __init__(self, run_dir: Path, project: str, config: dict[str, Any]):
+        import wandb  # needs the wandb package
+
+        self.run = wandb.init(project=project, name=run_dir.name, dir=str(run_dir),
+                              config=config, reinit="finish_previous")
+
+    def write(self, record: dict[str, Any]) -> None:
+        values = {k: v for k, v in record.items()
+                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if values:
+            self.run.log(values, step=int(record.get("step", 0)))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricSinks:
-    """Every metric record goes to each sink: metrics.jsonl, and TensorBoard when asked for."""
+    """Every metric record goes to each sink: metrics.jsonl, and TensorBoard and W&B when
+    asked for."""
 
     def __init__(self, sinks: list[Any]):
         self.sinks = sinks
@@ -145,7 +167,8 @@ class MetricSinks:
 
 
 @contextlib.contextmanager
-def metric_sinks(run_dir: Path, tensorboard: bool) -> Iterator[MetricSinks]:
+def metric_sinks(run_dir: Path, tensorboard: bool, wandb_project: str | None = None,
+                 config: dict[str, Any] | None = None) -> Iterator[MetricSinks]:
     """The run's metric files, closed however the run ends."""
     sinks: list[Any] = [JsonlSink(run_dir / "metrics.jsonl")]
     if tensorboard:
@@ -154,6 +177,12 @@ def metric_sinks(run_dir: Path, tensorboard: bool) -> Iterator[MetricSinks]:
         except ImportError:
             warn("output.tensorboard is on but tensorboard is not installed "
                  "(pip install 'qdpo[tensorboard]'); writing metrics.jsonl only.")
+    if wandb_project:
+        try:
+            sinks.append(WandbSink(run_dir, wandb_project, config or {}))
+        except ImportError:
+            warn("output.wandb is set but wandb is not installed (pip install 'qdpo[wandb]'); "
+                 "writing metrics.jsonl only.")
     try:
         yield MetricSinks(sinks)
     finally:

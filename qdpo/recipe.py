@@ -189,6 +189,8 @@ class OutputConfig:
                                        "the end)")
     keep_last: int = _f(2, help="Checkpoints to keep on disk")
     tensorboard: bool = _f(False, help="Also write TensorBoard event files (needs tensorboard)")
+    wandb: str | None = _f(None, help="Also log to Weights & Biases under this project (needs "
+                                      "wandb; WANDB_MODE=offline works without network)")
 
 
 @dataclass

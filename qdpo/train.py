@@ -263,7 +263,7 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
         sinks.write({"step": step, **{f"eval/{k}": v for k, v in ev.items()}})
         return ev
 
-    with ui.metric_sinks(s.run.path, out.tensorboard) as sinks, \
+    with ui.metric_sinks(s.run.path, out.tensorboard, out.wandb, recipe.to_dict()) as sinks, \
             ui.TrainDisplay(s.steps, s.start_step, live=live) as display, \
             Interrupt() as intr, \
             out_of_memory_message(recipe, ctx.device, lambda: f"at step {done + 1}"):
