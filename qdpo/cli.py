@@ -92,6 +92,46 @@ def train(
         raise typer.Exit(130)
 
 
+@app.command()
+def sweep(
+    recipe: Path = typer.Argument(..., help="Recipe YAML."),
+    grid: Optional[list[str]] = typer.Argument(
+        None, help="key=v1,v2,... is swept (the grid is the product, in the order given); plain "
+                   "key=value applies to every run. A comma inside [...], {...} or quotes, or "
+                   "written \\, (quote it for the shell), does not split: "
+                   "loss.type=\\[sigmoid,sft],sigmoid is two values.", show_default=False),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Sweep directory (default: the recipe's output.dir + '-sweep', "
+                            "i.e. runs/<recipe name>-sweep).", show_default=False),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", metavar="", show_default=False,
+        help="Finish an interrupted sweep: skip finished runs, continue the others from their "
+             "checkpoints."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace an existing sweep directory (only one holding "
+                                        "a sweep.json and qdpo's run directories)."),
+) -> None:
+    """Train a grid of overrides one run after another (e.g. loss.beta=0.05,0.1,0.3
+    train.learning_rate=5e-6,1e-5), sharing tokenization and the reference pass, then rank the
+    runs by held-out reward accuracy and margin. Each run is a normal run directory; sweep.json
+    records the grid, every run's status and metrics, and the best run."""
+    from qdpo.sweep import run_sweep
+
+    if resume not in (None, "auto"):
+        raise QdpoError(f"--resume takes no value (got '{resume}'); the sweep directory is "
+                        "--out or the default.")
+    result = run_sweep(recipe, list(grid or []), out=out, resume=resume is not None,
+                       overwrite=overwrite)
+    if result.interrupted:
+        import shlex
+
+        from qdpo import console as ui
+
+        ui.info("resume with: " + shlex.join(["qdpo", "sweep", str(recipe), *(grid or []),
+                                              "--out", str(result.sweep_dir), "--resume"]))
+        raise typer.Exit(130)
+
+
 def _resume_command(recipe: Path, overrides: list[str], run_dir: Path) -> str:
     """The exact command that continues this run: same recipe and overrides, its directory."""
     import shlex
@@ -357,8 +397,10 @@ def export(
                             "writes an Ollama Modelfile beside the file)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (peft) or file (gguf; "
                              "its Modelfile goes in the same folder)."),
-    outtype: str = typer.Option("f16", "--outtype",
-                                help="GGUF tensor type: f32, f16, bf16 or q8_0."),
+    outtype: str = typer.Option(
+        "f16", "--outtype", help="GGUF tensor type: f32, f16, bf16, q8_0, or the llama.cpp "
+                                 "k-quant mixes q4_k_m, q5_k_m, q6_k (gguf only; gguf-lora "
+                                 "takes f32, f16 or bf16)."),
     from_nf4: bool = typer.Option(False, "--from-nf4", help="gguf: merge onto the dequantized "
                                                             "NF4 base."),
     device: str = typer.Option("cpu", "--device", help="gguf: where to merge."),

@@ -180,6 +180,11 @@ class EvalConfig:
                                     "with)")
     max_pairs: int | None = _f(None, help="Evaluate on at most this many pairs")
     micro_batch_pairs: int | None = _f(None, help="Pairs per eval forward (default: 2x train)")
+    sample_prompts: list[str] = _f(factory=list, help="Prompts the policy answers (greedy) at "
+                                                      "every eval, beside the base's answers, "
+                                                      "in samples.jsonl: texts, or .jsonl/.txt "
+                                                      "files of prompts")
+    sample_max_new_tokens: int = _f(48, help="Longest sample answer in tokens")
 
 
 @dataclass
@@ -565,6 +570,8 @@ def _validate_eval_and_output(r: Recipe) -> None:
     _check(0 <= r.eval.split_fraction < 1, "eval.split_fraction", r.eval.split_fraction,
            "it must be in [0, 1)")
     _check(r.eval.every_steps >= 0, "eval.every_steps", r.eval.every_steps, "it must be >= 0")
+    _check(r.eval.sample_max_new_tokens >= 1, "eval.sample_max_new_tokens",
+           r.eval.sample_max_new_tokens, "it must be >= 1")
     _check(r.output.save_every_steps >= 0, "output.save_every_steps", r.output.save_every_steps,
            "it must be >= 0")
     _check(r.output.keep_last >= 1, "output.keep_last", r.output.keep_last, "it must be >= 1")

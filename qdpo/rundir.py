@@ -72,6 +72,7 @@ def _say_resume_changes(old: Recipe, new: Recipe) -> None:
 # checkpoints, TensorBoard events, and the temporary names of atomic writes.
 LOCK = ".qdpo-train.lock"  # held (flock) by the training process; the OS frees it on exit
 RUN_ENTRIES = {LOCK, "recipe.yaml", "run.json", "metrics.jsonl", "summary.json", "README.md",
+               "samples.jsonl",
                "checkpoints", "tensorboard", "wandb", "special_tokens_map.json",
                "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json"}
 RUN_PREFIXES = ("adapter_", "tokenizer", ".final-adapter")

@@ -36,6 +36,7 @@ from qdpo.model import (ModelInfo, hidden_size, load_model, load_tokenizer, save
                         trainable_parameters)
 from qdpo.recipe import Recipe
 from qdpo.rundir import RunDir
+from qdpo.samples import Samples
 
 NONFINITE_LIMIT = 5  # optimizer steps in a row with a non-finite loss before giving up
 
@@ -257,18 +258,30 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
     final_eval: dict[str, float] = {}
     bad_steps, done, interrupted = 0, s.start_step, False
 
-    def run_eval(step: int) -> dict[str, float]:
-        ev = evaluate_pairs(ctx.model, data.eval, ctx.objective, s.eval_plan, ctx.device,
-                            ctx.dtype, s.eval_reference)
-        sinks.write({"step": step, **{f"eval/{k}": v for k, v in ev.items()}})
+    samples = Samples(recipe, ctx.model, s.tokenizer, s.run.path)
+    samples.truncate(s.start_step)
+
+    def run_eval(step: int, label: str | None = None) -> dict[str, float]:
+        ev: dict[str, float] = {}
+        if data.eval:
+            ev = evaluate_pairs(ctx.model, data.eval, ctx.objective, s.eval_plan, ctx.device,
+                                ctx.dtype, s.eval_reference)
+            sinks.write({"step": step, **{f"eval/{k}": v for k, v in ev.items()}})
+            if label:
+                display.message(ui.eval_line(label, ev))
+        said = samples.record(step)
+        if said:
+            display.message(said)
         return ev
+
+    evaluating = bool(data.eval) or bool(samples.prompts)
 
     with ui.metric_sinks(s.run.path, out.tensorboard, out.wandb, recipe.to_dict()) as sinks, \
             ui.TrainDisplay(s.steps, s.start_step, live=live) as display, \
             Interrupt() as intr, \
             out_of_memory_message(recipe, ctx.device, lambda: f"at step {done + 1}"):
-        if data.eval and evaluate_at_start and s.start_step == 0:
-            display.message(ui.eval_line("eval before training", run_eval(0)))
+        if evaluating and evaluate_at_start and s.start_step == 0:
+            run_eval(0, "eval before training")
         ctx.model.train()
         for step in range(s.start_step, s.steps):
             t0 = time.monotonic()
@@ -291,8 +304,8 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
             display.update(done, metrics)
             if on_step:
                 on_step(done, metrics)
-            if data.eval and evaluate_every and done % evaluate_every == 0 and done != s.steps:
-                display.message(ui.eval_line(f"eval @ step {done}", run_eval(done)))
+            if evaluating and evaluate_every and done % evaluate_every == 0 and done != s.steps:
+                run_eval(done, f"eval @ step {done}")
             if out.save_every_steps and done % out.save_every_steps == 0 and done != s.steps:
                 save(s, done)
             if intr.requested:
@@ -302,7 +315,7 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
                 break
         else:
             done = s.steps
-        if not interrupted and data.eval:
+        if not interrupted and evaluating:
             final_eval = run_eval(done)
     last = history[-1] if history else {}
     return finish(s, done, final_eval, last, history, interrupted, time.monotonic() - t_start)

@@ -594,3 +594,118 @@ def test_public_names_import_from_the_package():
     assert ex.FORMATS == ("peft", "gguf", "gguf-lora")
     with pytest.raises(AttributeError):
         getattr(ex, "no_such_name")
+
+
+# --------------------------------------------------------------------------- k-quants
+
+# relative RMS error bounds of a dequantized tensor against the weights it came from (F32: the
+# end-to-end export merges in fp16 first)
+K_BOUND = {Q.Q4_K: 0.12, Q.Q5_K: 0.06, Q.Q6_K: 0.03, Q.Q5_0: 0.08, Q.Q5_1: 0.06, Q.Q8_0: 0.01,
+           Q.F16: 1e-3, Q.F32: 1e-3}
+K_LAYERS, K_HIDDEN = 8, 256  # rows of 256: every matrix can be k-quantized
+MORE_BITS = {0, 3, 6, 7}  # llama.cpp's use_more_bits(i, 8)
+
+
+@pytest.fixture(scope="module")
+def k_llama_dir(tmp_path_factory) -> Path:
+    return _save_model(tmp_path_factory.mktemp("kllama"), "llama", "gpt2", hidden_size=K_HIDDEN,
+                       intermediate_size=K_HIDDEN, num_hidden_layers=K_LAYERS)
+
+
+def _rel_rms(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.sqrt(((got - want) ** 2).mean() / (want ** 2).mean()))
+
+
+def check_k_tensors(tensors: dict, state: dict, types: dict, permuted: bool) -> None:
+    """Every tensor has the expected type, and its values are within that type's bound."""
+    assert set(tensors) == set(types)
+    for hf, want in state.items():
+        name = gguf_name(hf)
+        if name not in tensors:
+            continue
+        t = tensors[name]
+        assert t.tensor_type == types[name], (name, Q(t.tensor_type).name)
+        got = values(t)
+        if permuted and (".attn_q." in name or ".attn_k." in name):
+            got = unpermute(got, N_HEAD if ".attn_q." in name else N_KV)
+        assert _rel_rms(got, want) <= K_BOUND[types[name]] + 1e-7, name
+
+
+def _k_mix(outtype: str) -> dict:
+    """The types llama-quantize gives the 8-layer model (untied, rows of 256)."""
+    base = {"q4_k_m": Q.Q4_K, "q5_k_m": Q.Q5_K, "q6_k": Q.Q6_K}[outtype]
+    types = {"token_embd.weight": base, "output.weight": Q.Q6_K, "output_norm.weight": Q.F32}
+    for i in range(K_LAYERS):
+        for t in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"):
+            types[f"blk.{i}.{t}.weight"] = base
+        for t in ("attn_v", "ffn_down"):
+            types[f"blk.{i}.{t}.weight"] = Q.Q6_K if i in MORE_BITS else base
+        types[f"blk.{i}.attn_norm.weight"] = types[f"blk.{i}.ffn_norm.weight"] = Q.F32
+    return types
+
+
+@pytest.mark.parametrize("outtype,ftype", [("q4_k_m", 15), ("q5_k_m", 17), ("q6_k", 18)])
+def test_k_quant_mixes(k_llama_dir, tmp_path, outtype, ftype):
+    out = export_gguf(k_llama_dir, tmp_path / "k.gguf", outtype=outtype)
+    kv, tensors = read_gguf(out)
+    assert kv["general.file_type"] == ftype
+    assert ftype == {"q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+                     "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
+                     "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K}[outtype]
+    check_k_tensors(tensors, hf_state(k_llama_dir), _k_mix(outtype), permuted=True)
+
+
+def test_k_quant_tied_embeddings_are_the_output(tmp_path):
+    d = _save_model(tmp_path / "kqwen", "qwen2", "qwen2", hidden_size=K_HIDDEN,
+                    intermediate_size=K_HIDDEN, tie_word_embeddings=True)
+    kv, tensors = read_gguf(export_gguf(d, tmp_path / "k.gguf", outtype="q4_k_m"))
+    types = {"token_embd.weight": Q.Q6_K, "output_norm.weight": Q.F32}
+    for i in range(N_LAYERS):  # use_more_bits(i, 2): layer 1 only
+        for t in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"):
+            types[f"blk.{i}.{t}.weight"] = Q.Q4_K
+        for t in ("attn_v", "ffn_down"):
+            types[f"blk.{i}.{t}.weight"] = Q.Q6_K if i == 1 else Q.Q4_K
+        for t in ("attn_norm.weight", "ffn_norm.weight", "attn_q.bias", "attn_k.bias",
+                  "attn_v.bias"):
+            types[f"blk.{i}.{t}"] = Q.F32
+    check_k_tensors(tensors, hf_state(d), types, permuted=False)
+
+
+def test_k_quant_rows_not_whole_super_blocks_fall_back(llama_dir, tmp_path):
+    # hidden 64 / intermediate 128: llama.cpp's fallbacks Q4_K -> Q5_0, Q6_K -> Q8_0
+    kv, tensors = read_gguf(export_gguf(llama_dir, tmp_path / "k.gguf", outtype="q4_k_m"))
+    assert kv["general.file_type"] == 15
+    types = {"token_embd.weight": Q.Q5_0, "output.weight": Q.Q8_0, "output_norm.weight": Q.F32}
+    for i in range(N_LAYERS):
+        for t in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"):
+            types[f"blk.{i}.{t}.weight"] = Q.Q5_0
+        for t in ("attn_v", "ffn_down"):
+            types[f"blk.{i}.{t}.weight"] = Q.Q8_0 if i == 1 else Q.Q5_0
+        types[f"blk.{i}.attn_norm.weight"] = types[f"blk.{i}.ffn_norm.weight"] = Q.F32
+    check_k_tensors(tensors, hf_state(llama_dir), types, permuted=True)
+
+
+def test_export_format_gguf_q4_k_m_end_to_end(k_llama_dir, tmp_path):
+    """`qdpo export --format gguf --outtype q4_k_m` of an adapter: merged, k-quantized, and
+    within the Q4_K / Q6_K bounds of peft's own merged model."""
+    import shutil
+
+    from qdpo.export import export
+
+    adir = tmp_path / "adapter"
+    model = _make_adapter(k_llama_dir, adir)
+    for f in k_llama_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy2(f, adir / f.name)
+    merged = {k: v.detach().float().numpy()
+              for k, v in model.merge_and_unload().state_dict().items()}
+    out = export(adir, "gguf", tmp_path / "out" / "m.gguf", outtype="q4_k_m")
+    kv, tensors = read_gguf(out)
+    assert kv["general.file_type"] == 15
+    check_k_tensors(tensors, merged, _k_mix("q4_k_m"), permuted=True)
+    assert (out.parent / "Modelfile").is_file()
+
+    with pytest.raises(QdpoError, match="merged model"):
+        export(adir, "gguf-lora", tmp_path / "a.gguf", outtype="q4_k_m")
+    with pytest.raises(QdpoError, match="merged model"):
+        export_gguf_lora(adir, tmp_path / "a.gguf", outtype="q6_k")

@@ -27,6 +27,8 @@ from qdpo.export.gguf_common import (
     write_gguf,
 )
 from qdpo.export.gguf_vocab import add_vocab
+from qdpo.export.kquant_mix import K_OUTTYPES
+from qdpo.export.kquant_mix import file_type as kquant_file_type
 
 # HF tensors that carry nothing llama.cpp needs (same list as ModelBase.prepare_tensors)
 _SKIP_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
@@ -39,8 +41,10 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16
                 name: str | None = None) -> Path:
     """Convert a merged Hugging Face model directory to one GGUF file llama.cpp can load.
 
-    outtype: ``f32``, ``f16``, ``bf16`` or ``q8_0`` (norms and other 1-D tensors stay F32;
-    q8_0 keeps matrices whose rows are not a multiple of 32 in F16). name: ``general.name``
+    outtype: ``f32``, ``f16``, ``bf16``, ``q8_0`` or the k-quant mixes ``q4_k_m``, ``q5_k_m``,
+    ``q6_k`` (norms and other 1-D tensors stay F32; q8_0 keeps matrices whose rows are not a
+    multiple of 32 in F16; the k-quant mixes are llama-quantize's, see `kquants.ktype_for`).
+    name: ``general.name``
     (default: the model directory's name). Returns the output path.
     Raises QdpoError for anything the user can fix (missing gguf, unsupported architecture or
     tokenizer, incomplete model); a failed export leaves an existing ``out_path`` as it was (or
@@ -113,9 +117,11 @@ def _plan_model(gguf: Any, config: dict[str, Any], arch_name: str, permute: bool
                 new_name = _gguf_name(tensor_map, key, shard, arch_name, seen)
                 shape = tuple(int(d) for d in f.get_slice(key).get_shape())
                 perm = _qk_perm(key, shape, permute, n_head, n_kv)
-                plan.append(Planned(new_name, shape, qtype_for(gguf, new_name, shape, outtype),
-                                    str(shard), _producer(key, perm)))
+                plan.append(Planned(new_name, shape, None, str(shard), _producer(key, perm)))
     _check_complete(seen, n_blocks)
+    has_output = "output.weight" in seen  # else token_embd is the output (k-quant mixes)
+    for p in plan:
+        p.qtype = qtype_for(gguf, p.name, p.shape, outtype, n_blocks, has_output)
     return plan
 
 
@@ -207,6 +213,8 @@ def _llama3_rope_factors(config: dict[str, Any], rope: dict[str, Any], head_dim:
 
 def _file_type(gguf: Any, outtype: str) -> Any:
     T = gguf.LlamaFileType
+    if outtype in K_OUTTYPES:
+        return kquant_file_type(gguf, outtype)
     return {"f32": T.ALL_F32, "f16": T.MOSTLY_F16, "bf16": T.MOSTLY_BF16,
             "q8_0": T.MOSTLY_Q8_0}[outtype]
 

@@ -13,6 +13,9 @@ Both follow llama.cpp's own converters (``convert_hf_to_gguf.py`` and
 * Tensor types follow ``ModelBase.prepare_tensors``: 1-D tensors and ``*_norm.weight`` are
   F32, everything else takes the requested type; Q8_0 needs rows that are a multiple of 32 and
   falls back to F16 otherwise (llama.cpp catches ``QuantError`` and does the same).
+* The k-quant outtypes ``q4_k_m``, ``q5_k_m`` and ``q6_k`` are what ``llama-quantize`` writes
+  for Q4_K_M / Q5_K_M / Q6_K (no importance matrix): the per-tensor mix and the numpy
+  quantizers are in `qdpo.export.kquants`.
 
 Memory stays bounded: tensors are planned from the safetensors headers, the GGUF header is
 written first, and then tensors are read, converted and written one at a time, shard by shard.
@@ -30,11 +33,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from qdpo.errors import QdpoError
+from qdpo.export.kquant_mix import K_OUTTYPES, ktype_for
 from qdpo.files import write_atomically
 
 GGUF_MISSING = "GGUF export needs the gguf package: pip install 'qdpo[gguf]'"
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0") + K_OUTTYPES
 
 Q8_0_BLOCK = 32
 
@@ -124,13 +128,17 @@ def heads(config: dict[str, Any]) -> tuple[int, int, int]:
     return n_head, n_kv, head_dim
 
 
-def qtype_for(gguf: Any, name: str, shape: tuple[int, ...], outtype: str) -> Any:
-    """The GGML type a tensor gets, as in llama.cpp's ModelBase.prepare_tensors."""
+def qtype_for(gguf: Any, name: str, shape: tuple[int, ...], outtype: str, n_layers: int = 0,
+              has_output: bool = True) -> Any:
+    """The GGML type a tensor gets, as in llama.cpp's ModelBase.prepare_tensors (and, for the
+    k-quant outtypes, llama-quantize's mix: n_layers and has_output are used only there)."""
     Q = gguf.GGMLQuantizationType
     if len(shape) <= 1 or name.endswith("_norm.weight"):
         return Q.F32
     if not name.endswith((".weight", ".lora_a", ".lora_b")):
         return Q.F32
+    if outtype in K_OUTTYPES:
+        return ktype_for(gguf, name, shape, outtype, n_layers, has_output)
     if outtype == "f32":
         return Q.F32
     if outtype == "f16":
@@ -199,9 +207,19 @@ def _write_tensors(gguf: Any, writer: Any, plan: list[Planned]) -> None:
             if tuple(data.shape) != p.shape:
                 raise QdpoError(f"Tensor {p.name}: expected shape {p.shape}, "
                                 f"got {tuple(data.shape)}")
-            arr = gguf.quants.quantize(data, p.qtype)
+            arr = quantize(gguf, data, p.qtype)
             writer.write_tensor_data(np.ascontiguousarray(arr))
             del data, arr
+
+
+def quantize(gguf: Any, data: Any, qtype: Any) -> Any:
+    """float32 data as qtype's bytes: k-quants here, everything else by gguf-py."""
+    Q = gguf.GGMLQuantizationType
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+        from qdpo.export.kquants import quantize_k
+
+        return quantize_k(data, qtype.name)
+    return gguf.quants.quantize(data, qtype)
 
 
 @contextlib.contextmanager

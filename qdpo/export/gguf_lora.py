@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qdpo.errors import QdpoError
+from qdpo.export.kquant_mix import K_OUTTYPES
 from qdpo.export.gguf_common import (
     Planned,
     check_outtype,
@@ -56,6 +57,9 @@ def export_gguf_lora(adapter_dir: str | Path, out_path: str | Path,
     """
     gguf = load_gguf()
     outtype = check_outtype(outtype)
+    if outtype in K_OUTTYPES:
+        raise QdpoError(f"outtype {outtype} is a mix for a merged model; a GGUF LoRA adapter is "
+                        "written as f32, f16, bf16 or q8_0")
     adapter_dir = Path(adapter_dir)
     acfg, weights = _read_adapter(adapter_dir)
     config = _base_config_for(acfg, adapter_dir, base_config)
