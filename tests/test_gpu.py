@@ -72,7 +72,7 @@ def test_fp16_trains_with_gradient_scaling_and_saves_the_scaler(tmp_path):
     assert res.returncode == 0, res.stderr
     assert json.loads((run / "run.json").read_text())["compute_dtype"] == "float16"
     state = json.loads(next((run / "checkpoints").glob("*/trainer_state.json")).read_text())
-    assert "scaler" in json.dumps(state)
+    assert state["scaler"] is not None  # the gradient scaler's state is saved (null in bf16)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["train"]["loss"] == summary["train"]["loss"]
 
