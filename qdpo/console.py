@@ -28,10 +28,16 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
-# Logs (CI, pipes) get a wide virtual terminal so tables are not squeezed into 80 columns.
-_WIDTH = None if sys.stdout.isatty() else 150
-console = Console(stderr=False, highlight=False, soft_wrap=True, width=_WIDTH)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True, width=_WIDTH)
+def make_console(stream: Any, stderr: bool) -> Console:
+    """A terminal wraps long lines at word boundaries to its width; logs (CI, pipes) get one
+    line per message and a wide virtual width, so tables are not squeezed into 80 columns."""
+    tty = stream.isatty()
+    return Console(stderr=stderr, highlight=False, soft_wrap=not tty,
+                   width=None if tty else 150)
+
+
+console = make_console(sys.stdout, stderr=False)
+err_console = make_console(sys.stderr, stderr=True)
 
 log = logging.getLogger("qdpo")
 

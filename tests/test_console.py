@@ -26,3 +26,26 @@ def test_average_speed_and_plurals():
     assert average_tokens_per_s(history) == 200 and average_tokens_per_s([]) is None
     assert plural(1, "pair") == "1 pair" and plural(2, "pair") == "2 pairs"
     assert plural(1234, "step") == "1,234 steps"
+
+
+def test_a_terminal_wraps_long_lines_at_word_boundaries_and_logs_do_not():
+    import io
+
+    from qdpo.console import make_console
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    line = "the reference log-probs were reused from the cache for every pair " * 2
+    term, log = Terminal(), io.StringIO()
+    tty = make_console(term, stderr=False)
+    tty.file, tty.width = term, 40
+    tty.print(line)
+    rows = term.getvalue().splitlines()
+    assert len(rows) > 1 and all(len(r) <= 40 for r in rows)
+    assert " ".join(r.strip() for r in rows) == line.strip()  # no word cut in two
+    piped = make_console(log, stderr=False)
+    piped.file = log
+    piped.print(line)
+    assert log.getvalue().count("\n") == 1
