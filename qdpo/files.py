@@ -103,3 +103,12 @@ def short_error(e: BaseException) -> str:
     """`Type: first line of the message`, for one-line error messages."""
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def cache_write_failed(what: str, e: OSError) -> None:
+    """A cache that cannot be written (read-only or full disk) costs time later, never the
+    run: say so once and go on."""
+    from qdpo import console as ui
+
+    ui.warn(f"could not cache the {what} ({short_error(e)}); continuing without the cache. "
+            "Set QDPO_CACHE to a writable directory to keep it for later runs.")

@@ -24,7 +24,7 @@ import torch
 from qdpo import console as ui
 from qdpo.batching import REFERENCE_SCALE, BatchPlan
 from qdpo.cache import cache_dir
-from qdpo.files import write_atomically
+from qdpo.files import cache_write_failed, write_atomically
 from qdpo.data import PairTokens
 from qdpo.device import autocast_for, synchronize
 from qdpo.hub import resolved_commit
@@ -181,8 +181,13 @@ def ensure(model: Any, data: Sequence[PairTokens], ids: Sequence[int], plan: Bat
     synchronize(device)
     dt = time.monotonic() - t0
     if key:
-        save_cached(key, table)
+        cached = "; cached for later runs"
+        try:
+            save_cached(key, table)
+        except OSError as e:
+            cache_write_failed("reference log-probs", e)
+            cached = ""
         reused = len(wanted) - len(missing)
         ui.info(f"reference: {what} log-probs for {len(missing)} pairs computed in {dt:.1f} s"
-                + (f" ({reused} reused from cache)" if reused else "") + "; cached for later runs")
+                + (f" ({reused} reused from cache)" if reused else "") + cached)
     return table.on(device), dt

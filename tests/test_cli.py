@@ -210,3 +210,23 @@ def test_a_file_system_refusing_writes_is_one_message(tmp_path, monkeypatch, cod
     res = qdpo("train", QUICKSTART_RECIPE, "-o", tmp_path / "run")
     assert res.returncode == 2 and says in res.stderr and str(tmp_path / "run") in res.stderr
     assert "bug in qdpo" not in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_run(tmp_path, monkeypatch):
+    import errno
+
+    import qdpo.data.pipeline as pipeline
+    import qdpo.reference as reference
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "cache"))
+
+    monkeypatch.setattr(pipeline, "write_cache", read_only)
+    monkeypatch.setattr(reference, "save_cached", read_only)
+    monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
+    res = qdpo("train", QUICKSTART_RECIPE, "train.max_steps=1", "eval.every_steps=0", "-o",
+               tmp_path / "run")
+    assert res.returncode == 0, res.stderr
+    assert "could not cache the tokenized data" in res.stderr
+    assert "could not cache the reference log-probs" in res.stderr
+    assert "cached for later runs" not in res.stdout

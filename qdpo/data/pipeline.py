@@ -20,6 +20,7 @@ from qdpo.data.read import Resolve, read_rows
 from qdpo.data.report import DataReport
 from qdpo.data.store import cache_file, data_fingerprint, read_cache, write_cache
 from qdpo.errors import DataError
+from qdpo.files import cache_write_failed
 
 if TYPE_CHECKING:
     from qdpo.recipe import DataConfig, DataSource, EvalConfig, Recipe
@@ -144,7 +145,10 @@ def prepare_data(settings: DataConfig, eval: EvalConfig, tokenizer: Any, *, seed
             pass
     data = _prepare(settings, eval, tokenizer, seed=seed, resolve=resolve, progress=progress)
     if key is not None:
-        write_cache(cache_file(key), data)
+        try:
+            write_cache(cache_file(key), data)
+        except OSError as e:
+            cache_write_failed("tokenized data", e)
     return _warn_overlap(data)
 
 
