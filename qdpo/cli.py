@@ -281,12 +281,12 @@ def bench(
     from qdpo.recipe import load_recipe
 
     results, pairs = [], None
+    plen, rlen = _range(prompt_len, "--prompt-len"), _range(response_len, "--response-len")
+    base = load_recipe(recipe, list(overrides or []))  # checked before anything loads
     if shape:
         from qdpo.bench import cpu_warning
 
-        warning = cpu_warning(shape, steps, _range(prompt_len, "--prompt-len"),
-                              _range(response_len, "--response-len"),
-                              load_recipe(recipe, list(overrides or [])).train.pairs_per_step)
+        warning = cpu_warning(shape, steps, plen, rlen, base.train.pairs_per_step)
         if warning:
             ui.warn(warning)
     if against:
@@ -294,19 +294,16 @@ def bench(
             raise QdpoError(f"--against '{against}': the only tool to compare with is trl.")
         from qdpo.compare import trl_baseline
 
-        trl_row, pairs = trl_baseline(load_recipe(recipe, list(overrides or [])), shape, steps,
-                                      warmup, _range(prompt_len, "--prompt-len"),
-                                      _range(response_len, "--response-len"))
+        trl_row, pairs = trl_baseline(base, shape, steps, warmup, plen, rlen)
         results.append(trl_row)
         random_weights = True
     for lay in (layouts.split(",") if layouts else [None]):
-        ov = list(overrides or []) + ([f"train.layout={lay.strip()}"] if lay else [])
-        r = load_recipe(recipe, ov)
+        r = load_recipe(recipe, list(overrides or []) + [f"train.layout={lay.strip()}"]) \
+            if lay else base
         ui.info(f"bench: {shape or r.model.name_or_path} layout {r.train.layout}, {steps} "
                 f"steps of {r.train.pairs_per_step} pairs")
-        results.append(run_bench(r, steps=steps, warmup=warmup, shape=shape,
-                                 prompt_len=_range(prompt_len, "--prompt-len"),
-                                 response_len=_range(response_len, "--response-len"),
+        results.append(run_bench(r, steps=steps, warmup=warmup, shape=shape, prompt_len=plen,
+                                 response_len=rlen,
                                  random_weights=random_weights or shape is not None,
                                  profile=profile / r.train.layout if profile else None,
                                  pairs=pairs))

@@ -73,21 +73,15 @@ class Samples:
         return f"sample @ step {step}: {first[:100]}" + ("..." if len(first) > 100 else "")
 
     def truncate(self, step: int) -> None:
-        """Drop answers recorded after `step`: a resumed run answers those steps again."""
+        """Drop answers recorded after `step` (and damaged lines, as the metrics log does):
+        a resumed run answers those steps again."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if _step_of(line) <= step]
         from qdpo.files import write_text_atomically
+        from qdpo.rundir import metric_lines
 
+        keep, _ = metric_lines(self.path.read_bytes(), step)
         write_text_atomically(self.path, "".join(x + "\n" for x in keep))
-
-
-def _step_of(line: str) -> int:
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError, TypeError):
-        return 1 << 62  # a damaged line: dropped with the steps after the resume point
 
 
 def announce(samples: Samples) -> None:
