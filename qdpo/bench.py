@@ -171,8 +171,12 @@ class BenchResult:
 def run_bench(recipe: Recipe, *, steps: int = 8, warmup: int = 2, shape: str | None = None,
               prompt_len: tuple[int, int] = (128, 512), response_len: tuple[int, int] = (64, 512),
               random_weights: bool = True, quiet: bool = False,
-              profile: Path | None = None, pairs: list[PairTokens] | None = None) -> BenchResult:
-    """Reference pass (when the recipe precomputes it) and `steps` real optimizer steps."""
+              profile: Path | None = None, pairs: list[PairTokens] | None = None,
+              built: tuple[Any, Any] | None = None) -> BenchResult:
+    """Reference pass (when the recipe precomputes it) and `steps` real optimizer steps.
+
+    `built` is a (model, config) from an earlier call, to time several settings on one model.
+    """
     from qdpo import reference
     from qdpo.device import compute_dtype, default_device, reset_peak_memory
     from qdpo.guards import out_of_memory_message
@@ -181,8 +185,10 @@ def run_bench(recipe: Recipe, *, steps: int = 8, warmup: int = 2, shape: str | N
     if steps <= warmup:
         raise QdpoError(f"--steps ({steps}) must be larger than --warmup ({warmup}).")
     device = default_device()
-    with out_of_memory_message(recipe, device, lambda: "while building the model"):
-        model, config = _bench_model(recipe, shape, random_weights, device)
+    if built is None:
+        with out_of_memory_message(recipe, device, lambda: "while building the model"):
+            built = _bench_model(recipe, shape, random_weights, device)
+    model, config = built
     dtype = compute_dtype(recipe.model.compute_dtype, device)
     pps = recipe.train.pairs_per_step
     data = pairs or synthetic_pairs(steps * pps, config.vocab_size, prompt_len, response_len,

@@ -22,6 +22,7 @@ from qdpo.cache import cache_dir
 from qdpo.device import compute_dtype, default_device
 from qdpo.errors import ModelError
 from qdpo.files import atomic_dir, short_error
+from qdpo.lora_forward import use_lean_lora
 from qdpo.recipe import Recipe
 
 REFERENCE_ADAPTER = "reference"
@@ -264,6 +265,7 @@ def attach_lora(model: Any, recipe: Recipe) -> Any:
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     check_lean_head(peft_model, compute_dtype(recipe.model.compute_dtype, _device_of(model)))
+    use_lean_lora(peft_model)
     return peft_model
 
 

@@ -48,30 +48,31 @@ qbench() {  # name, limit, bench arguments... (rows tagged with the piece's name
   [[ -f $OUT/piece.json ]] && python3 -c "import json,sys; [print(json.dumps(dict(r, piece=sys.argv[1]))) for r in json.load(open(sys.argv[2]))]" "$name" "$OUT/piece.json" >> "$OUT/rows.jsonl"
   rm -f "$OUT/piece.json"
 }
-plan() {  # name, tokens, shape args...: the planner's prediction beside the measurement
-  local name=$1 tokens=$2; shift 2
-  python3 -m qdpo plan "$R" "${COMMON[@]:0:8}" "train.max_tokens=$tokens" "$@" --gpu-memory 80 \
-    2>/dev/null | grep -E "peak allocated" | sed "s/^/   plan $name $tokens: /" | tee -a "$OUT/all.log"
-}
 python3 -c 'import torch, transformers, peft, bitsandbytes, trl; print("torch", torch.__version__,
 "transformers", transformers.__version__, "peft", peft.__version__, "bnb", bitsandbytes.__version__,
 "trl", trl.__version__)' 2>&1 | tee -a "$OUT/all.log"
 
-# 1. the issue's headline: both tools, same process, 8B and 1B shapes
+ab() {  # name, limit, shape args..., --, variants...: settings A/B on one model build
+  local name=$1 limit=$2; shift 2
+  local shape=(); while [[ $1 != -- ]]; do shape+=("$1"); shift; done; shift
+  piece "$name" "$limit" python3 tests/gpu_ab.py "$R" "${shape[@]}" --out "$OUT/rows.jsonl" \
+    --steps "$STEPS" --warmup "$WARM" --common "${COMMON[*]:0:8} train.max_tokens=8192" "$@"
+}
+
+# 1. the issue's headline: both tools, same process, 8B shape (lean LoRA forward, the default)
 qbench 8b-vs-trl 200 "${BIG[@]}" train.max_tokens=8192 --against trl --profile "$OUT/prof-8b"
-qbench 1b-vs-trl 120 "${SMALL[@]}" train.max_tokens=8192 --against trl
-# 2. FlexAttention (bucketed rows, mask without compile) on 8B: steady and end to end
-qbench 8b-flex 150 "${BIG[@]}" train.max_tokens=8192 model.attn_implementation=flex_attention
-# 3. the planner against measured peaks (1k and 8k tokens)
-plan 8b 8192 "${BIG[@]}"; plan 8b 1024 "${BIG[@]}"
-qbench 8b-1k 100 "${BIG[@]}" train.max_tokens=1024 --steps 3 --warmup 1
-qbench 1b-1k 60 "${SMALL[@]}" train.max_tokens=1024 --steps 3 --warmup 1
-plan 1b 8192 "${SMALL[@]}"; plan 1b 1024 "${SMALL[@]}"
+cat "$OUT"/prof-8b/*/profile.txt 2>/dev/null | head -24 >> "$OUT/all.log"
+# 2. speed levers on the 8B shape, one model build: peft's LoRA forward, online reference,
+#    smaller token budgets (memory within TRL's), compiled decoder layers
+ab 8b-ab 230 "${BIG[@]}" -- peft:lean=0 online:train.reference=online mt4k:train.max_tokens=4096 \
+  "mt2k:train.max_tokens=2048,profile=$OUT/prof-2k" comp:compile=1
+# 3. the 1B shape against TRL
+qbench 1b-vs-trl 100 "${SMALL[@]}" train.max_tokens=8192 --against trl
 # 4. long pairs (TRL's long protocol: 1 pair per micro-batch), and one 16k-token pair
-qbench 8b-long 200 "${BIG[@]}" train.pairs_per_step=2 train.micro_batch_pairs=1 \
-    train.max_tokens=16384 --prompt-len "$LONG_P" --response-len "$LONG_R" --steps 4 --warmup 1 \
+qbench 8b-long 150 "${BIG[@]}" train.pairs_per_step=2 train.micro_batch_pairs=1 \
+    train.max_tokens=16384 --prompt-len "$LONG_P" --response-len "$LONG_R" --steps 3 --warmup 1 \
     --against trl
-qbench 8b-16k 120 "${BIG[@]}" train.pairs_per_step=1 train.micro_batch_pairs=1 \
+qbench 8b-16k 100 "${BIG[@]}" train.pairs_per_step=1 train.micro_batch_pairs=1 \
     train.max_tokens=16384 --prompt-len "$HUGE_P" --response-len "$HUGE_R" --steps 3 --warmup 1
 
 python3 - "$OUT" <<'PY'
