@@ -24,7 +24,9 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 def _flags_without_type(option_class: Any) -> None:
     """Help lists `--overwrite`, not `--overwrite <bool>`: a flag takes no value."""
-    shown = option_class.display_type_rich
+    shown = getattr(option_class, "display_type_rich", None)
+    if shown is None:  # typer before 0.2x shows no type for flags: nothing to hide
+        return
 
     def display_type_rich(self: Any, ctx: Any) -> str | None:
         return None if self.is_flag else shown(self, ctx)

@@ -60,11 +60,11 @@ ab() {  # name, limit, shape args..., --, variants...: settings A/B on one model
 }
 
 # 1. the headline: both tools, same process, 8B shape (lean LoRA forward, the default)
-qbench 8b-vs-trl 200 "${BIG[@]}" train.max_tokens=8192 --against trl --profile "$OUT/prof-8b"
+qbench 8b-vs-trl 170 "${BIG[@]}" train.max_tokens=8192 --against trl --profile "$OUT/prof-8b"
 cat "$OUT"/prof-8b/*/profile.txt 2>/dev/null | head -24 >> "$OUT/all.log"
 # 2. speed levers on the 8B shape, one model build: peft's LoRA forward, online reference,
 #    smaller token budgets (memory within TRL's), compiled decoder layers
-ab 8b-ab 230 "${BIG[@]}" -- peft:lean=0 online:train.reference=online mt4k:train.max_tokens=4096 \
+[[ -n ${SKIP_AB:-} ]] || ab 8b-ab 230 "${BIG[@]}" -- peft:lean=0 online:train.reference=online mt4k:train.max_tokens=4096 \
   "mt2k:train.max_tokens=2048,profile=$OUT/prof-2k" comp:compile=1
 # 3. the 1B shape against TRL
 qbench 1b-vs-trl 100 "${SMALL[@]}" train.max_tokens=8192 --against trl
