@@ -168,6 +168,9 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, help="Clip the gradient norm to this (0 = off)")
     seed: int = _f(42, help="Seed for data order, LoRA init and random_init models")
     log_every_steps: int = _f(1, help="Write metrics every N optimizer steps")
+    compile: bool = _f(False, help="torch.compile each decoder layer: faster steps after ~20 s "
+                                   "of compiling (on an 8B model 1.2x at 8k tokens per "
+                                   "micro-batch, 2x at 2k); worth it for runs of 100+ steps")
 
 
 @dataclass

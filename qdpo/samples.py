@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from qdpo import console as ui
 from qdpo.recipe import Recipe
 
@@ -56,7 +58,10 @@ class Samples:
     def _answer(self, base: bool) -> list[str]:
         was_training = self.gen.model.training
         try:
-            return self.gen.generate(self.prompts, self.sampling, base=base)
+            # compiled decoder layers (train.compile) are for training shapes: a growing KV
+            # cache would recompile them at every new length
+            with torch.compiler.set_stance("force_eager"):
+                return self.gen.generate(self.prompts, self.sampling, base=base)
         finally:
             self.gen.model.train(was_training)
 

@@ -697,3 +697,18 @@ def test_a_key_given_twice_in_the_yaml_is_refused_with_both_lines(tmp_path):
     p.write_text("model:\n  name_or_path: m\n  name_or_path: n\ndata:\n  train: a.jsonl\n")
     with pytest.raises(RecipeError, match="'name_or_path' is given twice"):
         load_recipe(p)
+
+
+def test_every_recipe_key_is_in_the_readme_table():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+
+    def keys(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from keys(value, f"{prefix}{f.name}.")
+            elif prefix:  # top-level fields (base_dir) are internal
+                yield prefix + f.name
+
+    missing = [k for k in keys(R.Recipe()) if f"| `{k}` |" not in readme]
+    assert not missing, f"README's recipe table lacks {missing}"
