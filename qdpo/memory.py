@@ -9,8 +9,9 @@ card; `train.max_tokens: auto` uses the same arithmetic. The parts, in bytes:
   with the 8-bit optimizers);
 - activations, per token of the micro-batch: with gradient checkpointing, every layer's input
   is kept, then one layer at a time is recomputed and back-propagated, holding its own
-  activations and the inputs the LoRA paths keep (peft casts each adapter's input to fp32 and
-  autocast keeps a bf16 copy); without checkpointing every layer holds all of that;
+  activations and what the LoRA paths keep for their backward (counted as 6 bytes per input
+  value: an empirical term, fitted with the rest to the measurements below); without
+  checkpointing every layer holds all of that;
 - fixed transients: the head's logits chunk (logits, softmax and their gradient) and one
   dequantized weight matrix;
 - the reference pass, when precomputed, runs without gradients on a 4x token budget and is
@@ -18,7 +19,8 @@ card; `train.max_tokens: auto` uses the same arithmetic. The parts, in bytes:
 
 The constants were checked against `qdpo bench` on an H200 (2026-11-27, shared-prefix rows,
 sdpa): Llama-3.1-8B shape 11.53 GiB at 8k tokens and 7.07 GiB at 1.5k, Llama-3.2-1B 3.56 GiB at
-8k; tests/test_memory.py keeps the prediction within 10% of those.
+8k, then with the lean LoRA forward the 8B shape at 2k-8k tokens (7.28-11.62 GiB);
+tests/test_memory.py keeps the prediction within 10% of those.
 """
 
 from __future__ import annotations

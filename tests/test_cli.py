@@ -230,3 +230,13 @@ def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_run(tmp_path, mo
     assert "could not cache the tokenized data" in res.stderr
     assert "could not cache the reference log-probs" in res.stderr
     assert "cached for later runs" not in res.stdout
+
+
+def test_the_cli_starts_with_a_typer_that_lacks_display_type_rich():
+    from qdpo.cli import _flags_without_type
+
+    class OlderTyperOption:  # typer versions before display_type_rich (the GPU image's)
+        pass
+
+    _flags_without_type(OlderTyperOption)
+    assert not hasattr(OlderTyperOption, "display_type_rich")

@@ -25,8 +25,12 @@ def shape(name: str) -> Shape:
 # `qdpo bench` peak allocated memory on an H200 (2026-11-27): NF4 + double quant, LoRA r=16 on
 # all linear layers, paged 8-bit AdamW, checkpointing, shared-prefix rows, reference
 # precomputed. Tokens: the largest micro-batch (a 1k budget still takes a 1.5k-token pair).
+# Then with the lean LoRA forward (tests/gpu_ab.py, one model build, 2026-11-27 evening): the
+# 8B shape at 2k, 3k, 4k and 8k-token budgets.
 MEASURED = [("llama-3.1-8b", 8192, 11.53), ("llama-3.1-8b", 1536, 7.07),
-            ("llama-3.2-1b", 8192, 3.69)]
+            ("llama-3.2-1b", 8192, 3.69),
+            ("llama-3.1-8b", 2048, 7.28), ("llama-3.1-8b", 3072, 7.83),
+            ("llama-3.1-8b", 4096, 8.42), ("llama-3.1-8b", 8192, 11.62)]
 
 
 @pytest.mark.parametrize("name,tokens,gib", MEASURED)
