@@ -11,7 +11,8 @@ card; `train.max_tokens: auto` uses the same arithmetic. The parts, in bytes:
   is kept, then one layer at a time is recomputed and back-propagated, holding its own
   activations and what the LoRA paths keep for their backward (counted as 6 bytes per input
   value: an empirical term, fitted with the rest to the measurements below); without
-  checkpointing every layer holds all of that;
+  checkpointing every layer holds all of that; with `model.offload_activations` the layer
+  inputs wait in host memory instead, bar the one or two in transit;
 - fixed transients: the head's logits chunk (logits, softmax and their gradient) and one
   dequantized weight matrix;
 - the reference pass, when precomputed, runs without gradients on a 4x token budget and is
@@ -80,6 +81,7 @@ class Settings:
     target_modules: tuple[str, ...] | str = "all-linear"
     optimizer: str = "paged_adamw_8bit"
     checkpointing: bool = True
+    offload: bool = False  # checkpointed layer inputs in host memory (model.offload_activations)
     precompute_reference: bool = True
 
     @classmethod
@@ -90,6 +92,7 @@ class Settings:
                    dtype_bytes=4 if m.compute_dtype == "fp32" else 2, lora_r=recipe.lora.r,
                    target_modules=targets if isinstance(targets, str) else tuple(targets),
                    optimizer=t.optimizer, checkpointing=m.gradient_checkpointing,
+                   offload=m.gradient_checkpointing and m.offload_activations,
                    precompute_reference=t.reference in ("auto", "precompute"))
 
     def targeted(self, name: str) -> bool:
@@ -151,7 +154,9 @@ def bytes_per_token(shape: Shape, s: Settings) -> float:
     lora_inputs = sum(i * (4 + b) for n, (i, _) in shape.linears().items() if s.targeted(n))
     one_layer = layer + lora_inputs
     if s.checkpointing:
-        return shape.layers * d * b + one_layer
+        # offloaded, a layer's input is on the card while it is copied out or back in
+        kept = 2 if s.offload else shape.layers
+        return kept * d * b + one_layer
     return shape.layers * one_layer
 
 
@@ -240,6 +245,8 @@ class Plan:
             tips.append(f"set train.max_tokens: auto (or at most {self.max_tokens:,})")
         if not recipe.model.gradient_checkpointing:
             tips.append("set model.gradient_checkpointing: true")
+        elif not recipe.model.offload_activations:
+            tips.append("set model.offload_activations: true (layer inputs in CPU memory)")
         if "8bit" not in recipe.train.optimizer:
             tips.append("set train.optimizer: paged_adamw_8bit")
         return tips

@@ -23,6 +23,7 @@ from qdpo.device import compute_dtype, default_device
 from qdpo.errors import ModelError
 from qdpo.files import atomic_dir, short_error
 from qdpo.lora_forward import use_lean_lora
+from qdpo.offload import use_offloaded_checkpointing
 from qdpo.recipe import Recipe
 
 REFERENCE_ADAPTER = "reference"
@@ -241,6 +242,8 @@ def attach_lora(model: Any, recipe: Recipe) -> Any:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+        if recipe.model.offload_activations:
+            use_offloaded_checkpointing(model)
     init = recipe.lora.init_adapter
     torch.manual_seed(recipe.train.seed)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")

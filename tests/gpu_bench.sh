@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # qdpo against TRL on one GPU in one call (issue 10), for a device session.
-# Prepare here: `bash ../shared/gpu/make_site.sh --with-trl`, then run on the device machine
+# Prepare here: `bash ../shared/gpu/make_site.sh --with-trl` and `pip download --no-deps -d /tmp/w
+# pytest pluggy iniconfig && pip install --no-deps --target .gpu-site /tmp/w/*.whl` (the GPU
+# image has no pytest), then run on the device machine
 # from the project root with `carry: [".gpu-site"]`:   BUDGET=540 bash tests/gpu_bench.sh
 # Protocol of ../shared/gpu/README.md's TRL table: QLoRA NF4 + double quant, bf16, LoRA r=16
 # alpha=32 dropout 0 on all linear layers, gradient checkpointing, paged 8-bit AdamW, 8 pairs per
@@ -62,13 +64,20 @@ ab() {  # name, limit, shape args..., --, variants...: settings A/B on one model
 # 1. the issue's headline: both tools, same process, 8B shape (lean LoRA forward, the default)
 qbench 8b-vs-trl 170 "${BIG[@]}" train.max_tokens=8192 --against trl --profile "$OUT/prof-8b"
 cat "$OUT"/prof-8b/*/profile.txt 2>/dev/null | head -24 >> "$OUT/all.log"
-# 2. speed levers on the 8B shape, one model build: peft's LoRA forward, online reference,
-#    smaller token budgets (memory within TRL's), compiled decoder layers
-[[ -n ${SKIP_AB:-} ]] || ab 8b-ab 230 "${BIG[@]}" -- peft:lean=0 online:train.reference=online mt4k:train.max_tokens=4096 \
-  "mt2k:train.max_tokens=2048,profile=$OUT/prof-2k" comp:compile=1
+# 2. memory within TRL's (measured 7.55 GiB) on the 8B shape, one model build: layer inputs
+#    offloaded to CPU memory at 3k, 4k and 8k-token budgets, and compiled layers (last: a
+#    compiled model stays compiled)
+[[ -n ${SKIP_AB:-} ]] || ab 8b-ab 230 "${BIG[@]}" -- \
+  off4k:model.offload_activations=true,train.max_tokens=4096 \
+  off3k:model.offload_activations=true,train.max_tokens=3072 \
+  off8k:model.offload_activations=true \
+  "comp-off3k:compile=1,model.offload_activations=true,train.max_tokens=3072"
 # 3. the 1B shape against TRL
 qbench 1b-vs-trl 100 "${SMALL[@]}" train.max_tokens=8192 --against trl
-# 4. long pairs (TRL's long protocol: 1 pair per micro-batch), and one 16k-token pair
+# 4. the CUDA-only tests (paged 8-bit AdamW, fp16 with scaling, FlexAttention, the OOM
+#    message); pytest comes in .gpu-site (pip install --target .gpu-site pytest)
+piece test-gpu 90 python3 -m pytest -q -x tests/test_gpu.py -p no:cacheprovider
+# 5. long pairs (TRL's long protocol: 1 pair per micro-batch), and one 16k-token pair
 qbench 8b-long 150 "${BIG[@]}" train.pairs_per_step=2 train.micro_batch_pairs=1 \
     train.max_tokens=16384 --prompt-len "$LONG_P" --response-len "$LONG_R" --steps 3 --warmup 1 \
     --against trl

@@ -115,3 +115,12 @@ def test_bench_warns_how_slow_a_gpu_shape_is_on_the_cpu():
                for w in (big, small)]
     assert minutes[0] > minutes[1] > 1 and "--steps 2" in big
     assert cpu_warning("not-a-shape", 8, (1, 2), (1, 2), 8) is None
+
+
+def test_offloading_moves_the_layer_inputs_off_the_card():
+    s8b = shape("llama-3.1-8b")
+    kept = estimate(s8b, Settings(), 8192)
+    offloaded = estimate(s8b, Settings(offload=True), 8192)
+    layer_inputs = (s8b.layers - 2) * s8b.hidden * 2 * 8192  # bf16, all but two in transit
+    assert kept.activations - offloaded.activations == layer_inputs
+    assert offloaded.base == kept.base and offloaded.lora == kept.lora
