@@ -486,11 +486,21 @@ def validate(r: Recipe) -> Recipe:
     return r
 
 
+# Bounds beyond which a value is a typo or cannot finish (and would fail deep inside torch)
+MAX_LORA_RANK = 4096
+MAX_BETA = 1000.0
+MAX_PAIRS_PER_STEP = 1_000_000
+MAX_STEPS = 10_000_000
+MAX_EPOCHS = 10_000
+
+
 def _validate_model(r: Recipe) -> None:
     _check(bool(r.model.name_or_path), "model.name_or_path", r.model.name_or_path,
            "set it to a hub model id or a local model directory")
     _check(r.lora.r >= 1, "lora.r", r.lora.r, "it must be a positive integer")
-    _check(r.lora.alpha > 0, "lora.alpha", r.lora.alpha, "it must be > 0")
+    _check(r.lora.r <= MAX_LORA_RANK, "lora.r", r.lora.r,
+           f"it must be at most {MAX_LORA_RANK} (ranks of 8-64 are usual)")
+    _check(0 < r.lora.alpha < math.inf, "lora.alpha", r.lora.alpha, "it must be > 0 and finite")
     _check(0 <= r.lora.dropout < 1, "lora.dropout", r.lora.dropout, "it must be in [0, 1)")
     _check(r.model.gradient_checkpointing or not r.model.offload_activations,
            "model.offload_activations", r.model.offload_activations,
@@ -538,7 +548,14 @@ def _validate_loss(r: Recipe) -> None:
     if r.loss.weights is not None:
         _check(len(r.loss.weights) == len(types_), "loss.weights", r.loss.weights,
                f"it needs one weight per loss in loss.type ({len(types_)})")
-    _check(r.loss.beta > 0, "loss.beta", r.loss.beta, "it must be > 0")
+        _check(all(0 <= w < math.inf for w in r.loss.weights) and sum(r.loss.weights) > 0,
+               "loss.weights", r.loss.weights, "each must be >= 0 and finite, not all 0")
+    _check(0 < r.loss.beta <= MAX_BETA, "loss.beta", r.loss.beta,
+           f"it must be > 0 and at most {MAX_BETA:g} (0.01-1 are usual; a huge beta makes "
+           "every loss non-finite)")
+    for key in ("simpo_gamma", "orpo_lambda", "dpop_lambda", "discopop_tau"):
+        value = getattr(r.loss, key)
+        _check(0 <= value < math.inf, f"loss.{key}", value, "it must be >= 0 and finite")
     _check(0 <= r.loss.label_smoothing < 0.5, "loss.label_smoothing", r.loss.label_smoothing,
            "it must be in [0, 0.5)")
     _check(r.loss.ld_alpha is None or 0 <= r.loss.ld_alpha <= 1, "loss.ld_alpha",
@@ -547,7 +564,8 @@ def _validate_loss(r: Recipe) -> None:
 
 def _validate_train(r: Recipe) -> None:
     t = r.train
-    _check(t.pairs_per_step >= 1, "train.pairs_per_step", t.pairs_per_step, "it must be >= 1")
+    _check(1 <= t.pairs_per_step <= MAX_PAIRS_PER_STEP, "train.pairs_per_step",
+           t.pairs_per_step, f"it must be between 1 and {MAX_PAIRS_PER_STEP:,}")
     _check(1 <= t.micro_batch_pairs <= t.pairs_per_step, "train.micro_batch_pairs",
            t.micro_batch_pairs, f"it must be between 1 and train.pairs_per_step "
                                 f"({t.pairs_per_step})")
@@ -559,14 +577,23 @@ def _validate_train(r: Recipe) -> None:
             f"train.micro_batch_pairs to train.pairs_per_step ({t.pairs_per_step}) and leave "
             f"train.max_tokens unset (now micro_batch_pairs {t.micro_batch_pairs}, max_tokens "
             f"{t.max_tokens}).")
-    _check(t.epochs > 0, "train.epochs", t.epochs, "it must be > 0")
-    _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps,
-           "it must be >= 1 or null")
-    _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "it must be > 0")
+    _check(0 < t.epochs <= MAX_EPOCHS, "train.epochs", t.epochs,
+           f"it must be > 0 and at most {MAX_EPOCHS:,}")
+    _check(t.max_steps is None or 1 <= t.max_steps <= MAX_STEPS, "train.max_steps",
+           t.max_steps, f"it must be between 1 and {MAX_STEPS:,} (more than any run "
+                        "finishes), or null")
+    _check(0 < t.learning_rate < math.inf, "train.learning_rate", t.learning_rate,
+           "it must be > 0 and finite")
+    _check(0 <= t.weight_decay < math.inf, "train.weight_decay", t.weight_decay,
+           "it must be >= 0 and finite")
+    for key in ("adam_beta1", "adam_beta2"):
+        _check(0 <= getattr(t, key) < 1, f"train.{key}", getattr(t, key), "it must be in [0, 1)")
+    _check(0 <= t.seed < 2**63, "train.seed", t.seed, "it must be between 0 and 2**63 - 1")
     _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, "it must be in [0, 1)")
     _check(t.warmup_steps is None or t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps,
            "it must be >= 0")
-    _check(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "it must be >= 0")
+    _check(0 <= t.max_grad_norm < math.inf, "train.max_grad_norm", t.max_grad_norm,
+           "it must be >= 0 and finite (0 = off)")
     _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, "it must be >= 1")
     _check(t.max_tokens in (None, "auto") or t.max_tokens >= 16, "train.max_tokens",
            t.max_tokens, "it must be >= 16, auto or null")
@@ -577,8 +604,8 @@ def _validate_eval_and_output(r: Recipe) -> None:
            r.eval.max_pairs, "it must be >= 1 or null")
     _check(r.eval.micro_batch_pairs is None or r.eval.micro_batch_pairs >= 1,
            "eval.micro_batch_pairs", r.eval.micro_batch_pairs, "it must be >= 1 or null")
-    _check(0 <= r.eval.split_fraction < 1, "eval.split_fraction", r.eval.split_fraction,
-           "it must be in [0, 1)")
+    _check(0 <= r.eval.split_fraction <= 0.5, "eval.split_fraction", r.eval.split_fraction,
+           "it must be in [0, 0.5]: the rest of the pairs train")
     _check(r.eval.every_steps >= 0, "eval.every_steps", r.eval.every_steps, "it must be >= 0")
     _check(r.eval.sample_max_new_tokens >= 1, "eval.sample_max_new_tokens",
            r.eval.sample_max_new_tokens, "it must be >= 1")

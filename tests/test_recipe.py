@@ -375,13 +375,29 @@ def test_literal_values_list_the_allowed_ones(override, allowed):
      "one weight per loss in loss.type (2)"),
     (["loss.type=[]"], "loss.type", "at least one loss"),
     (["train.epochs=0"], "train.epochs", "> 0"),
-    (["train.max_steps=0"], "train.max_steps", ">= 1 or null"),
+    (["train.max_steps=0"], "train.max_steps", "between 1 and 10,000,000"),
+    (["train.max_steps=999999999999"], "train.max_steps", "more than any run finishes"),
+    (["train.pairs_per_step=99999999"], "train.pairs_per_step", "between 1 and 1,000,000"),
+    (["train.epochs=1e9"], "train.epochs", "at most 10,000"),
+    (["lora.r=99999999999999999999"], "lora.r", "at most 4096"),
+    (["train.seed=99999999999999999999999"], "train.seed", "2**63 - 1"),
+    (["train.seed=-1"], "train.seed", "between 0"),
+    (["train.weight_decay=-1"], "train.weight_decay", ">= 0 and finite"),
+    (["train.adam_beta1=1.5"], "train.adam_beta1", "[0, 1)"),
+    (["train.adam_beta2=-0.1"], "train.adam_beta2", "[0, 1)"),
+    (["train.learning_rate=.inf"], "train.learning_rate", "must be a number"),
+    (["train.learning_rate=.nan"], "train.learning_rate", "must be a number"),
+    (["loss.beta=1e300"], "loss.beta", "at most 1000"),
+    (["loss.type=[sigmoid,sft]", "loss.weights=[-1,1]"], "loss.weights", ">= 0 and finite"),
+    (["loss.type=[sigmoid,sft]", "loss.weights=[0,0]"], "loss.weights", "not all 0"),
+    (["loss.dpop_lambda=-1"], "loss.dpop_lambda", ">= 0 and finite"),
     (["train.learning_rate=0"], "train.learning_rate", "> 0"),
     (["train.warmup_ratio=1"], "train.warmup_ratio", "[0, 1)"),
     (["train.warmup_steps=-1"], "train.warmup_steps", ">= 0"),
     (["train.max_grad_norm=-1"], "train.max_grad_norm", ">= 0"),
     (["train.log_every_steps=0"], "train.log_every_steps", ">= 1"),
-    (["eval.split_fraction=1.0"], "eval.split_fraction", "[0, 1)"),
+    (["eval.split_fraction=1.0"], "eval.split_fraction", "[0, 0.5]"),
+    (["eval.split_fraction=0.99"], "eval.split_fraction", "the rest of the pairs train"),
     (["eval.every_steps=-1"], "eval.every_steps", ">= 0"),
     (["output.save_every_steps=-1"], "output.save_every_steps", ">= 0"),
     (["output.keep_last=0"], "output.keep_last", ">= 1"),
@@ -395,7 +411,8 @@ def test_range_checks(overrides, key, fragment):
 def test_range_checks_accept_the_boundaries():
     r = build("lora.dropout=0", "loss.label_smoothing=0.49", "train.micro_batch_pairs=8",
               "data.max_length=2", "data.max_prompt_length=1", "loss.ld_alpha=1",
-              "train.warmup_steps=0", "train.max_grad_norm=0", "eval.split_fraction=0.99")
+              "train.warmup_steps=0", "train.max_grad_norm=0", "eval.split_fraction=0.5",
+              "loss.beta=1000", "train.seed=0", "lora.r=4096", "train.adam_beta2=0")
     assert r.train.micro_batch_pairs == r.train.pairs_per_step == 8
 
 
