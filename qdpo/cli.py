@@ -6,6 +6,7 @@ with one message and exit code 2; `--debug` shows the traceback.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -178,7 +179,7 @@ def data(
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Recipe overrides key.sub=value",
                                                     show_default=False),
-    n: int = typer.Option(3, "-n", help="Rendered examples to show."),
+    n: int = typer.Option(3, "-n", min=0, help="Rendered examples to show."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Tokenize again even if cached."),
 ) -> None:
     """Show what training will see: rendered examples with prompt/response boundaries, token
@@ -219,6 +220,8 @@ def data(
         ui.console.rule(f"example {i + 1}: {len(p.prompt_ids)} prompt, {len(p.chosen_ids)} "
                         f"chosen, {len(p.rejected_ids)} rejected tokens")
         ui.console.print(t)
+    for i, cut in enumerate(rep.cuts):
+        _show_cut(tok, i + 1, len(rep.cuts), cut)
     stats = length_stats(d.train)
     table = Table(title="token lengths (after truncation)", title_justify="left")
     for col in ("", "p50", "p95", "max"):
@@ -323,6 +326,30 @@ def bench(
         ui.info(f"wrote {json_out}")
 
 
+def _show_cut(tok: Any, i: int, n: int, cut: dict[str, Any]) -> None:
+    """A cut pair's prompt as the model sees it, with a visible mark where tokens went."""
+    from rich.text import Text
+
+    from qdpo import console as ui
+
+    ids, head, removed = cut["prompt_ids"], cut["head"], cut["removed"]
+    where = "after the template's head" if head else "from the start"
+    parts = [f"{ui.plural(removed, 'prompt token')} cut {where}"] if removed else []
+    parts += [f"the last {ui.plural(cut[side + '_cut'], side + ' token')} cut"
+              for side in ("chosen", "rejected") if cut[side + "_cut"]]
+    ui.console.rule(f"cut {i} of the first {n}: row {cut['row']}: {', '.join(parts)}")
+    t = Text()
+    t.append(tok.decode(ids[:head]), style="cyan")
+    if removed:
+        t.append(f"⟦… {ui.plural(removed, 'token')} cut …⟧", style="bold yellow")
+    t.append(tok.decode(ids[head:]), style="cyan")
+    for side in ("chosen", "rejected"):
+        if cut[f"{side}_cut"]:
+            t.append(f"\n⟦{side}: … its last {ui.plural(cut[side + '_cut'], 'token')} cut "
+                     "(data.max_length)⟧", style="bold yellow")
+    ui.console.print(t)
+
+
 @app.command()
 def plan(
     recipe: Path = typer.Argument(..., help="Recipe YAML to plan."),
@@ -417,8 +444,10 @@ def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
               repetition_penalty: float, seed: Optional[int]):
     from qdpo.chat import Sampling
 
-    if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
-        raise QdpoError("Sampling options: --temperature >= 0, 0 < --top-p <= 1, "
+    if not 0 <= temperature < math.inf or not 0 < top_p <= 1 or max_new_tokens < 1 \
+            or not 0 < repetition_penalty < math.inf or top_k < 0:
+        raise QdpoError("Sampling options: --temperature >= 0 and finite, 0 < --top-p <= 1, "
+                        "--top-k >= 0, --repetition-penalty > 0, "
                         "--max-new-tokens >= 1.")
     return Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
 
@@ -479,7 +508,7 @@ def generate(
     out: Path = typer.Option(..., "--out", "-o", help="Output jsonl."),
     compare: bool = typer.Option(False, "--compare", help="Also generate with the base "
                                                           "(base_response)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generate call."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per generate call."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     max_new_tokens: int = _MAX_NEW, temperature: float = _TEMP, top_p: float = _TOP_P,
     top_k: int = _TOP_K, repetition_penalty: float = _REP, seed: Optional[int] = _SEED,
@@ -498,6 +527,41 @@ def generate(
     ui.info(f"wrote {n} generations to {out}")
 
 
+@app.command()
+def pairs(
+    prompts: Path = typer.Argument(..., help="Prompts: a text file (one per line), or jsonl "
+                                             "with a 'prompt' (text or messages) per line."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output jsonl of prompt/chosen/rejected "
+                                                      "pairs, as qdpo train reads it."),
+    model: str = typer.Option(..., "--model", "-m", help="What answers: a run directory, "
+                              "checkpoint, peft adapter, model directory, recipe YAML (the "
+                              "model its training starts from) or hub id."),
+    judge: str = typer.Option("human", "--judge", help="human (pick the better of two answers "
+                              "in the terminal), or a reward model directory (a sequence "
+                              "classifier with one output: its best answer against its worst)."),
+    n: Optional[int] = typer.Option(None, "-n", help="Answers sampled per prompt (default 4; 2 "
+                                                     "with --judge human, who compares two).",
+                                    show_default=False),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per generate call."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start again: replace an "
+                                                              "existing output and its progress."),
+    max_new_tokens: int = _MAX_NEW,
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (above "
+                                      "0: the answers must differ)."),
+    top_p: float = _TOP_P, top_k: int = _TOP_K, repetition_penalty: float = _REP,
+    seed: Optional[int] = _SEED, no_quantize: bool = _NO_Q, trust_remote_code: bool = _TRUST,
+) -> None:
+    """Make on-policy preference pairs: sample answers per prompt, let a human or a reward
+    model pick chosen and rejected. Progress is kept after every choice; run the same command
+    again to go on where it stopped."""
+    from qdpo.make_pairs import make_pairs
+
+    sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    make_pairs(prompts, out, model, judge=judge, n=n, sampling=sampling, batch_size=batch_size,
+               overwrite=overwrite, quantize=not no_quantize,
+               trust_remote_code=trust_remote_code)
+
+
 @app.command(name="eval")
 def eval_cmd(
     run: Path = typer.Argument(..., help="Run directory, checkpoint, or peft adapter directory."),
@@ -507,7 +571,8 @@ def eval_cmd(
     data: list[str] = typer.Option(..., "--data", "-d", help="Data source (file, glob or hub "
                                                               "id); repeat for several."),
     split: str = typer.Option("train", "--split", help="Split, for hub datasets."),
-    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Evaluate at most N pairs."),
+    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", min=1,
+                                            help="Evaluate at most N pairs."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     trust_remote_code: bool = _TRUST,
 ) -> None:
@@ -534,6 +599,22 @@ def eval_cmd(
     rows = [(k, res[k]) for k in order if k in res] + \
         [(k, v) for k, v in res.items() if k not in order]
     ui.console.print(ui.metrics_table(f"qdpo eval: {run}", rows))
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., metavar="RUN...",
+                                      help="Run directories or sweep directories (a sweep "
+                                           "counts as its runs), overlaid in one page."),
+    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="The HTML file to write."),
+) -> None:
+    """Write one self-contained HTML page (no network needed to view it): training and eval
+    curves of the runs overlaid, the held-out margin distribution, sample answers at each eval,
+    recipes and summaries."""
+    from qdpo import console as ui
+    from qdpo.report import write_report
+
+    ui.info(f"wrote {write_report(runs, out)}")
 
 
 def main() -> None:

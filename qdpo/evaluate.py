@@ -26,7 +26,18 @@ def evaluate_pairs(model: Any, data: Sequence[PairTokens], objective: Objective,
              device: torch.device, dtype: torch.dtype,
              reference: ReferenceTable | None = None) -> dict[str, float]:
     """Mean per-pair metrics over `data`; `plan` is already the eval plan (scaled)."""
+    return evaluate_pairs_with_margins(model, data, objective, plan, device, dtype, reference)[0]
+
+
+def evaluate_pairs_with_margins(model: Any, data: Sequence[PairTokens], objective: Objective,
+                                plan: BatchPlan, device: torch.device, dtype: torch.dtype,
+                                reference: ReferenceTable | None = None,
+                                ) -> tuple[dict[str, float], list[float]]:
+    """evaluate_pairs, and each pair's reward margin (chosen minus rejected reward) in the
+    order of `data`: the spread behind the mean margin, which a mean alone hides (a few pairs
+    far off, or most pairs barely above zero). The final eval stores it (eval_margins.json)."""
     acc = MetricAccumulator()
+    margins, order = [], []  # device tensors: one host copy at the end, not one per batch
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast_for(device, dtype):
@@ -35,10 +46,14 @@ def evaluate_pairs(model: Any, data: Sequence[PairTokens], objective: Objective,
             ref = reference.get(batch.pair_ids, device) if reference is not None else None
             pol, ref, out = forward_pair_batch(model, batch, objective, ref)
             acc.add(pol, ref, out)
+            margins.append((out.chosen_rewards - out.rejected_rewards).float())
+            order.extend(batch.pair_ids)
     model.train(was_training)
     res = acc.result()
     res["pairs"] = acc.n
-    return res
+    values = torch.cat(margins).tolist() if margins else []
+    by_pair = dict(zip(order, values))  # batches group pairs by length, not in data order
+    return res, [by_pair[i] for i in sorted(by_pair)]
 
 
 def eval_plan(train_plan: BatchPlan, eval_micro_batch_pairs: int | None) -> BatchPlan:

@@ -8,6 +8,8 @@ Layout (the directory itself is a peft adapter directory, so
     run.json           where the base weights and relative paths came from, data counts
     metrics.jsonl      one JSON object per logged step, eval records prefixed eval/
     summary.json       final train and eval metrics, time
+    eval_margins.json  each held-out pair's reward margin at the final eval
+    report.html        curves, margins, samples, recipe: one offline page (`qdpo report`)
     checkpoints/step-NNNNNNN/   adapter + optimizer/scheduler/RNG state, written atomically
 """
 
@@ -70,9 +72,10 @@ def _say_resume_changes(old: Recipe, new: Recipe) -> None:
 
 # What a run directory holds: the final adapter and tokenizer files, the run's records,
 # checkpoints, TensorBoard events, and the temporary names of atomic writes.
+EVAL_MARGINS = "eval_margins.json"
 LOCK = ".qdpo-train.lock"  # held (flock) by the training process; the OS frees it on exit
 RUN_ENTRIES = {LOCK, "recipe.yaml", "run.json", "metrics.jsonl", "summary.json", "README.md",
-               "samples.jsonl",
+               "samples.jsonl", "eval_margins.json", "report.html",
                "checkpoints", "tensorboard", "wandb", "special_tokens_map.json",
                "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json"}
 RUN_PREFIXES = ("adapter_", "tokenizer", ".final-adapter")
@@ -269,6 +272,25 @@ class RunDir:
         }
         write_text_atomically(self.path / "run.json", json.dumps(info, indent=2))
 
+    def write_eval_margins(self, step: int, margins: list[float]) -> None:
+        """The final eval's per-pair reward margins (evaluate_pairs_with_margins), for the
+        report's histogram: one small file, a float per held-out pair, not a log of every
+        eval (the curves already hold the means)."""
+        record = {"step": step, "pairs": len(margins),
+                  "margins": [float(f"{m:.6g}") for m in margins]}
+        write_text_atomically(self.path / EVAL_MARGINS, json.dumps(record))
+
+    def eval_margins(self) -> tuple[int, list[float]] | None:
+        """(step, margins) of the last final eval, or None when none is stored or readable."""
+        try:
+            record = json.loads((self.path / EVAL_MARGINS).read_text(encoding="utf-8"))
+            step, raw = record["step"], record["margins"]
+            margins = [float(m) for m in raw if isinstance(m, (int, float))
+                       and not isinstance(m, bool)]
+        except (OSError, ValueError, TypeError, KeyError, RecursionError):
+            return None
+        return (step, margins) if isinstance(step, int) and margins else None
+
     def truncate_metrics(self, step: int) -> None:
         """Drop records after `step`: a resumed run logs those steps again. The file is a log,
         not the run's state: damaged lines are counted, reported once and dropped."""
@@ -350,6 +372,32 @@ def open_trained(path: str | Path, allow_plain: bool = False,
                           "--trust-remote-code to allow that.")
     src.recipe.model.trust_remote_code = trust_remote_code
     return src
+
+
+def open_model_source(path: str | Path, trust_remote_code: bool = False) -> TrainedSource:
+    """Anything a model can generate from: what `open_trained(allow_plain=True)` opens, a
+    recipe YAML (the policy training would start from: its base, plus lora.init_adapter when
+    it has one), or a hub id such as org/name."""
+    p = Path(path)
+    if p.is_file() and p.suffix in (".yaml", ".yml"):
+        from qdpo.model import base_weights_path
+        from qdpo.recipe import load_recipe
+
+        recipe = load_recipe(p)  # the user's own recipe: its trust_remote_code is theirs
+        recipe.model.trust_remote_code = recipe.model.trust_remote_code or trust_remote_code
+        init = recipe.lora.init_adapter
+        return TrainedSource(Path(recipe.resolve_path(init)) if init else None, recipe,
+                             base_weights_path(recipe), None)
+    name = str(path)
+    if not p.exists() and name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        recipe = Recipe.for_adapter(name)  # a hub id: loading says so if it is not there
+        recipe.model.trust_remote_code = trust_remote_code
+        return TrainedSource(None, recipe, name, None)
+    if not p.exists():
+        raise RunDirError(f"Model '{path}' does not exist. Pass a qdpo run directory, a "
+                          "checkpoint or peft adapter, a model directory, a recipe YAML or a "
+                          "hub id (org/name).")
+    return open_trained(p, allow_plain=True, trust_remote_code=trust_remote_code)
 
 
 def _open_trained(path: str | Path, allow_plain: bool) -> TrainedSource:

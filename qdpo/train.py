@@ -26,7 +26,9 @@ from qdpo.attention import check_can_train, model_kernel
 from qdpo.batching import BatchPlan, pairs_used, plan_batches, step_pairs
 from qdpo.data import PairTokens, PreparedData, prepare
 from qdpo.device import autocast_for, memory_stats, reset_peak_memory
-from qdpo.evaluate import eval_plan, evaluate_pairs
+from qdpo.errors import QdpoError
+from qdpo.evaluate import eval_plan, evaluate_pairs_with_margins
+from qdpo.files import short_error
 from qdpo.forward import MetricAccumulator, forward_pair_batch
 from qdpo.guards import Interrupt, nonfinite_error, out_of_memory_message
 from qdpo.logps import causal_lm
@@ -261,12 +263,15 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
     samples = Samples(recipe, ctx.model, s.tokenizer, s.run.path)
     samples.truncate(s.start_step)
 
-    def run_eval(step: int, label: str | None = None) -> dict[str, float]:
+    def run_eval(step: int, label: str | None = None, final: bool = False) -> dict[str, float]:
         ev: dict[str, float] = {}
         if data.eval:
-            ev = evaluate_pairs(ctx.model, data.eval, ctx.objective, s.eval_plan, ctx.device,
-                                ctx.dtype, s.eval_reference)
+            ev, margins = evaluate_pairs_with_margins(ctx.model, data.eval, ctx.objective,
+                                                      s.eval_plan, ctx.device, ctx.dtype,
+                                                      s.eval_reference)
             sinks.write({"step": step, **{f"eval/{k}": v for k, v in ev.items()}})
+            if final:  # the report's histogram of held-out margins
+                s.run.write_eval_margins(step, margins)
             if label:
                 display.message(ui.eval_line(label, ev))
         said = samples.record(step)
@@ -316,7 +321,7 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
         else:
             done = s.steps
         if not interrupted and evaluating:
-            final_eval = run_eval(done)
+            final_eval = run_eval(done, final=True)
     last = history[-1] if history else {}
     return finish(s, done, final_eval, last, history, interrupted, time.monotonic() - t_start)
 
@@ -339,9 +344,20 @@ def finish(s: Setup, done: int, final_eval: dict[str, float], last: dict[str, fl
                          s.reference_seconds,
                          reference_reused=bool(tables) and not any(t.computed for t in tables))
     s.run.write_summary(result, seconds, s.recipe)
+    write_report(s.run.path)
     s.run.unlock()
     ui.run_summary(result, s.recipe, seconds)
     return result
+
+
+def write_report(run_dir: Path) -> None:
+    """report.html in the run directory; a run is not lost for want of its page."""
+    from qdpo.report import write_run_report
+
+    try:
+        write_run_report(run_dir)
+    except (QdpoError, OSError) as e:
+        ui.warn(f"could not write report.html ({short_error(e)})")
 
 
 # `qdpo.train(recipe)` calls train(), though qdpo.train is this module

@@ -240,3 +240,28 @@ def test_the_cli_starts_with_a_typer_that_lacks_display_type_rich():
 
     _flags_without_type(OlderTyperOption)
     assert not hasattr(OlderTyperOption, "display_type_rich")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["data", QUICKSTART_RECIPE, "-n", "-1"], "-n"),
+    (["generate", "RUN", "--prompts", "p.jsonl", "--out", "o.jsonl", "--batch-size", "-1"],
+     "--batch-size"),
+    (["generate", "RUN", "--prompts", "p.jsonl", "--out", "o.jsonl", "--batch-size", "0"],
+     "--batch-size"),
+    (["eval", "RUN", "--data", "x.jsonl", "--max-pairs", "-1"], "--max-pairs"),
+])
+def test_out_of_range_options_stop_before_any_work(args, fragment):
+    res = qdpo(*args)
+    assert res.returncode == 2 and fragment in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("option", [["--temperature", "nan"], ["--temperature", "inf"],
+                                    ["--repetition-penalty", "0"], ["--top-k", "-1"]])
+def test_sampling_options_that_cannot_sample_are_refused(tmp_path, option):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    res = qdpo("generate", tmp_path, "--prompts", prompts, "--out", tmp_path / "o.jsonl",
+               *option)
+    assert res.returncode == 2 and "Sampling options" in res.stderr, res.stderr
+    assert not (tmp_path / "o.jsonl").exists()
