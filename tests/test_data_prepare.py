@@ -379,3 +379,19 @@ def test_a_template_that_drops_the_content_stops_the_run(tmp_path, qs_tok):
     fine = DataConfig(train=[DataSource(str(src))])
     assert len(prepare_data(fine, EvalConfig(), qs_tok, seed=SEED, resolve=str,
                             use_cache=False).train) == 6
+
+
+@pytest.mark.parametrize("template, reason", [
+    ("{{ raise_exception('no system role') }}", "no system role"),
+    ("{% for m in messages %}{{ m.content }", "TemplateSyntaxError"),
+    ("{% for i in range(999999999) %}{{ i }}{% endfor %}", "Range too big"),
+])
+def test_a_template_that_cannot_render_is_one_message(tmp_path, qs_tok, template, reason):
+    rows = [{"prompt": [{"role": "user", "content": "Hi?"}],
+             "chosen": [{"role": "assistant", "content": "Hello."}],
+             "rejected": [{"role": "assistant", "content": "Go."}]}]
+    data = DataConfig(train=[DataSource(str(write_jsonl(tmp_path / "d.jsonl", rows)))],
+                      chat_template=template)
+    with pytest.raises(DataError, match="chat template cannot render") as e:
+        prepare_data(data, EvalConfig(), qs_tok, seed=SEED, resolve=str, use_cache=False)
+    assert reason in str(e.value) and "data.chat_template" in str(e.value)

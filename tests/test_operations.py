@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -84,6 +85,22 @@ def test_data_command(tmp_path):
     for word in ("p50", "p95", "max", "prompt", "chosen", "rejected", "tokens per epoch",
                  "384"):
         assert word in out
+
+
+def test_data_command_marks_where_pairs_were_cut(tmp_path):
+    args = ["data", QUICKSTART_RECIPE, "-n", "1", "data.max_prompt_length=12",
+            "data.max_length=30"]
+    for cache in ("--no-cache", None):  # tokenized now, then read back from the cache
+        res = qdpo(*args, *([cache] if cache else []))
+        assert res.returncode == 0, res.stderr
+        out = res.stdout
+        assert out.count("row ") >= 3 and "cut 3 of the first 3" in out
+        # the template's head, then the mark, then the newest content
+        first = out[out.index("cut 1 of the first 3"):]
+        assert re.search(r"<\|begin_of_text\|><\|im_start\|>user\n⟦… \d+ tokens cut …⟧", first)
+        assert re.search(r"⟦chosen: … its last \d+ tokens? cut \(data.max_length\)⟧", out)
+    plain = qdpo("data", QUICKSTART_RECIPE, "-n", "1")
+    assert "⟦…" not in plain.stdout and "cut 1 of" not in plain.stdout
 
 
 @pytest.fixture(scope="module")

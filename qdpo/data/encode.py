@@ -137,8 +137,16 @@ class Tokenizer:
                                              **self._template_vars)
             except Exception:
                 self._compiled = None  # the template needs transformers' full context
-        return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                            add_generation_prompt=generation_prompt)
+        try:
+            return self.tok.apply_chat_template(messages, chat_template=self.template,
+                                                tokenize=False,
+                                                add_generation_prompt=generation_prompt)
+        except Exception as e:  # a template's own error (raise_exception), syntax, a huge range
+            from qdpo.files import short_error
+
+            raise DataError(f"The chat template cannot render a conversation: "
+                            f"{short_error(e).rstrip('.')}. Fix data.chat_template, or set it to "
+                            "chatml, llama3 or zephyr.") from None
 
     def prompt_messages(self, prompt: list[dict[str, str]] | str,
                         system: str | None = None) -> list[dict[str, str]]:
@@ -240,21 +248,27 @@ class Tokenizer:
         head) and data.max_length (the responses from the right), or None when it is dropped
         or skipped."""
         max_len, max_prompt = self.settings.max_length, self.settings.max_prompt_length
+        head = removed = 0
         if len(p) > max_prompt:
             head = self._head_len(pair, p)
-            keep_head = 0 < head <= max_prompt // 2
-            p = p[:head] + p[len(p) - (max_prompt - head):] if keep_head else p[-max_prompt:]
+            if not 0 < head <= max_prompt // 2:
+                head = 0
+            removed = len(p) - max_prompt
+            p = p[:head] + p[head + removed:]
             report.prompt_truncated += 1
         room = max_len - len(p)
         if room < 1:
             report.dropped_too_long += 1
             return None
-        if len(c) > room or len(r) > room:
-            report.response_truncated += (len(c) > room) + (len(r) > room)
+        chosen_cut, rejected_cut = max(0, len(c) - room), max(0, len(r) - room)
+        if chosen_cut or rejected_cut:
+            report.response_truncated += bool(chosen_cut) + bool(rejected_cut)
             c, r = c[:room], r[:room]
         if not c or not r:
             report.skip("empty response after tokenization", f"row {pair.row}")
             return None
+        if removed or chosen_cut or rejected_cut:
+            report.record_cut(pair.row, p, head, removed, chosen_cut, rejected_cut)
         return PairTokens(list(p), list(c), list(r), pair.weight)
 
     def tokenize_chunk(self, pairs: list[Pair], report: DataReport) -> list[PairTokens]:

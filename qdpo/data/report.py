@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from qdpo.errors import DataError
 
 
+CUT_EXAMPLES = 3
 PARTS = (("prompt", "prompts"), ("chosen", "chosen"), ("rejected", "rejected"),
          ("system", "system"), ("weight", "weights"))
 
@@ -32,6 +33,16 @@ class DataReport:
     origins: Counter = field(default_factory=Counter)
     eval_overlap: int = 0  # eval pairs that are also training pairs
     eval_pairs: int = 0
+    # the first few cut pairs, for `qdpo data` to show where: {"row", "prompt_ids" (after the
+    # cut), "head" (tokens kept before the cut), "removed", "chosen_cut", "rejected_cut"}
+    cuts: list[dict] = field(default_factory=list)
+
+    def record_cut(self, row: int | None, prompt_ids: list[int], head: int, removed: int,
+                   chosen_cut: int, rejected_cut: int) -> None:
+        if len(self.cuts) < CUT_EXAMPLES:
+            self.cuts.append({"row": row, "prompt_ids": list(prompt_ids), "head": head,
+                              "removed": removed, "chosen_cut": chosen_cut,
+                              "rejected_cut": rejected_cut})
 
     def merge(self, other: DataReport) -> None:
         """Add a worker's counts (tokenization in parallel processes)."""
@@ -40,6 +51,7 @@ class DataReport:
         self.prompt_truncated += other.prompt_truncated
         self.response_truncated += other.response_truncated
         self.dropped_too_long += other.dropped_too_long
+        self.cuts.extend(other.cuts[: max(0, CUT_EXAMPLES - len(self.cuts))])
         for text in other.notes:
             self.note(text)
 
