@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 
 from tiny import QUICKSTART_RECIPE, qdpo
@@ -23,6 +24,12 @@ def test_sample_prompts_are_answered_at_every_eval_beside_the_base(tmp_path):
                for r in rows)
     assert [r["base_response"] for r in rows[:3]] == [r["base_response"] for r in rows[3:]]
     assert "sample @ step 2:" in res.stdout
+    # the run's own report.html shows them too, with the held-out margins of the final eval
+    page = (run / "report.html").read_text()
+    assert "How do I boil an egg?" in page
+    assert html.escape(rows[3]["response"][:20].strip(), quote=True) in page
+    margins = json.loads((run / "eval_margins.json").read_text())
+    assert margins["step"] == 4 and margins["pairs"] == len(margins["margins"]) > 0
 
 
 def test_samples_without_eval_data_and_after_a_resume(tmp_path):
