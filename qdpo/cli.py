@@ -77,6 +77,8 @@ def train(
                                    help="Replace an existing run in output.dir."),
     output: Optional[Path] = typer.Option(None, "--output", "-o",
                                           help="Run directory (overrides output.dir)."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="Train data-parallel on this many GPUs "
+                             "of this machine (starts torchrun; the same result as one GPU)."),
 ) -> None:
     """Train LoRA adapters with DPO (or a relative) on a 4-bit base, as the recipe says."""
     from qdpo.recipe import load_recipe
@@ -84,7 +86,9 @@ def train(
     ov = list(overrides or [])
     if output is not None:
         ov.append(f"output.dir={output}")
-    r = load_recipe(recipe, ov)
+    r = load_recipe(recipe, ov)  # a bad recipe stops here, before any process starts
+    if gpus > 1:
+        raise typer.Exit(_torchrun(gpus))
     from qdpo.train import train as run_train
 
     result = run_train(r, resume=resume, overwrite=overwrite)
@@ -93,6 +97,35 @@ def train(
 
         ui.info(f"resume with: {_resume_command(recipe, overrides or [], result.run_dir)}")
         raise typer.Exit(130)
+
+
+def _torchrun(gpus: int) -> int:
+    """`qdpo train ... --gpus N` as `torchrun --standalone --nproc-per-node N -m qdpo train ...`:
+    PyTorch's launcher starts the ranks, and stops them all if one fails."""
+    import subprocess
+
+    import torch
+
+    from qdpo.distributed import launched
+
+    if launched().active:
+        raise QdpoError("--gpus starts torchrun itself; under torchrun, leave --gpus out.")
+    found = torch.cuda.device_count()
+    if found < gpus:
+        raise QdpoError(f"--gpus {gpus}: this machine has {found} CUDA GPU(s). Use --gpus "
+                        f"{max(found, 1)}, or torchrun directly (several nodes, or CPU "
+                        "processes with gloo).")
+    argv = sys.argv[1:]
+    for i, a in enumerate(argv):  # the same command, without --gpus
+        if a == "--gpus":
+            del argv[i:i + 2]
+            break
+        if a.startswith("--gpus="):
+            del argv[i]
+            break
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={gpus}", "-m", "qdpo", *argv]
+    return subprocess.call(cmd)
 
 
 @app.command()

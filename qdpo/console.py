@@ -72,13 +72,25 @@ class ConsoleHandler(logging.Handler):
             self.output.print(msg)
 
 
+class RankErrors(logging.StreamHandler):
+    """Under torchrun, ranks other than 0 say only what went wrong, and which rank they are."""
+
+    def __init__(self, rank: int):
+        super().__init__(sys.stderr)
+        self.setFormatter(logging.Formatter(f"rank {rank}: %(message)s"))
+
+
 def install_cli_handler(output: Console | None = None) -> None:
     """Let the CLI own the terminal: messages printed by rich, progress bars and the live
-    display on `output` (stdout by default). Calling it again replaces the handler."""
-    for h in [h for h in log.handlers if isinstance(h, ConsoleHandler)]:
+    display on `output` (stdout by default). Calling it again replaces the handler. Under
+    torchrun only rank 0 talks (the others print errors only, and no progress)."""
+    from qdpo.distributed import launched
+
+    for h in [h for h in log.handlers if isinstance(h, (ConsoleHandler, RankErrors))]:
         log.removeHandler(h)
-    log.addHandler(ConsoleHandler(output or console))
-    log.setLevel(logging.INFO)
+    rank = launched().rank
+    log.addHandler(ConsoleHandler(output or console) if rank == 0 else RankErrors(rank))
+    log.setLevel(logging.INFO if rank == 0 else logging.ERROR)
     log.propagate = False  # a root handler the user configured would print everything twice
 
 

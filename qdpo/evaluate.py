@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from qdpo import callable_module
+from qdpo import callable_module, distributed
 from qdpo import console as ui
 from qdpo.batching import EVAL_SCALE, BatchPlan, plan_batches
 from qdpo.data import PairTokens
@@ -41,18 +41,24 @@ def evaluate_pairs_with_margins(model: Any, data: Sequence[PairTokens], objectiv
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast_for(device, dtype):
-        for batch in plan.micro_batches(range(len(data)), data):
+        # with several ranks each evaluates its share, and the sums are added up
+        mine = distributed.share(range(len(data)), [p.num_tokens for p in data],
+                                 distributed.ranks())
+        for batch in plan.micro_batches(mine, data):
             batch.to(device)
             ref = reference.get(batch.pair_ids, device) if reference is not None else None
             pol, ref, out = forward_pair_batch(model, batch, objective, ref)
             acc.add(pol, ref, out)
+            acc.count(pairs=batch.num_pairs)
             margins.append((out.chosen_rewards - out.rejected_rewards).float())
             order.extend(batch.pair_ids)
     model.train(was_training)
     res = acc.result()
-    res["pairs"] = acc.n
+    res.setdefault("pairs", 0)
     values = torch.cat(margins).tolist() if margins else []
-    by_pair = dict(zip(order, values))  # batches group pairs by length, not in data order
+    by_pair: dict[int, float] = {}  # batches group pairs by length, not in data order
+    for part in distributed.gather(dict(zip(order, values))):
+        by_pair.update(part)
     return res, [by_pair[i] for i in sorted(by_pair)]
 
 
@@ -74,6 +80,7 @@ def evaluate_run(path: str | Path, sources: Sequence[Any], max_pairs: int | None
     from qdpo.recipe import DataSource, recipe_from_dict
     from qdpo.rundir import open_trained
 
+    distributed.init()  # under torchrun the ranks share the pairs out
     sources = [s if isinstance(s, DataSource) else DataSource(path=str(s)) for s in sources]
     src = open_trained(path, allow_plain=True, trust_remote_code=trust_remote_code)
     if not src.has_adapter:

@@ -70,10 +70,14 @@ def write_atomically(path: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
+def atomic_dir(path: Path, keep_existing: bool = False) -> Iterator[Path]:
     """Like write_atomically for a directory: fill the yielded empty directory; on success it
     replaces `path` (an older file or directory there is removed only after the new one is
-    complete); on error it is removed and `path` is untouched."""
+    complete); on error it is removed and `path` is untouched.
+
+    `keep_existing`: a directory that another process completed first wins and ours is
+    dropped (content that is the same whoever writes it, e.g. seeded random weights; replacing
+    it would pull it from under a process that is reading it)."""
     tmp = _temporary(path, "tmp")
     tmp.mkdir()
     try:
@@ -82,7 +86,13 @@ def atomic_dir(path: Path) -> Iterator[Path]:
             if f.is_file():
                 _finish_file(f)
         fsync_path(tmp)
-        if path.exists() or path.is_symlink():
+        if keep_existing:
+            try:
+                tmp.rename(path)  # fails if another process's directory got there first
+            except OSError:
+                if not path.is_dir():
+                    raise
+        elif path.exists() or path.is_symlink():
             old = _temporary(path, "old")
             path.rename(old)
             tmp.rename(path)

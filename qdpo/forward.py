@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from qdpo import distributed
 from qdpo.batching import PackedBatch
 from qdpo.logps import SequenceLogps, batch_mask, sequence_logps
 from qdpo.losses import LossOutput, Objective, PreferenceBatch
@@ -46,6 +47,11 @@ class MetricAccumulator:
     def __init__(self) -> None:
         self.sums: dict[str, Any] = {}  # device tensors: no GPU sync per micro-batch
         self.n = 0
+        self.counts: dict[str, float] = {}  # reported as totals, not per pair (tokens)
+
+    def count(self, **amounts: float) -> None:
+        for k, v in amounts.items():
+            self.counts[k] = self.counts.get(k, 0) + v
 
     def add(self, pol: SequenceLogps, ref: SequenceLogps | None, out: LossOutput) -> None:
         self.n += pol.chosen.shape[0]
@@ -67,9 +73,27 @@ class MetricAccumulator:
             v = v.detach()
             self.sums[k] = self.sums[k] + v if k in self.sums else v
 
-    def result(self, prefix: str = "") -> dict[str, float]:
-        if not self.sums:
-            return {}
+    def totals(self) -> tuple[dict[str, float], int, dict[str, float]]:
+        """The sums over this process's pairs, their count and the counts, summed over the
+        ranks of a distributed job (distributed.py): every rank gets the same figures."""
         # one device-to-host copy for all metrics instead of one sync per metric
-        values = torch.stack([v.float() for v in self.sums.values()]).tolist()
-        return {prefix + k: v / max(1, self.n) for k, v in zip(self.sums, values)}
+        values = torch.stack([v.float() for v in self.sums.values()]).tolist() \
+            if self.sums else []
+        mine = (dict(zip(self.sums, values)), self.n, dict(self.counts))
+        if not distributed.ranks().active:
+            return mine
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        n = 0
+        for part, pairs, part_counts in distributed.gather(mine):
+            for k, v in part.items():
+                sums[k] = sums.get(k, 0.0) + v
+            for k, v in part_counts.items():
+                counts[k] = counts.get(k, 0) + v
+            n += pairs
+        return sums, n, counts
+
+    def result(self, prefix: str = "") -> dict[str, float]:
+        """Means per pair (with `prefix`), then the counts as totals."""
+        sums, n, counts = self.totals()
+        return {**{prefix + k: v / max(1, n) for k, v in sums.items()}, **counts}

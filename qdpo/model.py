@@ -103,8 +103,11 @@ def materialize_random(recipe: Recipe) -> str:
     torch.manual_seed(recipe.train.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     torch.random.set_rng_state(state)
-    with atomic_dir(out) as tmp:  # a process racing us writes the same weights
-        model.save_pretrained(tmp)
+    with atomic_dir(out, keep_existing=True) as tmp:  # a racing process wins
+        model.save_pretrained(tmp, is_main_process=True)
+        if not (tmp / "config.json").exists():  # transformers saves on global rank 0 only
+            raise ModelError("Random-init weights are written by rank 0 of a distributed job; "
+                             "this rank asked for them first.")
     return str(out)
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from qdpo import console as ui
+from qdpo import distributed
 from qdpo.batching import REFERENCE_SCALE, BatchPlan
 from qdpo.cache import cache_dir
 from qdpo.files import cache_write_failed, write_atomically
@@ -157,6 +158,17 @@ def precompute(model: Any, table: ReferenceTable, ids: Sequence[int], data: Sequ
     return len(todo)
 
 
+def _share_rows(table: ReferenceTable, mine: Sequence[int]) -> None:
+    """Give every rank the rows the others computed."""
+    names = ("chosen", "rejected", "chosen_public", "rejected_public")
+    idx = torch.tensor(list(mine), dtype=torch.long)
+    rows = {n: getattr(table, n)[idx].tolist() for n in names}
+    for ids, part in distributed.gather((list(mine), rows)):
+        at = torch.tensor(ids, dtype=torch.long)
+        for n in names:
+            getattr(table, n)[at] = torch.tensor(part[n], dtype=torch.float32)
+
+
 def ensure(model: Any, data: Sequence[PairTokens], ids: Sequence[int], plan: BatchPlan,
            device: torch.device, dtype: torch.dtype, key: str | None = None,
            what: str = "train") -> tuple[ReferenceTable, float]:
@@ -174,13 +186,17 @@ def ensure(model: Any, data: Sequence[PairTokens], ids: Sequence[int], plan: Bat
             ui.info(f"reference: {what} log-probs reused from cache ({len(wanted)} pairs, "
                     f"{cache_path(key)})")
         return table.on(device), time.monotonic() - t0
-    with ui.task_progress(f"reference pass ({what})", len(missing)) as advance:
-        precompute(model, table, missing, data, plan.scaled(REFERENCE_SCALE), device,
+    r = distributed.ranks()  # several ranks: each computes its share, then all have all
+    mine = distributed.share(missing, [data[i].num_tokens for i in missing], r)
+    with ui.task_progress(f"reference pass ({what})", len(mine)) as advance:
+        precompute(model, table, mine, data, plan.scaled(REFERENCE_SCALE), device,
                    autocast_for(device, dtype), advance)
+    if r.active:
+        _share_rows(table, mine)
     table.computed = len(missing)
     synchronize(device)
     dt = time.monotonic() - t0
-    if key:
+    if key and r.is_main:  # the same cache a one-process run reads and writes
         cached = "; cached for later runs"
         try:
             save_cached(key, table)

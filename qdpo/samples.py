@@ -43,12 +43,15 @@ def sample_prompts(recipe: Recipe) -> list[Any]:
 class Samples:
     """Answers to the sample prompts, appended to samples.jsonl at each evaluation."""
 
-    def __init__(self, recipe: Recipe, model: Any, tokenizer: Any, run_dir: Path):
+    def __init__(self, recipe: Recipe, model: Any, tokenizer: Any, run_dir: Path,
+                 answer: bool = True):
+        """`answer` False (ranks other than 0 of a distributed run): the prompts are known,
+        nothing is generated or written."""
         from qdpo.chat import Generator, Sampling
 
         self.prompts = sample_prompts(recipe)
         self.path = run_dir / SAMPLES_FILE
-        self.gen = Generator(model, tokenizer, recipe) if self.prompts else None
+        self.gen = Generator(model, tokenizer, recipe) if self.prompts and answer else None
         self.sampling = Sampling(max_new_tokens=recipe.eval.sample_max_new_tokens,
                                  temperature=0.0)
         self.base: list[str | None] = [None] * len(self.prompts)
@@ -80,7 +83,7 @@ class Samples:
     def truncate(self, step: int) -> None:
         """Drop answers recorded after `step` (and damaged lines, as the metrics log does):
         a resumed run answers those steps again."""
-        if not self.path.exists():
+        if self.gen is None or not self.path.exists():
             return
         from qdpo.files import write_text_atomically
         from qdpo.rundir import metric_lines

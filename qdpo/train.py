@@ -10,6 +10,7 @@ runtime objects it builds (an Objective, a BatchPlan, the model, the optimizer).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -19,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from qdpo import callable_module, checkpoint
+from qdpo import callable_module, checkpoint, distributed
 from qdpo import console as ui
 from qdpo import reference
 from qdpo.attention import check_can_train, model_kernel
@@ -34,8 +35,8 @@ from qdpo.guards import Interrupt, nonfinite_error, out_of_memory_message
 from qdpo.logps import causal_lm
 from qdpo.losses import Objective
 from qdpo.memory import token_budget
-from qdpo.model import (ModelInfo, hidden_size, load_model, load_tokenizer, save_adapter,
-                        trainable_parameters)
+from qdpo.model import (ModelInfo, base_weights_path, hidden_size, load_model, load_tokenizer,
+                        save_adapter, trainable_parameters)
 from qdpo.recipe import Recipe
 from qdpo.rundir import RunDir
 from qdpo.samples import Samples
@@ -83,17 +84,18 @@ def train_step(ctx: StepContext, data: list[PairTokens], idx: list[int]) -> dict
     then skipped: gradients dropped, optimizer and schedule untouched).
     """
     acc = MetricAccumulator()
-    tokens = slots = 0
+    # with several ranks, this one's share of the step; the loss is still over all its pairs
+    mine = distributed.share(idx, [data[i].num_tokens for i in idx], distributed.ranks())
     with autocast_for(ctx.device, ctx.dtype):
-        for batch in ctx.plan.micro_batches(idx, data):
+        for batch in ctx.plan.micro_batches(mine, data):
             batch.to(ctx.device)
             ref = ctx.reference.get(batch.pair_ids, ctx.device) if ctx.reference else None
             pol, ref, out = forward_pair_batch(ctx.model, batch, ctx.objective, ref)
             loss = out.losses.sum() / len(idx)
             (ctx.scaler.scale(loss) if ctx.scaler else loss).backward()
             acc.add(pol, ref, out)
-            tokens += batch.num_tokens
-            slots += batch.slots
+            acc.count(tokens=batch.num_tokens, token_slots=batch.slots)
+    distributed.sum_gradients(ctx.params)  # several ranks: the one-process gradient
     if ctx.scaler:
         ctx.scaler.unscale_(ctx.optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(ctx.params,
@@ -116,7 +118,7 @@ def train_step(ctx: StepContext, data: list[PairTokens], idx: list[int]) -> dict
     ctx.scheduler.step()
     ctx.optimizer.zero_grad(set_to_none=True)
     ctx.objective.observe(metrics, len(idx))
-    metrics.update({"lr": lr, "grad_norm": grad_norm, "tokens": tokens, "token_slots": slots})
+    metrics.update({"lr": lr, "grad_norm": grad_norm})
     return metrics
 
 
@@ -195,12 +197,20 @@ def step_context(recipe: Recipe, model: Any, pad_id: int, device: torch.device,
 
 
 def setup(recipe: Recipe, resume: str | None, overwrite: bool) -> Setup:
+    main = distributed.ranks().is_main  # rank 0 alone writes the run directory
     run = RunDir(Path(recipe.output.dir).expanduser())  # `~/runs/x`, as input paths are
-    resume_from = run.prepare_for_training(recipe, resume=resume, overwrite=overwrite)
+    resume_from = run.prepare_for_training(recipe, resume=resume, overwrite=overwrite) \
+        if main else None
+    resume_from = distributed.broadcast(resume_from)
     torch.manual_seed(recipe.train.seed)
     random.seed(recipe.train.seed)
     tokenizer = load_tokenizer(recipe)
+    if not main:  # rank 0 tokenizes into the cache (and writes random-init weights) first
+        distributed.barrier()
     data = prepare(recipe, tokenizer)
+    if main:
+        base_weights_path(recipe)  # transformers saves from global rank 0 only
+        distributed.barrier()
     ui.data_report(data)
     model, minfo = load_model(recipe)
     ui.model_banner(recipe, minfo)
@@ -211,9 +221,11 @@ def setup(recipe: Recipe, resume: str | None, overwrite: bool) -> Setup:
     if resume_from is not None:
         start = checkpoint.restore(resume_from, model, ctx.optimizer, ctx.scheduler, ctx.scaler,
                                    ctx.objective)
-        run.truncate_metrics(start)
+        if main:
+            run.truncate_metrics(start)
         ui.info(f"resumed from {resume_from} at step {start}/{steps}")
-    run.write_run_info(recipe, minfo, data, steps)
+    if main:
+        run.write_run_info(recipe, minfo, data, steps)
     ui.plan_banner(ctx.plan, recipe.train.pairs_per_step, steps)
     ev_plan = eval_plan(ctx.plan, recipe.eval.micro_batch_pairs)
     eval_ref, ref_seconds = None, 0.0
@@ -252,6 +264,7 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
           on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
     """Run DPO (or a relative) as the recipe says; returns the final metrics and run dir."""
     t_start = time.monotonic()
+    main = distributed.init().is_main  # under torchrun: join the job (one process: nothing)
     s = setup(recipe, resume, overwrite)
     ctx, data, out = s.ctx, s.data, recipe.output
     n, pps, seed = len(data.train), recipe.train.pairs_per_step, recipe.train.seed
@@ -260,7 +273,7 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
     final_eval: dict[str, float] = {}
     bad_steps, done, interrupted = 0, s.start_step, False
 
-    samples = Samples(recipe, ctx.model, s.tokenizer, s.run.path)
+    samples = Samples(recipe, ctx.model, s.tokenizer, s.run.path, answer=main)
     samples.truncate(s.start_step)
 
     def run_eval(step: int, label: str | None = None, final: bool = False) -> dict[str, float]:
@@ -270,7 +283,7 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
                                                       s.eval_plan, ctx.device, ctx.dtype,
                                                       s.eval_reference)
             sinks.write({"step": step, **{f"eval/{k}": v for k, v in ev.items()}})
-            if final:  # the report's histogram of held-out margins
+            if final and main:  # the report's histogram of held-out margins
                 s.run.write_eval_margins(step, margins)
             if label:
                 display.message(ui.eval_line(label, ev))
@@ -281,7 +294,9 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
 
     evaluating = bool(data.eval) or bool(samples.prompts)
 
-    with ui.metric_sinks(s.run.path, out.tensorboard, out.wandb, recipe.to_dict()) as sinks, \
+    sinks_of_run = ui.metric_sinks(s.run.path, out.tensorboard, out.wandb, recipe.to_dict()) \
+        if main else contextlib.nullcontext(ui.MetricSinks([]))
+    with sinks_of_run as sinks, \
             ui.TrainDisplay(s.steps, s.start_step, live=live) as display, \
             Interrupt() as intr, \
             out_of_memory_message(recipe, ctx.device, lambda: f"at step {done + 1}"):
@@ -313,7 +328,7 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
                 run_eval(done, f"eval @ step {done}")
             if out.save_every_steps and done % out.save_every_steps == 0 and done != s.steps:
                 save(s, done)
-            if intr.requested:
+            if any(distributed.gather(intr.requested)):  # all ranks stop at the same step
                 interrupted = True
                 display.message(f"checkpoint saved to {save(s, done)}; continue with "
                                 f"`qdpo train ... --resume`")
@@ -327,7 +342,10 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
 
 
 def save(s: Setup, step: int) -> Path:
+    """A checkpoint of `step` (by rank 0: the other ranks hold the same state)."""
     c = s.ctx
+    if not distributed.ranks().is_main:
+        return checkpoint.checkpoint_path(s.run.path, step)
     return checkpoint.save(s.run.path, step, c.model, s.tokenizer, c.optimizer, c.scheduler,
                            c.scaler, c.objective, s.recipe.output.keep_last)
 
@@ -335,17 +353,21 @@ def save(s: Setup, step: int) -> Path:
 def finish(s: Setup, done: int, final_eval: dict[str, float], last: dict[str, float],
            history: list[dict[str, Any]], interrupted: bool, seconds: float) -> TrainResult:
     """Save the final checkpoint and adapter (unless interrupted), write and show the summary."""
-    if not interrupted:
-        if done > s.start_step:  # lets a later run extend this one (more steps or epochs)
-            save(s, done)
-        s.run.save_final(lambda d: save_adapter(s.ctx.model, s.tokenizer, d))
     tables = [t for t in (s.ctx.reference, s.eval_reference) if t is not None]
     result = TrainResult(s.run.path, done, final_eval, last, history, interrupted,
                          s.reference_seconds,
                          reference_reused=bool(tables) and not any(t.computed for t in tables))
+    if not distributed.ranks().is_main:  # rank 0 writes the run; this one is done
+        distributed.shutdown()
+        return result
+    if not interrupted:
+        if done > s.start_step:  # lets a later run extend this one (more steps or epochs)
+            save(s, done)
+        s.run.save_final(lambda d: save_adapter(s.ctx.model, s.tokenizer, d))
     s.run.write_summary(result, seconds, s.recipe)
     write_report(s.run.path)
     s.run.unlock()
+    distributed.shutdown()
     ui.run_summary(result, s.recipe, seconds)
     return result
 

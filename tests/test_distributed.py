@@ -1,0 +1,91 @@
+"""Data parallel training under torchrun: two CPU processes (gloo) end with the adapter one
+process makes, share the reference cache with one-process runs, and resume each other's
+checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qdpo.distributed import Ranks, share
+from tiny import QUICKSTART_RECIPE, REPO, qdpo, read_metrics
+
+STEPS = ["train.max_steps=4", "eval.every_steps=2"]  # the quickstart has LoRA dropout 0
+
+
+def torchrun(*args, ranks=2):
+    """`torchrun --standalone --nproc-per-node 2 -m qdpo ...` on the CPU (gloo)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={ranks}", "-m", "qdpo", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600,
+                          check=False)
+
+
+def adapter(run):
+    return load_file(str(run / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a, b):
+    wa, wb = adapter(a), adapter(b)
+    assert wa.keys() == wb.keys() and len(wa) == 28
+    assert max(w.abs().max().item() for w in wa.values()) > 0.01  # it trained
+    for k in wa:  # the same sums in another order: float rounding only
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=2e-5)
+
+
+def test_two_ranks_train_the_adapter_of_one_and_share_its_reference_cache(tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))  # cold: the ranks compute it
+    two = torchrun("train", QUICKSTART_RECIPE, *STEPS, "-o", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "for 64 pairs computed" in two.stdout  # the reference pass, split across the ranks
+    assert two.stdout.count("qdpo run summary") == 1  # rank 0 talks for the job
+    one = qdpo("train", QUICKSTART_RECIPE, *STEPS, "-o", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    assert "train log-probs reused from cache" in one.stdout  # the cache the ranks wrote
+    assert_same_adapter(tmp_path / "one", tmp_path / "two")
+    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [m["step"] for m in m2] == [m["step"] for m in m1]  # written once, by rank 0
+    for a, b in zip(m1, m2):  # the step's metrics are over all its pairs, whatever the ranks
+        for k in ("loss", "rewards/accuracies", "tokens", "eval/loss", "eval/pairs"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4), k
+    margins = json.loads((tmp_path / "two" / "eval_margins.json").read_text())
+    assert margins["pairs"] == 64 == len(margins["margins"])
+
+
+def test_a_checkpoint_of_one_process_resumes_on_two_ranks(tmp_path):
+    run = tmp_path / "run"
+    flat = ["train.lr_scheduler=constant", "train.warmup_ratio=0"]  # the same lr at 2 or 4 steps
+    first = qdpo("train", QUICKSTART_RECIPE, *flat, "train.max_steps=2", "-o", run)
+    assert first.returncode == 0, first.stderr
+    more = torchrun("train", QUICKSTART_RECIPE, *flat, "train.max_steps=4", "-o", run, "--resume")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "resumed from" in more.stdout
+    straight = qdpo("train", QUICKSTART_RECIPE, *flat, "train.max_steps=4",
+                    "-o", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    assert_same_adapter(run, tmp_path / "straight")
+
+
+def test_pairs_are_shared_out_by_tokens():
+    ids, costs = list(range(10)), [50, 10, 40, 10, 30, 20, 5, 5, 60, 25]
+    parts = [share(ids, costs, Ranks(r, 3, r)) for r in range(3)]
+    assert sorted(i for p in parts for i in p) == ids  # each pair once
+    loads = [sum(costs[i] for i in p) for p in parts]
+    assert max(loads) - min(loads) <= max(costs) // 2
+    assert parts == [share(ids, costs, Ranks(r, 3, r)) for r in range(3)]  # same on every rank
+    assert share(ids, costs, Ranks()) == ids
+
+
+def test_gpus_without_the_gpus_is_one_message():
+    res = qdpo("train", QUICKSTART_RECIPE, "--gpus", "2")
+    assert res.returncode == 2
+    assert "--gpus 2: this machine has 0 CUDA GPU(s)" in res.stderr
