@@ -40,7 +40,7 @@ app = typer.Typer(
     name="qdpo", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
     help="QLoRA Direct Preference Optimization on one GPU: train, then merge, export, chat.")
 
-_state = {"debug": False}
+_state = {"debug": False, "interrupt_reported": False}
 
 EXAMPLE_RECIPE = "recipes/quickstart.yaml"
 
@@ -96,6 +96,7 @@ def train(
         from qdpo import console as ui
 
         ui.info(f"resume with: {_resume_command(recipe, overrides or [], result.run_dir)}")
+        _state["interrupt_reported"] = True
         raise typer.Exit(130)
 
 
@@ -165,6 +166,7 @@ def sweep(
 
         ui.info("resume with: " + shlex.join(["qdpo", "sweep", str(recipe), *(grid or []),
                                               "--out", str(result.sweep_dir), "--resume"]))
+        _state["interrupt_reported"] = True
         raise typer.Exit(130)
 
 
@@ -657,12 +659,15 @@ def main() -> None:
     from qdpo import console as ui
 
     ui.install_cli_handler()
+    _state["interrupt_reported"] = False  # main() runs again in-process (tests, scripts)
     # library deprecation chatter (transformers renames, peft internals) is not for users
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         rc = app(args=_optional_resume_value(sys.argv[1:]), prog_name="qdpo",
                  standalone_mode=False)
+        if rc == 130 and not _state["interrupt_reported"]:  # typer's silent Ctrl-C exit
+            ui.error("interrupted" + _continue_hint(sys.argv[1:]))
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except QdpoError as e:
@@ -671,7 +676,7 @@ def main() -> None:
         ui.error(str(e))
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        ui.error("interrupted")
+        ui.error("interrupted" + _continue_hint(sys.argv[1:]))
         sys.exit(130)
     except SystemExit:
         raise
@@ -698,6 +703,39 @@ def main() -> None:
         ui.error(f"{type(e).__name__}: {e}\n(this is a bug in qdpo or an unexpected "
                  "environment; run with --debug for the traceback and report it)")
         sys.exit(1)
+
+
+def _terminate_like_ctrl_c() -> None:
+    """SIGTERM (a scheduler, `kill`, a closing terminal) stops a command as Ctrl-C does: with
+    a message, and in training after the step's checkpoint (guards.Interrupt), instead of
+    killing the process mid-write with nothing said."""
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (a library caller's own loop)
+        pass
+
+
+_terminate_like_ctrl_c()  # from the moment the CLI is imported
+
+
+def _continue_hint(argv: list[str]) -> str:
+    """What an interrupted command kept, and how to go on: for `train`, its exact command with
+    --resume (which continues from the last checkpoint, or starts fresh in the same directory
+    when none was written yet)."""
+    import shlex
+
+    if "train" not in argv:
+        return ""
+    args = [a for a in argv if a != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return ("; checkpoints already written are kept. Continue with: "
+            + shlex.join(["qdpo", *args]))
 
 
 def _disk_problem(e: BaseException) -> str | None:

@@ -265,3 +265,26 @@ def test_sampling_options_that_cannot_sample_are_refused(tmp_path, option):
                *option)
     assert res.returncode == 2 and "Sampling options" in res.stderr, res.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_an_interrupt_outside_the_training_loop_says_how_to_go_on(tmp_path, monkeypatch):
+    import importlib
+
+    def interrupted(*args, **kwargs):  # Ctrl-C (or SIGTERM) while loading, before any step
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module("qdpo.train"), "train", interrupted)
+    res = qdpo("train", QUICKSTART_RECIPE, "-o", tmp_path / "run", "--overwrite")
+    assert res.returncode == 130
+    assert "interrupted; checkpoints already written are kept" in res.stderr
+    assert f"qdpo train {QUICKSTART_RECIPE} -o {tmp_path / 'run'} --resume" in res.stderr
+    assert "--overwrite" not in res.stderr  # going on must not wipe the run
+
+
+def test_sigterm_stops_a_command_like_ctrl_c():
+    import signal
+
+    import qdpo.cli  # noqa: F401  (installs the handler)
+
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGTERM)
