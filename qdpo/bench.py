@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import torch
 
 from qdpo import console as ui
+from qdpo import distributed
 from qdpo.data import PairTokens
 from qdpo.errors import ModelError, QdpoError
 from qdpo.recipe import Recipe
@@ -184,6 +185,7 @@ def run_bench(recipe: Recipe, *, steps: int = 8, warmup: int = 2, shape: str | N
 
     if steps <= warmup:
         raise QdpoError(f"--steps ({steps}) must be larger than --warmup ({warmup}).")
+    distributed.init()  # under torchrun each rank times its share of every step
     device = default_device()
     if built is None:
         with out_of_memory_message(recipe, device, lambda: "while building the model"):
@@ -289,7 +291,8 @@ def _result(recipe: Recipe, shape: str | None, config: Any, ctx: Any, data: list
     steady_t, steady_tok = sum(times[warmup:]), sum(tokens[warmup:])
     real = sum(segment_cost(p, layout) for p in data)
     mem = memory_stats(device)
-    peak = peak_flops(device)
+    world = distributed.ranks().world
+    peak = peak_flops(device) * world if peak_flops(device) else None  # the job's devices
     mfu = None
     if peak:
         processed = sum(segment_cost(data[i], layout) for i in range(warmup * pps, len(data)))
@@ -310,7 +313,9 @@ def _result(recipe: Recipe, shape: str | None, config: Any, ctx: Any, data: list
         padding_fraction=max(0.0, 1 - real / slots) if slots else 0.0,
         extra={"attn": ctx.plan.kernel, "max_tokens": ctx.plan.max_tokens, "tokens": sum(tokens),
                "micro_batch_pairs": recipe.train.micro_batch_pairs,
-               "prompt_len": list(prompt_len), "response_len": list(response_len)})
+               "prompt_len": list(prompt_len), "response_len": list(response_len),
+               **({"ranks": world, "tokens_per_s_per_rank": steady_tok / steady_t / world}
+                  if world > 1 else {})})
 
 
 def results_table(results: list[BenchResult]) -> Any:
@@ -326,8 +331,11 @@ def results_table(results: list[BenchResult]) -> Any:
         return "-" if v is None else format(v, f)
 
     for r in results:
-        t.add_row(r.extra.get("tool", "qdpo"), r.shape, r.layout, r.reference,
-                  f"{r.tokens_per_s:,.0f}",
+        ranks = r.extra.get("ranks", 1)
+        tokens = f"{r.tokens_per_s:,.0f}" + (
+            f" ({r.extra['tokens_per_s_per_rank']:,.0f} per rank)" if ranks > 1 else "")
+        tool = r.extra.get("tool", "qdpo") + (f" x{ranks} ranks" if ranks > 1 else "")
+        t.add_row(tool, r.shape, r.layout, r.reference, tokens,
                   f"{r.e2e_tokens_per_s:,.0f}", f"{r.step_time_s:.2f}", f"{r.reference_s:.1f}",
                   g(r.peak_alloc_gib, ".2f"), g(r.peak_reserved_gib, ".2f"),
                   g(r.mfu, ".1%"), f"{r.padding_fraction:.0%}")

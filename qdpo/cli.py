@@ -329,6 +329,10 @@ def bench(
         warning = cpu_warning(shape, steps, plen, rlen, base.train.pairs_per_step)
         if warning:
             ui.warn(warning)
+    from qdpo.distributed import launched
+
+    if against and launched().active:
+        raise QdpoError("--against trl runs both tools in one process: leave torchrun out.")
     if against:
         if against != "trl":
             raise QdpoError(f"--against '{against}': the only tool to compare with is trl.")
@@ -350,6 +354,8 @@ def bench(
         import gc
 
         gc.collect()
+    if launched().rank:  # under torchrun rank 0 reports for the job
+        return
     ui.console.print(results_table(results))
     if against:
         from qdpo.compare import ratio_lines
@@ -625,6 +631,10 @@ def eval_cmd(
             for d in data]
     res = evaluate_run(run, srcs, max_pairs, overrides=overrides or [],
                        trust_remote_code=trust_remote_code)
+    from qdpo.distributed import launched
+
+    if launched().rank:  # under torchrun rank 0 reports for the job
+        return
     if json_out:
         typer.echo(_json.dumps(res, indent=2))
         return

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
-from qdpo import attention
+from qdpo import attention, distributed
 from qdpo.cache import cache_dir
 from qdpo.device import compute_dtype, default_device
 from qdpo.errors import ModelError
@@ -99,16 +99,29 @@ def materialize_random(recipe: Recipe) -> str:
     out = cache_dir() / "random-init" / f"{config.model_type}-{key}"
     if (out / "config.json").exists():
         return str(out)
+    if distributed.ranks().rank > 0:  # transformers saves on global rank 0 only: wait for it
+        return _wait_for(out / "config.json", RANK_WAIT_S)
     state = torch.random.get_rng_state()
     torch.manual_seed(recipe.train.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     torch.random.set_rng_state(state)
     with atomic_dir(out, keep_existing=True) as tmp:  # a racing process wins
-        model.save_pretrained(tmp, is_main_process=True)
-        if not (tmp / "config.json").exists():  # transformers saves on global rank 0 only
-            raise ModelError("Random-init weights are written by rank 0 of a distributed job; "
-                             "this rank asked for them first.")
+        model.save_pretrained(tmp)
     return str(out)
+
+
+RANK_WAIT_S = 900  # how long another rank may take to write random-init weights
+
+
+def _wait_for(path: Path, seconds: float) -> str:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise ModelError(f"Rank 0 did not write '{path.parent}' within {seconds:.0f} s.")
+        time.sleep(0.2)
+    return str(path.parent)
 
 
 def base_weights_path(recipe: Recipe) -> str:

@@ -35,8 +35,8 @@ from qdpo.guards import Interrupt, nonfinite_error, out_of_memory_message
 from qdpo.logps import causal_lm
 from qdpo.losses import Objective
 from qdpo.memory import token_budget
-from qdpo.model import (ModelInfo, base_weights_path, hidden_size, load_model, load_tokenizer,
-                        save_adapter, trainable_parameters)
+from qdpo.model import (ModelInfo, hidden_size, load_model, load_tokenizer, save_adapter,
+                        trainable_parameters)
 from qdpo.recipe import Recipe
 from qdpo.rundir import RunDir
 from qdpo.samples import Samples
@@ -205,11 +205,10 @@ def setup(recipe: Recipe, resume: str | None, overwrite: bool) -> Setup:
     torch.manual_seed(recipe.train.seed)
     random.seed(recipe.train.seed)
     tokenizer = load_tokenizer(recipe)
-    if not main:  # rank 0 tokenizes into the cache (and writes random-init weights) first
+    if not main:  # rank 0 tokenizes into the cache first; the others then read it
         distributed.barrier()
     data = prepare(recipe, tokenizer)
     if main:
-        base_weights_path(recipe)  # transformers saves from global rank 0 only
         distributed.barrier()
     ui.data_report(data)
     model, minfo = load_model(recipe)

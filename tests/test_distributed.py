@@ -75,6 +75,26 @@ def test_a_checkpoint_of_one_process_resumes_on_two_ranks(tmp_path):
     assert_same_adapter(run, tmp_path / "straight")
 
 
+def test_bench_and_eval_under_torchrun(tmp_path):
+    bench = torchrun("bench", QUICKSTART_RECIPE, "--steps", "2", "--warmup", "1",
+                     "--json", tmp_path / "bench.json")
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    row, = json.loads((tmp_path / "bench.json").read_text())
+    assert row["extra"]["ranks"] == 2
+    assert row["extra"]["tokens_per_s_per_rank"] == pytest.approx(row["tokens_per_s"] / 2)
+    assert bench.stdout.count("qdpo bench") == 1  # one table, from rank 0
+    run = tmp_path / "run"
+    assert qdpo("train", QUICKSTART_RECIPE, "train.max_steps=2", "-o", run).returncode == 0
+    data = REPO / "recipes" / "quickstart" / "eval.jsonl"
+    one = qdpo("eval", run, "--data", data, "--json")
+    two = torchrun("eval", run, "--data", data, "--json")
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = json.loads(one.stdout), json.loads(two.stdout)  # one JSON document: rank 0's
+    assert b["pairs"] == a["pairs"] == 64
+    for k in ("rewards/accuracies", "rewards/margins", "loss"):
+        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+
+
 def test_pairs_are_shared_out_by_tokens():
     ids, costs = list(range(10)), [50, 10, 40, 10, 30, 20, 5, 5, 60, 25]
     parts = [share(ids, costs, Ranks(r, 3, r)) for r in range(3)]
