@@ -70,6 +70,19 @@ def _say_resume_changes(old: Recipe, new: Recipe) -> None:
                 "new number of steps (the steps already taken are kept as they were)")
 
 
+# A sweep directory (qdpo sweep) holds its runs and their record, read by sweep and report.
+SWEEP_FILE = "sweep.json"
+
+
+def read_sweep_record(sweep_dir: Path) -> dict[str, Any] | None:
+    """A sweep directory's sweep.json, or None when it has none (or a damaged one)."""
+    try:
+        record = json.loads((sweep_dir / SWEEP_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "runs" in record else None
+
+
 # What a run directory holds: the final adapter and tokenizer files, the run's records,
 # checkpoints, TensorBoard events, and the temporary names of atomic writes.
 EVAL_MARGINS = "eval_margins.json"

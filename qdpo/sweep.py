@@ -28,8 +28,8 @@ from qdpo import console as ui
 from qdpo.errors import QdpoError, RecipeError, RunDirError, listed
 from qdpo.files import short_error, write_text_atomically
 from qdpo.recipe import Recipe, load_recipe
+from qdpo.rundir import SWEEP_FILE, read_sweep_record
 
-SWEEP_FILE = "sweep.json"
 # What the reference cache key (reference.cache_key) depends on: the base weights and how they
 # are loaded (model.*), the starting adapter, and the tokenized pairs, which follow from the
 # data and eval settings and train.seed (shuffling, sampling, the held-out split, and the
@@ -221,14 +221,6 @@ def _write_record(sweep_dir: Path, recipe_path: str | Path, grid: Grid, runs: li
     return record
 
 
-def read_record(sweep_dir: Path) -> dict[str, Any] | None:
-    try:
-        record = json.loads((sweep_dir / SWEEP_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and "runs" in record else None
-
-
 def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
     """The summary of a run that finished (final adapter written, not interrupted), else None."""
     try:
@@ -259,7 +251,7 @@ def _prepare_dir(sweep_dir: Path, grid: Grid, resume: bool, overwrite: bool) -> 
         if resume:
             ui.info(f"sweep: nothing to resume in {sweep_dir}; starting the sweep")
         return
-    record = read_record(sweep_dir)
+    record = read_sweep_record(sweep_dir)
     if record is None:
         raise RunDirError(f"Sweep directory '{sweep_dir}' already holds files but no "
                           f"{SWEEP_FILE}: choose another --out.")
@@ -351,7 +343,7 @@ def _train_one(recipe: Recipe, run: SweepRun) -> bool:
 
 
 def _recorded_grid(sweep_dir: Path, grid: Grid) -> Grid:
-    g = (read_record(sweep_dir) or {}).get("grid") or {}
+    g = (read_sweep_record(sweep_dir) or {}).get("grid") or {}
     swept = g.get("swept") or {}
     if not isinstance(swept, dict):
         return grid
@@ -393,7 +385,7 @@ def run_sweep(recipe_path: str | Path, grid_args: list[str], out: str | Path | N
     recipes = grid_recipes(recipe_path, grid, sweep_dir)
     _prepare_dir(sweep_dir, grid, resume, overwrite)
     shared, sharing = reference_sharing(grid, recipes)
-    runs = _load_runs(grid, recipes, read_record(sweep_dir) if resume else None)
+    runs = _load_runs(grid, recipes, read_sweep_record(sweep_dir) if resume else None)
     todo = [(r, run) for r, run in zip(recipes, runs) if run.status != "done"]
     ui.info(f"sweep: {len(runs)} runs ({' x '.join(str(len(v)) for v in grid.values)} over "
             f"{', '.join(grid.keys)}) in {sweep_dir}"

@@ -133,7 +133,7 @@ def _sweep_runs(path: Path, record: dict[str, Any]) -> tuple[list[ReportRun], Sw
 
 def collect(paths: list[Path]) -> tuple[list[ReportRun], list[SweepInfo]]:
     """The runs behind `paths` (each a run directory or a sweep directory), each once."""
-    from qdpo.sweep import read_record
+    from qdpo.rundir import read_sweep_record
 
     if not paths:
         raise RunDirError("Name at least one run directory or sweep directory to report on.")
@@ -144,7 +144,7 @@ def collect(paths: list[Path]) -> tuple[list[ReportRun], list[SweepInfo]]:
             what = "is not a directory" if p.exists() else "does not exist"
             raise RunDirError(f"'{p}' {what}: pass a qdpo run directory (what `qdpo train` "
                               "wrote) or a sweep directory (what `qdpo sweep` wrote).")
-        record = read_record(p)
+        record = read_sweep_record(p)
         if record is not None:
             found, sweep = _sweep_runs(p, record)
             runs.extend(found)
