@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -22,6 +23,7 @@ from typing import Any, Iterator
 
 import torch
 
+from qdpo import console as ui
 from qdpo import files
 from qdpo.errors import QdpoError
 
@@ -174,12 +176,63 @@ def manifest(directory: Path) -> dict[str, dict[str, Any]]:
             for f in sorted(directory.rglob("*")) if f.is_file() and f.name != META}
 
 
+def warn_if_low_on_space(run_dir: Path, keep_last: int) -> None:
+    """Before a save: a warning when the disk has less room than the last checkpoint took
+    (the next one is the same size), while there is still time to free some."""
+    done = list_checkpoints(run_dir)
+    if not done:
+        return
+    need = sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file())
+    try:
+        free = shutil.disk_usage(run_dir).free
+    except OSError:
+        return
+    if free < need * 1.1:
+        gb = 1e9
+        ui.warn(f"only {free / gb:.2f} GB free on the disk of {run_dir}; the next checkpoint "
+                f"needs about {need / gb:.2f} GB. Free some space, or lower output.keep_last "
+                f"(now {keep_last}); the checkpoints written so far stay usable.")
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Temporary folders and files of saves that a killed process left (`.NAME.tmp-PID`,
+    `.NAME.old-PID`, gigabytes on a real model) in `directory` and its checkpoints/, when
+    that process is gone; returns what was removed."""
+    removed = []
+    for parent in (directory, directory / CKPT_DIR):
+        if not parent.is_dir():
+            continue
+        for p in parent.iterdir():
+            pid = _temporary_owner(p.name)
+            if pid is None or pid == os.getpid() or _alive(pid):
+                continue
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _temporary_owner(name: str) -> int | None:
+    m = re.fullmatch(r"\..+\.(?:tmp|old)-(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def save(run_dir: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
          scaler: Any, objective: Any, keep_last: int) -> Path:
     """Write checkpoint `step` atomically and keep the newest `keep_last`; returns its path."""
     from qdpo.model import save_adapter
 
     final = checkpoint_path(run_dir, step)
+    warn_if_low_on_space(run_dir, keep_last)
 
     def write(tmp: Path) -> None:
         save_adapter(model, tokenizer, tmp)

@@ -165,6 +165,13 @@ class RunDir:
         self._refuse_if_locked()
         ckpt = self._prepare(recipe, resume, overwrite)
         self._lock()
+        from qdpo import console as ui
+        from qdpo.checkpoint import remove_stale_temporaries
+
+        stale = remove_stale_temporaries(self.path)  # ours now: no other process writes here
+        if stale:
+            ui.info(f"removed {len(stale)} temporary folder(s) of an earlier, killed save "
+                    f"({', '.join(p.name for p in stale[:3])})")
         return ckpt
 
     # -- one training process per directory ----------------------------------------------

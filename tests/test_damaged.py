@@ -9,6 +9,7 @@ checkpoint is left, the resumed run must end with the adapter of the uninterrupt
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -201,3 +202,40 @@ def test_damaged_metrics_lines_are_counted_and_skipped(killed, trained):
     lines = [x for x in res.stderr.splitlines() if "metrics.jsonl" in x]
     assert len(lines) == 1 and "3 damaged lines skipped" in lines[0], res.stderr
     assert_finished_like(killed, trained)  # and metrics.jsonl reads back cleanly
+
+
+def test_temporaries_of_a_killed_save_are_removed_at_the_next_start(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    assert qdpo("train", QUICKSTART_RECIPE, "train.max_steps=2", "-o", run).returncode == 0
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process id that is gone, like the killed trainer's
+    left = [run / "checkpoints" / f".step-0000004.tmp-{dead.pid}",
+            run / f".final-adapter.tmp-{dead.pid}"]
+    for p in left:
+        p.mkdir()
+        (p / "adapter_model.safetensors").write_bytes(b"\0" * 1000)
+    alive = run / "checkpoints" / f".step-0000009.tmp-{os.getpid()}"  # a live process's
+    alive.mkdir()
+    res = qdpo("train", QUICKSTART_RECIPE, "train.max_steps=4", "-o", run, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert "removed 2 temporary folder(s) of an earlier, killed save" in res.stdout
+    assert not any(p.exists() for p in left) and alive.exists()
+
+
+def test_a_disk_nearly_full_is_a_warning_before_the_save(tmp_path, monkeypatch, caplog):
+    from collections import namedtuple
+
+    run = tmp_path / "run"
+    assert qdpo("train", QUICKSTART_RECIPE, "train.max_steps=2", "-o", run).returncode == 0
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with caplog.at_level("WARNING", logger="qdpo"):
+        ck.warn_if_low_on_space(run, keep_last=2)
+    assert "the next checkpoint needs about" in caplog.text and "output.keep_last" in caplog.text
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, 10**12))
+    caplog.clear()
+    ck.warn_if_low_on_space(run, keep_last=2)
+    assert caplog.text == ""
