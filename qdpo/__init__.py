@@ -11,6 +11,7 @@ and never import torch.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 import types
@@ -28,6 +29,11 @@ __all__ = ["__version__", "QdpoError", "Recipe", "load_recipe", "train", "evalua
 # torch touches the GPU; a user's own allocator setting wins.
 if not (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")):
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+# bitsandbytes warns on every CPU with AVX512-BF16 that an optional inference kernel package
+# (`kernels`) is absent; qdpo trains without that kernel, so the warning only alarms users.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "kernels-community" not in record.getMessage())
 
 
 def callable_module(module_name: str, fn: Callable[..., Any]) -> None:

@@ -331,7 +331,8 @@ def chat_loop(gen: Generator, sampling: Sampling, compare: bool = False,
         _note(line)
     while True:
         try:
-            text = read("you> ").strip()
+            # bytes that are not UTF-8 arrive as lone surrogates, which tokenizers refuse
+            text = read("you> ").strip().encode("utf-8", "replace").decode("utf-8")
         except (EOFError, KeyboardInterrupt):
             _write("\n")
             return
@@ -347,6 +348,26 @@ def chat_loop(gen: Generator, sampling: Sampling, compare: bool = False,
 # ---------------------------------------------------------------------------------------
 # Generation for a file of prompts
 # ---------------------------------------------------------------------------------------
+
+CHARS_PER_TOKEN_MAX = 16  # no tokenizer packs more characters of text into a token
+MAX_PROMPT_CHARS = 1_000_000  # longer than any model's context: tokenizing it would crawl
+
+
+def text_problem(conv: Messages) -> str | None:
+    """Why a conversation cannot be a prompt: text that is not valid Unicode (a lone
+    surrogate, which tokenizers refuse), or more characters than any context holds."""
+    chars = 0
+    for m in conv:
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:
+            return "the text is not valid Unicode (a lone surrogate, e.g. a cut emoji)"
+        chars += len(m["content"])
+    if chars > MAX_PROMPT_CHARS:
+        return (f"the prompt is {chars:,} characters, more than any model's context "
+                f"(at most {MAX_PROMPT_CHARS:,})")
+    return None
+
 
 def _prompt_row(row: Any, path: Path, i: int) -> tuple[Messages, dict[str, Any]]:
     """One jsonl row -> (conversation, the row's other fields)."""
@@ -367,15 +388,30 @@ def read_prompt_rows(path: Path) -> list[tuple[Messages, dict[str, Any]]]:
     fields such as id or category, kept for the output)."""
     if not path.is_file():
         raise DataError(f"Prompts file '{path}' does not exist.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"Prompts file '{path}' is not UTF-8 text ({e.reason} at byte "
+                        f"{e.start}).") from None
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    plain = path.suffix not in (".jsonl", ".json")  # a text file: one prompt per line
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"'{path}' line {i} is not valid JSON ({e.msg}).") from None
-        rows.append(_prompt_row(row, path, i))
+        if plain:
+            row: Any = {"prompt": line.strip()}
+        else:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"'{path}' line {i} is not valid JSON ({e.msg}); a file of "
+                                "plain prompts, one per line, is read as such when its name "
+                                "ends in .txt.") from None
+        conv, extra = _prompt_row(row, path, i)
+        problem = text_problem(conv)
+        if problem:
+            raise DataError(f"'{path}' line {i}: {problem}.")
+        rows.append((conv, extra))
     if not rows:
         raise DataError(f"'{path}' holds no prompts.")
     return rows
@@ -391,6 +427,15 @@ def generate_file(gen: Generator, prompts: Path, out: Path, sampling: Sampling,
     """Replies for every prompt row, written as jsonl: the row's own fields (id, category,
     ...), then prompt, response and, with compare, base_response."""
     rows = read_prompt_rows(prompts)
+    ctx = getattr(gen, "context_length", None)
+    if ctx and sampling.max_new_tokens >= ctx:
+        raise QdpoError(f"--max-new-tokens {sampling.max_new_tokens} leaves no room for a "
+                        f"prompt in the model's context of {ctx} tokens; use fewer.")
+    for n, (conv, _) in enumerate(rows, 1):  # tokenizing megabytes of one word would crawl
+        chars = sum(len(m["content"]) for m in conv)
+        if ctx and chars > CHARS_PER_TOKEN_MAX * ctx:
+            raise DataError(f"Prompt {n} of '{prompts}' is {chars:,} characters: more than "
+                            f"the model's context of {ctx:,} tokens can hold.")
     ours = {"response", "base_response"} if compare else {"response"}
     clash = sorted({k for _, extra in rows for k in extra} & ours)
     if clash:

@@ -268,7 +268,9 @@ def data(
     ui.console.print(ui.metrics_table("data summary", [
         ("train pairs", rep.pairs), ("eval pairs", len(d.eval)),
         ("rows skipped", sum(rep.skipped.values())),
-        ("prompts cut (oldest content, head kept)", rep.prompt_truncated),
+        ("prompts cut (oldest content, head kept)",
+         rep.prompt_truncated - rep.prompt_head_lost),
+        ("prompts cut from the start (head over half the room)", rep.prompt_head_lost),
         ("responses cut (max_length)", rep.response_truncated),
         ("pairs dropped (no room for a response)", rep.dropped_too_long),
         ("tokens per epoch (prompt+chosen + prompt+rejected)", per_epoch),
@@ -282,9 +284,34 @@ def _range(text: str, name: str) -> tuple[int, int]:
         a, b = int(lo), int(hi or lo)
     except ValueError:
         raise QdpoError(f"{name} '{text}' is not a range like 128-512.") from None
-    if not 1 <= a <= b:
-        raise QdpoError(f"{name} '{text}' must be MIN-MAX with 1 <= MIN <= MAX.")
+    if not 1 <= a <= b <= MAX_BENCH_TOKENS:
+        raise QdpoError(f"{name} '{text}' must be MIN-MAX with 1 <= MIN <= MAX <= "
+                        f"{MAX_BENCH_TOKENS:,} (more than any model's context).")
     return a, b
+
+
+MAX_BENCH_TOKENS = 131_072
+
+
+def _check_output(path: Optional[Path], option: str, folder: bool) -> None:
+    """An output path that cannot be written is said before the work, not after it."""
+    if path is None:
+        return
+    parent = path.parent if not path.exists() else path
+    if path.exists() and path.is_dir() != folder:
+        raise QdpoError(f"{option} '{path}' is a {'file' if folder else 'folder'}; give "
+                        f"{'a folder' if folder else 'a file name'}.")
+    if not folder and not parent.is_dir():
+        raise QdpoError(f"{option} '{path}': the folder '{parent}' does not exist.")
+
+
+def _device(text: str) -> str:
+    """--device: cpu, cuda or cuda:N, checked before any work."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise QdpoError(f"--device '{text[:50]}': use cpu, cuda or cuda:N.")
+    return text
 
 
 @app.command()
@@ -322,6 +349,8 @@ def bench(
 
     results, pairs = [], None
     plen, rlen = _range(prompt_len, "--prompt-len"), _range(response_len, "--response-len")
+    _check_output(json_out, "--json", folder=False)  # before minutes of benchmarking
+    _check_output(profile, "--profile", folder=True)
     base = load_recipe(recipe, list(overrides or []))  # checked before anything loads
     if shape:
         from qdpo.bench import cpu_warning
@@ -374,7 +403,8 @@ def _show_cut(tok: Any, i: int, n: int, cut: dict[str, Any]) -> None:
     from qdpo import console as ui
 
     ids, head, removed = cut["prompt_ids"], cut["head"], cut["removed"]
-    where = "after the template's head" if head else "from the start"
+    where = "after the template's head" if head and cut.get("head_kept", True) else \
+        "from the start (BOS kept)" if head else "from the start"
     parts = [f"{ui.plural(removed, 'prompt token')} cut {where}"] if removed else []
     parts += [f"the last {ui.plural(cut[side + '_cut'], side + ' token')} cut"
               for side in ("chosen", "rejected") if cut[side + "_cut"]]
@@ -453,7 +483,7 @@ def merge(
     """Merge the adapter into a full-precision base: a standard transformers model."""
     from qdpo.export import merge as do_merge
 
-    do_merge(run, out, dtype=dtype, from_nf4=from_nf4, overwrite=overwrite, device=device,
+    do_merge(run, out, dtype=dtype, from_nf4=from_nf4, overwrite=overwrite, device=_device(device),
              trust_remote_code=trust_remote_code)
 
 
@@ -478,13 +508,15 @@ def export(
     from qdpo.export import export as do_export
 
     do_export(run, fmt, out, outtype=outtype, overwrite=overwrite, from_nf4=from_nf4,
-              device=device, trust_remote_code=trust_remote_code)
+              device=_device(device), trust_remote_code=trust_remote_code)
 
 
 def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
               repetition_penalty: float, seed: Optional[int]):
     from qdpo.chat import Sampling
 
+    if seed is not None and not 0 <= seed < 2**63:
+        raise QdpoError(f"--seed {seed}: use a number between 0 and 2**63 - 1.")
     if not 0 <= temperature < math.inf or not 0 < top_p <= 1 or max_new_tokens < 1 \
             or not 0 < repetition_penalty < math.inf or top_k < 0:
         raise QdpoError("Sampling options: --temperature >= 0 and finite, 0 < --top-p <= 1, "
@@ -545,7 +577,8 @@ def generate(
     run: Path = typer.Argument(..., help="Run directory, checkpoint, peft adapter, or "
                                           "plain (e.g. merged) model directory."),
     prompts: Path = typer.Option(..., "--prompts", "-p", help="jsonl with a 'prompt' (text or "
-                                                              "messages) per line."),
+                                                              "messages) per line, or a .txt "
+                                                              "file, one prompt per line."),
     out: Path = typer.Option(..., "--out", "-o", help="Output jsonl."),
     compare: bool = typer.Option(False, "--compare", help="Also generate with the base "
                                                           "(base_response)."),
@@ -683,7 +716,7 @@ def main() -> None:
     except QdpoError as e:
         if _state["debug"]:
             raise
-        ui.error(str(e))
+        ui.error(_clipped(str(e)))
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         ui.error("interrupted" + _continue_hint(sys.argv[1:]))
@@ -710,9 +743,18 @@ def main() -> None:
         if disk:
             ui.error(disk)
             sys.exit(2)
-        ui.error(f"{type(e).__name__}: {e}\n(this is a bug in qdpo or an unexpected "
+        ui.error(f"{type(e).__name__}: {_clipped(str(e))}\n(this is a bug in qdpo or an unexpected "
                  "environment; run with --debug for the traceback and report it)")
         sys.exit(1)
+
+
+def _clipped(message: str, limit: int = 2000) -> str:
+    """A message that quotes a user's value whole (a 2 MB string, an alias bomb) stays
+    readable: its head and tail, and how much was cut between."""
+    if len(message) <= limit:
+        return message
+    cut = len(message) - limit
+    return f"{message[:limit // 2]} … ({cut:,} characters cut) … {message[-limit // 2:]}"
 
 
 def _terminate_like_ctrl_c() -> None:
@@ -758,9 +800,18 @@ def _disk_problem(e: BaseException) -> str | None:
              errno.EROFS: "the file system is read-only: choose a writable output directory",
              errno.EACCES: "permission denied: choose a directory you can write to",
              errno.EPERM: "permission denied: choose a directory you can write to"}
-    if not isinstance(e, OSError) or e.errno not in fixes:
+    # a path the user gave that cannot be what it has to be: a parent that is a file, a
+    # folder where a file goes, a missing folder
+    paths = {errno.ENOTDIR: "a part of the path is a file, not a folder",
+             errno.EISDIR: "it is a folder; give a file name",
+             errno.EEXIST: "a file is in the way (a part of the path is a file, not a folder)",
+             errno.ENOENT: "it, or the folder it goes in, does not exist",
+             errno.ENAMETOOLONG: "the name is too long"}
+    if not isinstance(e, OSError) or e.errno not in {**fixes, **paths}:
         return None
     where = f" '{e.filename}'" if e.filename else ""
+    if e.errno in paths:
+        return f"Cannot use the path{where}: {paths[e.errno]}."
     return (f"Cannot write{where}: {fixes[e.errno]}. Earlier checkpoints and outputs are "
             "untouched; a training run continues from its last checkpoint with --resume.")
 

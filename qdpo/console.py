@@ -159,8 +159,16 @@ class WandbSink:
     def __init__(self, run_dir: Path, project: str, config: dict[str, Any]):
         import wandb  # needs the wandb package
 
-        self.run = wandb.init(project=project, name=run_dir.name, dir=str(run_dir),
-                              config=config, reinit="finish_previous")
+        from qdpo.errors import QdpoError
+
+        try:
+            self.run = wandb.init(project=str(project), name=run_dir.name, dir=str(run_dir),
+                                  config=config, reinit="finish_previous")
+        except Exception as e:  # not logged in, no network, a bad project name
+            raise QdpoError(f"Weights & Biases did not start a run for output.wandb "
+                            f"'{project}': {type(e).__name__}: {str(e)[:300]}. Log in with "
+                            "`wandb login`, set WANDB_MODE=offline to log without network, or "
+                            "leave output.wandb unset.") from None
 
     def write(self, record: dict[str, Any]) -> None:
         values = {k: v for k, v in record.items()

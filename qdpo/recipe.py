@@ -584,8 +584,8 @@ def _validate_train(r: Recipe) -> None:
     _check(t.max_steps is None or 1 <= t.max_steps <= MAX_STEPS, "train.max_steps",
            t.max_steps, f"it must be between 1 and {MAX_STEPS:,} (more than any run "
                         "finishes), or null")
-    _check(0 < t.learning_rate < math.inf, "train.learning_rate", t.learning_rate,
-           "it must be > 0 and finite")
+    _check(0 < t.learning_rate <= 1, "train.learning_rate", t.learning_rate,
+           "it must be > 0 and at most 1 (1e-6 to 1e-4 are usual for LoRA DPO)")
     _check(0 <= t.weight_decay < math.inf, "train.weight_decay", t.weight_decay,
            "it must be >= 0 and finite")
     for key in ("adam_beta1", "adam_beta2"):
@@ -667,13 +667,23 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
                           f"{getattr(e, 'problem', e)}.") from None
     except (UnicodeDecodeError, OSError) as e:
         raise RecipeError(f"Recipe file '{path}' cannot be read: {e}.") from None
+    except RecursionError:
+        raise RecipeError(f"Recipe file '{path}' nests lists or mappings too deep to be a "
+                          "recipe.") from None
+    except (ValueError, TypeError) as e:  # a 5000-digit number, a list used as a key
+        raise RecipeError(f"Recipe file '{path}' holds a value YAML cannot turn into a "
+                          f"recipe value: {str(e)[:200]}.") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise RecipeError(f"Recipe file '{path}' must hold a YAML mapping with sections such as "
                           "model:, data:, train: (it holds a "
                           f"{type(raw).__name__}).")
-    r = recipe_from_dict(raw, overrides, base_dir=str(p.resolve().parent))
+    try:
+        r = recipe_from_dict(raw, overrides, base_dir=str(p.resolve().parent))
+    except RecursionError:
+        raise RecipeError(f"Recipe file '{path}' nests lists or mappings too deep to be a "
+                          "recipe.") from None
     if not r.output.dir:
         r.output.dir = str(Path("runs") / p.stem)
     return r
@@ -734,15 +744,18 @@ def starter_yaml(values: dict[str, dict[str, Any]] | None = None) -> str:
     """A commented recipe with every key, its default (or the given value) and its help."""
     values = values or {}
     lines = ["# qdpo recipe. Every key is optional except model.name_or_path and data.train;",
-             "# the value shown is the default. Override any key on the command line:",
+             "# a value that is not the default says so in its comment. Override any key on",
+             "# the command line:",
              "#   qdpo train this.yaml train.learning_rate=1e-5 lora.r=32", ""]
     for section in SECTIONS:
         cls = _hints(Recipe)[section]
         inst = cls()
         lines.append(f"{section}:")
         for f in dataclasses.fields(cls):
-            v = values.get(section, {}).get(f.name, getattr(inst, f.name))
-            lines.append(f"  # {f.metadata.get('help', '')}")
+            default = getattr(inst, f.name)
+            v = values.get(section, {}).get(f.name, default)
+            note = "" if v == default else f" (default: {_yaml_value(default)})"
+            lines.append(f"  # {f.metadata.get('help', '')}{note}")
             lines.append(f"  {f.name}: {_yaml_value(v)}")
         lines.append("")
     return "\n".join(lines)

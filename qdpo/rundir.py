@@ -80,7 +80,9 @@ def read_sweep_record(sweep_dir: Path) -> dict[str, Any] | None:
         record = json.loads((sweep_dir / SWEEP_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and "runs" in record else None
+    ok = isinstance(record, dict) and isinstance(record.get("runs"), list) \
+        and all(isinstance(r, dict) for r in record["runs"])
+    return record if ok else None
 
 
 # What a run directory holds: the final adapter and tokenizer files, the run's records,
@@ -151,8 +153,8 @@ class RunDir:
 
     def recipe(self) -> Recipe:
         try:
-            raw = yaml.safe_load((self.path / "recipe.yaml").read_text())
-        except (OSError, yaml.YAMLError) as e:
+            raw = yaml.safe_load((self.path / "recipe.yaml").read_text(encoding="utf-8"))
+        except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: not UTF-8
             raise RunDirError(f"'{self.path}' has no readable recipe.yaml ({e}); is it a qdpo "
                               "run directory?") from None
         return recipe_from_dict(raw, base_dir=self.info().get("recipe_dir", ""))
@@ -248,11 +250,12 @@ class RunDir:
     def _refuse_finished(self, recipe: Recipe) -> None:
         """A finished run continues only when asked for more steps (max_steps or epochs)."""
         try:
-            summary = json.loads((self.path / "summary.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            summary = json.loads((self.path / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # not JSON, not UTF-8
             return  # interrupted or killed before the end: nothing finished
-        if summary.get("interrupted") or LENGTH_KEYS & set(recipe_changes(self.recipe(),
-                                                                          recipe)):
+        if not isinstance(summary, dict) or summary.get("interrupted"):
+            return
+        if LENGTH_KEYS & set(recipe_changes(self.recipe(), recipe)):
             return
         steps = summary.get("steps", 0)
         raise RunDirError(
@@ -394,6 +397,25 @@ def open_trained(path: str | Path, allow_plain: bool = False,
     return src
 
 
+def _check_adapter_weights(adapter_dir: Path) -> None:
+    """A damaged adapter file is named before any command computes with it (a garbled one
+    once gave eval accuracy 0.0, margin NaN and exit 0). Reads the header only."""
+    from safetensors import safe_open
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.exists():
+        return
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            names = list(f.keys())
+    except Exception as e:  # truncated, zeroed, not safetensors at all
+        raise RunDirError(f"'{weights}' is damaged ({type(e).__name__}: {str(e)[:200]}). "
+                          "Use a checkpoint of the run (checkpoints/step-*), or train "
+                          "again.") from None
+    if not names:
+        raise RunDirError(f"'{weights}' holds no tensors: it is damaged.")
+
+
 def open_model_source(path: str | Path, trust_remote_code: bool = False) -> TrainedSource:
     """Anything a model can generate from: what `open_trained(allow_plain=True)` opens, a
     recipe YAML (the policy training would start from: its base, plus lora.init_adapter when
@@ -443,9 +465,10 @@ def _open_trained(path: str | Path, allow_plain: bool) -> TrainedSource:
         p.parent.parent if p.parent.name == "checkpoints" and RunDir(p.parent.parent).is_run()
         else None)
     try:
-        adapter_cfg = json.loads((p / "adapter_config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        adapter_cfg = json.loads((p / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # not JSON, not UTF-8
         raise RunDirError(f"'{p / 'adapter_config.json'}' is unreadable: {e}") from None
+    _check_adapter_weights(p)
     if run_root is not None:
         run = RunDir(run_root)
         recipe = run.recipe()

@@ -155,6 +155,18 @@ def test_generate_file(run, tmp_path):
     bad.write_text('{"text": 1}\n')
     res = qdpo("generate", run, "--prompts", bad, "--out", tmp_path / "o2.jsonl")
     assert res.returncode == 2 and "line 1" in res.stderr
+    text = tmp_path / "prompts.txt"  # plain prompts, one per line, as qdpo pairs reads them
+    text.write_text("Tell me about tea.\n\nHow do I fix a flat tyre?\n")
+    res = qdpo("generate", run, "--prompts", text, "--out", tmp_path / "o3.jsonl",
+               "--max-new-tokens", "4", "--temperature", "0")
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(x) for x in (tmp_path / "o3.jsonl").read_text().splitlines()]
+    assert [r["prompt"][0]["content"] for r in rows] == ["Tell me about tea.",
+                                                         "How do I fix a flat tyre?"]
+    huge = tmp_path / "huge.jsonl"  # one "word" of a million characters: no tokenizer crawl
+    huge.write_text(json.dumps({"prompt": "z" * 1_000_000}) + "\n")
+    res = qdpo("generate", run, "--prompts", huge, "--out", tmp_path / "o4.jsonl")
+    assert res.returncode == 2 and "1,000,000 characters" in res.stderr
 
 
 def test_eval_json_matches_training_eval(run):

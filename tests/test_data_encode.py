@@ -430,3 +430,17 @@ def test_a_cut_prompt_keeps_its_template_head_and_the_newest_content(qs_tok):
     (q,), _, _, _ = tokenize(qs_tok, plain_rows, max_prompt_length=30, max_length=60,
                              chat_template="none")
     assert q.prompt_ids[0] == qs_tok.bos_token_id and len(q.prompt_ids) == 30
+
+
+def test_a_head_too_long_to_keep_keeps_bos_and_says_so(qs_tok):
+    # the Orca shape: a long system turn, so the head is over half of max_prompt_length
+    sys_text = "You are an AI assistant. You will be given a task. Answer in detail. " * 3
+    long = "Rinse the rice under running water until it runs clear. " * 20
+    rows = [{"prompt": [system(sys_text), user(long)], "chosen": [asst("Yes.")],
+             "rejected": [asst("No.")]}]
+    (p,), report, _, _ = tokenize(qs_tok, rows, max_prompt_length=40, max_length=80)
+    assert len(p.prompt_ids) == 40 and p.prompt_ids[0] == qs_tok.bos_token_id
+    assert report.prompt_truncated == 1 and report.prompt_head_lost == 1
+    assert "1 prompt cut from the start, only BOS kept" in report.summary()
+    assert "head kept" not in report.summary()
+    assert report.cuts[0]["head_kept"] is False

@@ -195,7 +195,7 @@ def test_to_yaml_round_trips():
 
 @pytest.mark.parametrize("override, key, expected", [
     ("train.learning_rate=1e-5", "train.learning_rate", 1e-05),
-    ("train.learning_rate=3", "train.learning_rate", 3.0),
+    ("train.learning_rate=1", "train.learning_rate", 1.0),
     ("train.epochs=2", "train.epochs", 2.0),
     ("lora.r=32", "lora.r", 32),
     ("lora.r=64.0", "lora.r", 64),
@@ -387,6 +387,7 @@ def test_literal_values_list_the_allowed_ones(override, allowed):
     (["train.adam_beta2=-0.1"], "train.adam_beta2", "[0, 1)"),
     (["train.learning_rate=.inf"], "train.learning_rate", "must be a number"),
     (["train.learning_rate=.nan"], "train.learning_rate", "must be a number"),
+    (["train.learning_rate=1e300"], "train.learning_rate", "at most 1"),
     (["loss.beta=1e300"], "loss.beta", "at most 1000"),
     (["loss.type=[sigmoid,sft]", "loss.weights=[-1,1]"], "loss.weights", ">= 0 and finite"),
     (["loss.type=[sigmoid,sft]", "loss.weights=[0,0]"], "loss.weights", "not all 0"),

@@ -249,10 +249,13 @@ class Tokenizer:
         or skipped."""
         max_len, max_prompt = self.settings.max_length, self.settings.max_prompt_length
         head = removed = 0
+        head_kept = True
         if len(p) > max_prompt:
             head = self._head_len(pair, p)
-            if not 0 < head <= max_prompt // 2:
-                head = 0
+            if not 0 < head <= max_prompt // 2:  # a head too long to keep: BOS at least
+                head = 1 if p and p[0] == self.tok.bos_token_id else 0
+                head_kept = False
+                report.prompt_head_lost += 1
             removed = len(p) - max_prompt
             p = p[:head] + p[head + removed:]
             report.prompt_truncated += 1
@@ -268,7 +271,7 @@ class Tokenizer:
             report.skip("empty response after tokenization", f"row {pair.row}")
             return None
         if removed or chosen_cut or rejected_cut:
-            report.record_cut(pair.row, p, head, removed, chosen_cut, rejected_cut)
+            report.record_cut(pair.row, p, head, removed, chosen_cut, rejected_cut, head_kept)
         return PairTokens(list(p), list(c), list(r), pair.weight)
 
     def tokenize_chunk(self, pairs: list[Pair], report: DataReport) -> list[PairTokens]:

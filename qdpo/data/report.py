@@ -22,6 +22,7 @@ class DataReport:
     skipped: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
     prompt_truncated: int = 0
+    prompt_head_lost: int = 0  # of those, cut from the start: the head was over half the room
     response_truncated: int = 0
     dropped_too_long: int = 0
     formats: Counter = field(default_factory=Counter)
@@ -38,17 +39,18 @@ class DataReport:
     cuts: list[dict] = field(default_factory=list)
 
     def record_cut(self, row: int | None, prompt_ids: list[int], head: int, removed: int,
-                   chosen_cut: int, rejected_cut: int) -> None:
+                   chosen_cut: int, rejected_cut: int, head_kept: bool = True) -> None:
         if len(self.cuts) < CUT_EXAMPLES:
             self.cuts.append({"row": row, "prompt_ids": list(prompt_ids), "head": head,
                               "removed": removed, "chosen_cut": chosen_cut,
-                              "rejected_cut": rejected_cut})
+                              "rejected_cut": rejected_cut, "head_kept": head_kept})
 
     def merge(self, other: DataReport) -> None:
         """Add a worker's counts (tokenization in parallel processes)."""
         self.skipped.update(other.skipped)
         self.examples.extend(other.examples[: max(0, 5 - len(self.examples))])
         self.prompt_truncated += other.prompt_truncated
+        self.prompt_head_lost += other.prompt_head_lost
         self.response_truncated += other.response_truncated
         self.dropped_too_long += other.dropped_too_long
         self.cuts.extend(other.cuts[: max(0, CUT_EXAMPLES - len(self.cuts))])
@@ -109,10 +111,15 @@ class DataReport:
         if self.skipped:
             parts.append(f"{sum(self.skipped.values())} skipped ("
                          + ", ".join(f"{n} {r}" for r, n in self.skipped.most_common()) + ")")
-        if self.prompt_truncated:
-            n = self.prompt_truncated
-            parts.append(f"{n} prompt{'s' if n != 1 else ''} cut (the oldest content; the "
-                         "template's head kept)")
+        kept = self.prompt_truncated - self.prompt_head_lost
+        if kept:
+            parts.append(f"{kept} prompt{'s' if kept != 1 else ''} cut (the oldest content; "
+                         "the template's head kept)")
+        if self.prompt_head_lost:
+            n = self.prompt_head_lost
+            parts.append(f"{n} prompt{'s' if n != 1 else ''} cut from the start, only BOS "
+                         "kept: the template's head (system turn, role header) is over half "
+                         "of data.max_prompt_length; raise it to keep the head")
         if self.response_truncated:
             n = self.response_truncated
             parts.append(f"{n} response{'s' if n != 1 else ''} cut")

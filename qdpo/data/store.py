@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 
 # Bumped when the same inputs would tokenize differently: 2 = the system prompt is kept (as
 # plain text) when the tokenizer has no chat template; 3 = a `system` column is used without
-# being mapped, a directory's split picks its files, a named prompt column is never guessed.
-DATA_CACHE_VERSION = 5
+# being mapped, a directory's split picks its files, a named prompt column is never guessed;
+# 6 = a prompt whose template head is too long to keep still keeps its BOS.
+DATA_CACHE_VERSION = 6
 _COUNTERS = ("skipped", "formats", "origins")
 
 

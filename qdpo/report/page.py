@@ -82,7 +82,9 @@ def page(runs: list[ReportRun], sweeps: list[SweepInfo]) -> str:
 # ---------------------------------------------------------------------------------------
 
 def cell(v: Any) -> str:
-    if isinstance(v, bool) or v is None:
+    if v is None:  # not measured (a run without eval data): a dash, not "None"
+        return "<td>-</td>"
+    if isinstance(v, bool):
         return f"<td>{esc(v)}</td>"
     if isinstance(v, float):
         text = f"{v:.4g}" if math.isfinite(v) else str(v)
