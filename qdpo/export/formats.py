@@ -68,7 +68,7 @@ def _gguf_model(src: TrainedSource, path: str | Path, out: Path, outtype: str, f
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.merged-", dir=out.parent) as work:
         merged = Path(work) / "merged"
         merge(path, merged, dtype=merged_dtype, from_nf4=from_nf4, overwrite=True, device=device,
-              trust_remote_code=src.recipe.model.trust_remote_code)
+              trust_remote_code=src.recipe.model.trust_remote_code, quiet=True)
         export_gguf(merged, out, outtype=outtype, name=run_name(src))
         ui.info(f"GGUF model written to {out} ({outtype}); run it with llama.cpp "
                 f"(llama-cli -m {out}) or Ollama (the Modelfile beside it)")

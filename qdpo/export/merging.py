@@ -129,7 +129,8 @@ def _merged_card(src: TrainedSource, out: Path, dtype: str, from_nf4: bool) -> s
 
 
 def merge(path: str | Path, out: str | Path, dtype: str = "bf16", from_nf4: bool = False,
-          overwrite: bool = False, device: str = "cpu", trust_remote_code: bool = False) -> Path:
+          overwrite: bool = False, device: str = "cpu", trust_remote_code: bool = False,
+          quiet: bool = False) -> Path:
     """Write base + adapter as one standard transformers model directory.
 
     Written whole or not at all: an existing output is replaced only once the new one is
@@ -146,5 +147,6 @@ def merge(path: str | Path, out: str | Path, dtype: str = "bf16", from_nf4: bool
         merged.save_pretrained(str(tmp), max_shard_size="5GB")
         _tokenizer(src).save_pretrained(str(tmp))
         (tmp / "README.md").write_text(_merged_card(src, out, dtype, from_nf4))
-    ui.info(f"merged model written to {out}")
+    if not quiet:  # a GGUF export's scratch merge is no output of the user's
+        ui.info(f"merged model written to {out}")
     return out
