@@ -10,7 +10,8 @@ Here the same sum is `addmm(base(x), A(x), B^T, alpha=scaling)`: the update is a
 the base output by the matmul that makes it, in fp32 inside the GEMM, rounded once. Only the
 forward changes; weights, saving, merging and the reference (adapters disabled) are peft's.
 Anything the lean path does not cover (several active adapters, DoRA and other variants, mixed
-adapter batches, merged weights, dtypes that peft would cast) takes peft's own forward.
+adapter batches, merged weights, a LoRA bias, dtypes that peft would cast) takes peft's own
+forward.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def _lean_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     if name not in self.lora_A or name in getattr(self, "lora_variant", {}):
         return peft_forward(self, x, *args, **kwargs)
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+    if lora_b.bias is not None:  # lora_bias=True: the bias is not in the GEMM below
+        return peft_forward(self, x, *args, **kwargs)
     # peft casts x to the LoRA weights' dtype unless autocast is on; take its path for that
     if not torch.is_autocast_enabled(x.device.type) and x.dtype != lora_a.weight.dtype:
         return peft_forward(self, x, *args, **kwargs)

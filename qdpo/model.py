@@ -299,9 +299,16 @@ def compile_decoder_layers(model: Any) -> int:
     matmuls, which decides the speed of small micro-batches. Gradient checkpointing still wraps
     each compiled layer from outside.
     """
+    from qdpo import console as ui
+
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     for layer in layers:
         layer.compile(dynamic=True)
+    if layers:
+        ui.info(f"train.compile: {len(layers)} decoder layers compile on their first steps")
+    else:
+        ui.warn(f"train.compile: no decoder layers found in {type(model).__name__}; it runs "
+                "uncompiled")
     return len(layers)
 
 
