@@ -42,7 +42,8 @@ EVAL_SCHEDULE_KEYS = {"eval.every_steps", "eval.at_start", "eval.micro_batch_pai
 # Keys that change which training pairs the run uses: the cache is shared, but a run may have
 # to compute the log-probs of pairs an earlier run did not use.
 PAIR_SET_KEYS = {"train.max_steps", "train.epochs", "train.pairs_per_step"}
-RANK_EVAL = "held-out rewards/accuracies, then rewards/margins, then lower eval loss"
+RANK_EVAL = ("held-out rewards/accuracies, then the log-ratio margin (the reward margin over "
+             "beta, comparable across betas), then lower eval loss")
 RANK_TRAIN = "final train loss (no eval data)"
 
 
@@ -421,9 +422,20 @@ def rank(runs: list[SweepRun]) -> tuple[list[SweepRun], str]:
         v = d.get(k)
         return default if v is None or v != v else float(v)
 
+    def log_ratio_margin(ev: dict[str, float]) -> float:
+        """How much more the policy prefers chosen than the reference does, in log-probs: the
+        reward margin without beta, which scales it (a beta sweep would rank by beta). The
+        reward margin where a loss has no reference."""
+        keys = ("logps/chosen", "logps/ref_chosen", "logps/rejected", "logps/ref_rejected")
+        if not all(k in ev for k in keys):
+            return num(ev, "rewards/margins", -1e30)
+        c, rc, r, rr = (num(ev, k, float("nan")) for k in keys)
+        m = (c - rc) - (r - rr)
+        return m if m == m else -1e30
+
     if all("rewards/accuracies" in r.eval for r in done):
         return sorted(done, key=lambda r: (-num(r.eval, "rewards/accuracies", -1e30),
-                                           -num(r.eval, "rewards/margins", -1e30),
+                                           -log_ratio_margin(r.eval),
                                            num(r.eval, "loss", 1e30))), RANK_EVAL
     return sorted(done, key=lambda r: num(r.train, "loss", 1e30)), RANK_TRAIN
 

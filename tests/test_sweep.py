@@ -134,6 +134,21 @@ def test_ranking_by_eval_then_train_loss():
     assert [r.name for r in ranked] == ["b", "a"] and "train loss" in by
 
 
+def test_a_beta_sweep_ranks_by_the_margin_without_beta():
+    from qdpo.sweep import SweepRun
+
+    def run(name, beta, log_ratio):  # rewards/margins = beta * log-ratio margin
+        ev = {"rewards/accuracies": 1.0, "rewards/margins": beta * log_ratio, "loss": 0.5,
+              "logps/chosen": -10.0 + log_ratio, "logps/ref_chosen": -10.0,
+              "logps/rejected": -12.0, "logps/ref_rejected": -12.0}
+        return SweepRun(name, name, {}, "done", eval=ev, train={"loss": 0.5})
+
+    # by reward margin beta 0.3 would win (0.3 * 0.5 = 0.15 against 0.05 * 2.0 = 0.10), yet
+    # beta 0.05 moved the policy four times as far from the reference
+    ranked, by = rank([run("beta=0.3", 0.3, 0.5), run("beta=0.05", 0.05, 2.0)])
+    assert [r.name for r in ranked] == ["beta=0.05", "beta=0.3"] and "log-ratio" in by
+
+
 # ---------------------------------------------------------------------------------------
 # Whole sweeps
 # ---------------------------------------------------------------------------------------
