@@ -644,7 +644,8 @@ def eval_cmd(
                    "data.columns.prompt=Question", show_default=False),
     data: list[str] = typer.Option(..., "--data", "-d", help="Data source (file, glob or hub "
                                                               "id); repeat for several."),
-    split: str = typer.Option("train", "--split", help="Split, for hub datasets."),
+    split: str = typer.Option("train", "--split", help="Split: of a hub data set, or of a "
+                              "local folder's files (e.g. test_prefs for data/test_prefs-*)."),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", min=1,
                                             help="Evaluate at most N pairs."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -659,6 +660,12 @@ def eval_cmd(
 
     if json_out:  # keep stdout pure JSON: progress and notes go to stderr
         ui.install_cli_handler(ui.err_console)
+    for d in data:  # a missing file is said before the model loads (a relative path may
+        # still be found beside the run's recipe, later)
+        p = Path(d).expanduser()
+        if p.is_absolute() and p.suffix in (".jsonl", ".json", ".csv", ".parquet") and \
+                not any(c in d for c in "*?[") and not p.exists():
+            raise QdpoError(f"--data '{d}' does not exist.")
     # a path that exists from here means this file, not one beside the run's recipe
     srcs = [DataSource(path=str(Path(d).resolve()) if Path(d).exists() else d, split=split)
             for d in data]

@@ -288,3 +288,9 @@ def test_sigterm_stops_a_command_like_ctrl_c():
 
     with pytest.raises(KeyboardInterrupt):
         signal.raise_signal(signal.SIGTERM)
+
+
+def test_eval_names_a_missing_data_file_before_loading_the_model(tmp_path):
+    res = qdpo("eval", tmp_path / "no-run", "--data", tmp_path / "missing.jsonl")
+    assert res.returncode == 2 and f"--data '{tmp_path / 'missing.jsonl'}' does not exist" \
+        in res.stderr
