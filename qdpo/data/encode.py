@@ -46,8 +46,8 @@ CHAT_TEMPLATES = {
 # braces, edge spaces): if it does not come back verbatim, the shortcut is off for that pair.
 _SENTINEL = "\u2063 qdpo \"reply\" \\ & <é>\n{{x}} \u2063"
 PLAIN_SEPARATOR = "\n"
-PLAIN_SYSTEM_NOTE = ("system prompt put before each prompt as plain text (the tokenizer has no "
-                     "chat template)")
+PLAIN_SYSTEM_NOTE = ("system prompt put before each prompt as plain text (no chat template is "
+                     "in use)")
 TOKENIZE_CHUNK = 500
 PARALLEL_MIN_PAIRS = 4000
 _WORKER: Tokenizer | None = None
