@@ -671,9 +671,11 @@ def test_k_quant_tied_embeddings_are_the_output(tmp_path):
     check_k_tensors(tensors, hf_state(d), types, permuted=False)
 
 
-def test_k_quant_rows_not_whole_super_blocks_fall_back(llama_dir, tmp_path):
+def test_k_quant_rows_not_whole_super_blocks_fall_back(llama_dir, tmp_path, caplog):
     # hidden 64 / intermediate 128: llama.cpp's fallbacks Q4_K -> Q5_0, Q6_K -> Q8_0
-    kv, tensors = read_gguf(export_gguf(llama_dir, tmp_path / "k.gguf", outtype="q4_k_m"))
+    with caplog.at_level("WARNING", logger="qdpo"):
+        kv, tensors = read_gguf(export_gguf(llama_dir, tmp_path / "k.gguf", outtype="q4_k_m"))
+    assert "are not q4_k_m: their rows are not multiples of 256" in caplog.text  # said
     assert kv["general.file_type"] == 15
     types = {"token_embd.weight": Q.Q5_0, "output.weight": Q.Q8_0, "output_norm.weight": Q.F32}
     for i in range(N_LAYERS):

@@ -122,7 +122,27 @@ def _plan_model(gguf: Any, config: dict[str, Any], arch_name: str, permute: bool
     has_output = "output.weight" in seen  # else token_embd is the output (k-quant mixes)
     for p in plan:
         p.qtype = qtype_for(gguf, p.name, p.shape, outtype, n_blocks, has_output)
+    _say_fallbacks(gguf, plan, outtype)
     return plan
+
+
+def _say_fallbacks(gguf: Any, plan: list[Any], outtype: str) -> None:
+    """A k-quant mix on a model whose rows are not whole 256-value super-blocks (small models)
+    quantizes those tensors with other types, as llama-quantize does: say so, not silently."""
+    from qdpo import console as ui
+    from qdpo.export.kquant_mix import K_OUTTYPES, QK_K
+
+    if outtype not in K_OUTTYPES:
+        return
+    Q = gguf.GGMLQuantizationType
+    k_types = {Q.Q4_K, Q.Q5_K, Q.Q6_K}
+    quantized = [p for p in plan if p.qtype not in (Q.F32,)]
+    other = [p for p in quantized if p.qtype not in k_types]
+    if other:
+        kinds = sorted({p.qtype.name for p in other})
+        ui.warn(f"{len(other)} of {len(quantized)} tensors are not {outtype}: their rows are "
+                f"not multiples of {QK_K} values, so they are {', '.join(kinds)} instead (as "
+                "llama-quantize does; larger models have whole super-blocks)")
 
 
 def _gguf_name(tensor_map: Any, key: str, shard: Path, arch_name: str,
