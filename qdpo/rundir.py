@@ -442,6 +442,20 @@ def open_model_source(path: str | Path, trust_remote_code: bool = False) -> Trai
     return open_trained(p, allow_plain=True, trust_remote_code=trust_remote_code)
 
 
+def _newest_intact_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose files match its manifest (one being written, or damaged,
+    is passed over)."""
+    from qdpo.checkpoint import CheckpointError, verify
+
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            verify(ckpt)
+        except CheckpointError:
+            continue
+        return ckpt
+    return None
+
+
 def _open_trained(path: str | Path, allow_plain: bool) -> TrainedSource:
     p = Path(path)
     if not p.exists():
@@ -449,10 +463,16 @@ def _open_trained(path: str | Path, allow_plain: bool) -> TrainedSource:
                           "train` wrote) or a peft adapter directory.")
     if not (p / "adapter_config.json").exists():
         if RunDir(p).is_run():
-            ckpts = list_checkpoints(p)
-            hint = f"; its last checkpoint is {ckpts[-1]}" if ckpts else ""
-            raise RunDirError(f"'{path}' is a qdpo run without a final adapter (interrupted "
-                              f"or still running{hint}). Resume it, or pass a checkpoint.")
+            newest = _newest_intact_checkpoint(p)
+            if newest is None:
+                raise RunDirError(f"'{path}' is a qdpo run without a final adapter or an intact "
+                                  "checkpoint yet (interrupted early, or still starting). "
+                                  "Resume it, or wait for its first checkpoint.")
+            from qdpo import console as ui
+
+            ui.info(f"'{path}' has no final adapter yet (still training, or interrupted): "
+                    f"using its newest checkpoint, {newest.name}")
+            return _open_trained(newest, allow_plain)
         if (p / "config.json").is_file():  # a transformers model: merged, or any other
             if allow_plain:
                 base = str(p.resolve())

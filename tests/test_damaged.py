@@ -239,3 +239,18 @@ def test_a_disk_nearly_full_is_a_warning_before_the_save(tmp_path, monkeypatch, 
     caplog.clear()
     ck.warn_if_low_on_space(run, keep_last=2)
     assert caplog.text == ""
+
+
+def test_eval_of_a_run_still_training_uses_its_newest_intact_checkpoint(killed):
+    data = QUICKSTART_RECIPE.parent / "quickstart" / "eval.jsonl"
+    res = qdpo("eval", killed, "--data", data, "--max-pairs", "4")
+    assert res.returncode == 0, res.stderr
+    assert "has no final adapter yet" in res.stdout and "step-0000004" in res.stdout
+    (ckpt(killed, 4) / ADAPTER).write_bytes(b"\0" * 64)  # the newest is damaged: the one before
+    res = qdpo("eval", killed, "--data", data, "--max-pairs", "4")
+    assert res.returncode == 0, res.stderr
+    assert "using its newest checkpoint, step-0000002" in res.stdout
+    for step in (2, 4):
+        (ckpt(killed, step) / ADAPTER).write_bytes(b"\0" * 64)
+    res = qdpo("eval", killed, "--data", data)
+    assert res.returncode == 2 and "without a final adapter or an intact checkpoint" in res.stderr
