@@ -254,3 +254,26 @@ def test_eval_of_a_run_still_training_uses_its_newest_intact_checkpoint(killed):
         (ckpt(killed, step) / ADAPTER).write_bytes(b"\0" * 64)
     res = qdpo("eval", killed, "--data", data)
     assert res.returncode == 2 and "without a final adapter or an intact checkpoint" in res.stderr
+
+
+def test_two_processes_racing_on_one_cache_key_read_only_whole_entries(tmp_path):
+    """Tokenization and reference caches are written atomically: two runs filling the same
+    keys at once both finish, and neither reads the other's half-written file."""
+    import os
+    import subprocess
+    import sys
+
+    from tiny import REPO
+
+    env = dict(os.environ, QDPO_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "qdpo", "train", str(QUICKSTART_RECIPE), "train.max_steps=2"]
+    runs = [subprocess.Popen(cmd + ["-o", str(tmp_path / f"run{i}")], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in runs]
+    for p, (out, err) in zip(runs, outs):
+        assert p.returncode == 0, err[-2000:]
+    a, b = (load_file(str(tmp_path / f"run{i}" / ADAPTER)) for i in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same data and reference in both
+    leftovers = [p for p in (tmp_path / "cache").rglob("*") if ".tmp-" in p.name]
+    assert not leftovers
