@@ -34,6 +34,11 @@ if not (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALL
 # (`kernels`) is absent; qdpo trains without that kernel, so the warning only alarms users.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: "kernels-community" not in record.getMessage())
+# datasets logs a damaged parquet file as an error before raising; qdpo's own message about
+# the same file follows, so the first would only say it twice.
+logging.getLogger("datasets.packaged_modules.parquet.parquet").addFilter(
+    lambda record: not record.getMessage().startswith(("Failed to read schema",
+                                                       "Failed to read file")))
 
 
 def callable_module(module_name: str, fn: Callable[..., Any]) -> None:
