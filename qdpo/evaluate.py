@@ -95,6 +95,7 @@ def evaluate_run(path: str | Path, sources: Sequence[Any], max_pairs: int | None
         src.recipe = recipe_from_dict(raw, list(overrides), base_dir=src.recipe.base_dir)
         if bare:
             src.recipe.data.train = []
+    _warn_if_training_data(sources, src.recipe)
     device = default_device()
     model, tok = load_trained(src, device)
     recipe = src.recipe
@@ -109,6 +110,21 @@ def evaluate_run(path: str | Path, sources: Sequence[Any], max_pairs: int | None
     return evaluate_pairs(model, pairs, Objective.from_config(recipe.loss),
                     eval_plan(plan, micro_batch_pairs or recipe.eval.micro_batch_pairs),
                     device, compute_dtype(recipe.model.compute_dtype, device))
+
+
+def _warn_if_training_data(sources: Sequence[Any], recipe: Any) -> None:
+    """Eval data that is the run's own training source (same file or hub id, same split)
+    measures memorisation, not preference on unseen pairs: say so."""
+    def key(path: str, split: str | None, base: str) -> tuple[str, str | None]:
+        p = Path(recipe.resolve_path(path) if base else path).expanduser()
+        return (str(p.resolve()) if p.exists() else path, split or "train")
+
+    trained = {key(t.path, t.split, "recipe") for t in recipe.data.train}
+    for s in sources:
+        if key(s.path, s.split, "") in trained:
+            ui.warn(f"'{s.path}' (split {s.split or 'train'}) is this run's training data: "
+                    "its metrics say how well the model fits pairs it trained on, not how it "
+                    "does on unseen ones")
 
 
 # `qdpo.evaluate(run, data)` calls evaluate_run, though qdpo.evaluate is this module

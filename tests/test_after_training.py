@@ -472,3 +472,11 @@ def test_a_received_run_runs_no_model_code_without_the_flag(run, tmp_path):
     res = qdpo("eval", received, "--data", QUICKSTART / "eval.jsonl", "--max-pairs", "2",
                "--trust-remote-code")
     assert res.returncode == 0, res.stderr
+
+
+def test_eval_on_the_runs_own_training_data_says_so(run):
+    res = qdpo("eval", run, "--data", QUICKSTART / "train.jsonl", "--max-pairs", "4")
+    assert res.returncode == 0, res.stderr
+    assert "is this run's training data" in res.stderr
+    res = qdpo("eval", run, "--data", QUICKSTART / "eval.jsonl", "--max-pairs", "4")
+    assert res.returncode == 0 and "training data" not in res.stderr
