@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -480,3 +481,11 @@ def test_eval_on_the_runs_own_training_data_says_so(run):
     assert "is this run's training data" in res.stderr
     res = qdpo("eval", run, "--data", QUICKSTART / "eval.jsonl", "--max-pairs", "4")
     assert res.returncode == 0 and "training data" not in res.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux's read-only /sys")
+def test_an_unwritable_output_folder_is_said_before_merging(run):
+    for args in (["merge", run, "--out", "/sys/qdpo-merged"],
+                 ["export", run, "--format", "gguf-lora", "--out", "/sys/qdpo.gguf"]):
+        res = qdpo(*args)
+        assert res.returncode == 2 and "Cannot write into '/sys'" in res.stderr, res.stderr

@@ -26,6 +26,7 @@ def check_out(out: Path, overwrite: bool, source: Path | None = None) -> None:
         if o == src or o in src.parents or src in o.parents:
             raise RunDirError(f"Output '{out}' overlaps the run or adapter it is made from "
                               f"('{source}'); choose a path outside it.")
+    _check_writable(out)
     if out.exists() and (out.is_file() or any(out.iterdir())):
         if not overwrite:
             raise RunDirError(f"Output '{out}' already exists; pass --overwrite to replace it or "
@@ -35,6 +36,23 @@ def check_out(out: Path, overwrite: bool, source: Path | None = None) -> None:
             raise RunDirError(
                 f"Refusing to --overwrite '{out}': it holds what a merge or export does not "
                 f"write: {listed(foreign)}. Move them out, or choose another path.")
+
+
+def _check_writable(out: Path) -> None:
+    """Before minutes of merging: the output's folder exists (or can be made) and takes files
+    (a read-only disk, no permission, a parent that is a file fail here, not at the end)."""
+    import os
+    import tempfile
+
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise RunDirError(f"Cannot write into '{parent}' for --out '{out}': "
+                          f"{e.strerror or e}. Choose a folder you can write to.") from None
 
 
 # What merges and exports write (a model or adapter folder, or a GGUF file): only such an
