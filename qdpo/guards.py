@@ -35,8 +35,8 @@ class Interrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        ui.warn("interrupt: saving a checkpoint after this step (press Ctrl-C again to quit "
-                "now)")
+        again = "press Ctrl-C again" if signum == signal.SIGINT else "send SIGTERM again"
+        ui.warn(f"interrupt: saving a checkpoint after this step ({again} to quit now)")
 
     def __exit__(self, *exc: Any) -> None:
         for sig, h in self.old.items():

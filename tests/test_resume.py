@@ -88,6 +88,7 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
                           timeout=600, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr
     assert "interrupt" in proc.stderr + proc.stdout
+    assert "send SIGTERM again to quit now" in proc.stderr + proc.stdout  # not "Ctrl-C"
     assert (run / "checkpoints" / "step-0000003").exists()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["interrupted"] and summary["steps"] == 3
