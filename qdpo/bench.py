@@ -292,7 +292,8 @@ def _result(recipe: Recipe, shape: str | None, config: Any, ctx: Any, data: list
     real = sum(segment_cost(p, layout) for p in data)
     mem = memory_stats(device)
     world = distributed.ranks().world
-    peak = peak_flops(device) * world if peak_flops(device) else None  # the job's devices
+    one = peak_flops(device)
+    peak = one * world if one else None  # all the job's devices
     mfu = None
     if peak:
         processed = sum(segment_cost(data[i], layout) for i in range(warmup * pps, len(data)))

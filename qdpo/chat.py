@@ -353,16 +353,14 @@ CHARS_PER_TOKEN_MAX = 16  # no tokenizer packs more characters of text into a to
 MAX_PROMPT_CHARS = 1_000_000  # longer than any model's context: tokenizing it would crawl
 
 
-def text_problem(conv: Messages) -> str | None:
+def _prompt_problem(conv: Messages) -> str | None:
     """Why a conversation cannot be a prompt: text that is not valid Unicode (a lone
     surrogate, which tokenizers refuse), or more characters than any context holds."""
-    chars = 0
-    for m in conv:
-        try:
-            m["content"].encode("utf-8")
-        except UnicodeEncodeError:
-            return "the text is not valid Unicode (a lone surrogate, e.g. a cut emoji)"
-        chars += len(m["content"])
+    from qdpo.data import NOT_UNICODE, invalid_unicode
+
+    if invalid_unicode(m["content"] for m in conv):
+        return NOT_UNICODE
+    chars = sum(len(m["content"]) for m in conv)
     if chars > MAX_PROMPT_CHARS:
         return (f"the prompt is {chars:,} characters, more than any model's context "
                 f"(at most {MAX_PROMPT_CHARS:,})")
@@ -408,7 +406,7 @@ def read_prompt_rows(path: Path) -> list[tuple[Messages, dict[str, Any]]]:
                                 "plain prompts, one per line, is read as such when its name "
                                 "ends in .txt.") from None
         conv, extra = _prompt_row(row, path, i)
-        problem = text_problem(conv)
+        problem = _prompt_problem(conv)
         if problem:
             raise DataError(f"'{path}' line {i}: {problem}.")
         rows.append((conv, extra))

@@ -115,13 +115,13 @@ def evaluate_run(path: str | Path, sources: Sequence[Any], max_pairs: int | None
 def _warn_if_training_data(sources: Sequence[Any], recipe: Any) -> None:
     """Eval data that is the run's own training source (same file or hub id, same split)
     measures memorisation, not preference on unseen pairs: say so."""
-    def key(path: str, split: str | None, base: str) -> tuple[str, str | None]:
-        p = Path(recipe.resolve_path(path) if base else path).expanduser()
+    def key(path: str, split: str | None, beside_recipe: bool) -> tuple[str, str]:
+        p = Path(recipe.resolve_path(path) if beside_recipe else path).expanduser()
         return (str(p.resolve()) if p.exists() else path, split or "train")
 
-    trained = {key(t.path, t.split, "recipe") for t in recipe.data.train}
+    trained = {key(t.path, t.split, beside_recipe=True) for t in recipe.data.train}
     for s in sources:
-        if key(s.path, s.split, "") in trained:
+        if key(s.path, s.split, beside_recipe=False) in trained:
             ui.warn(f"'{s.path}' (split {s.split or 'train'}) is this run's training data: "
                     "its metrics say how well the model fits pairs it trained on, not how it "
                     "does on unseen ones")

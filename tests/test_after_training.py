@@ -168,6 +168,10 @@ def test_generate_file(run, tmp_path):
     huge.write_text(json.dumps({"prompt": "z" * 1_000_000}) + "\n")
     res = qdpo("generate", run, "--prompts", huge, "--out", tmp_path / "o4.jsonl")
     assert res.returncode == 2 and "1,000,000 characters" in res.stderr
+    cut = tmp_path / "cut.jsonl"  # a lone surrogate, as data rows are checked
+    cut.write_text('{"prompt": "a\\ud800b"}\n')
+    res = qdpo("generate", run, "--prompts", cut, "--out", tmp_path / "o5.jsonl")
+    assert res.returncode == 2 and "line 1: text is not valid Unicode" in res.stderr
 
 
 def test_eval_json_matches_training_eval(run):

@@ -30,6 +30,8 @@ _LAZY = {
     "local_files": "read",
     "ROLES": "shapes",
     "normalise_rows": "normalise",
+    "invalid_unicode": "normalise",
+    "NOT_UNICODE": "normalise",
     "CHAT_TEMPLATES": "encode",
     "Tokenizer": "encode",
     "resolve_chat_template": "encode",

@@ -12,7 +12,7 @@ import difflib
 import math
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from qdpo.data.pairs import Pair
 from qdpo.data.report import DataReport
@@ -230,14 +230,24 @@ def _row_system(r: _Row, c: _Context) -> str | None:
     return None
 
 
-def _valid_unicode(r: _Row, c: _Context) -> str | None:
-    texts = [r.prompt] if isinstance(r.prompt, str) else [m["content"] for m in r.prompt]
+NOT_UNICODE = "text is not valid Unicode (a lone surrogate, e.g. a cut emoji)"
+
+
+def invalid_unicode(texts: Iterable[str]) -> bool:
+    """Whether any text holds a lone surrogate (what invalid UTF-8 decodes to with
+    surrogateescape): tokenizers refuse it. Data rows and prompts files check the same way."""
     try:
-        for t in texts + [r.chosen, r.rejected, r.system or ""]:
+        for t in texts:
             t.encode("utf-8")
     except UnicodeEncodeError:
-        return "text is not valid Unicode (a lone surrogate, e.g. a cut emoji)"
-    return None
+        return True
+    return False
+
+
+def _valid_unicode(r: _Row, c: _Context) -> str | None:
+    texts = [r.prompt] if isinstance(r.prompt, str) else [m["content"] for m in r.prompt]
+    return NOT_UNICODE if invalid_unicode(texts + [r.chosen, r.rejected, r.system or ""]) \
+        else None
 
 
 STEPS: tuple[Callable[[_Row, _Context], str | None], ...] = (

@@ -27,7 +27,7 @@ from qdpo.export.gguf_common import (
     write_gguf,
 )
 from qdpo.export.gguf_vocab import add_vocab
-from qdpo.export.kquant_mix import K_OUTTYPES
+from qdpo.export.kquant_mix import K_OUTTYPES, QK_K
 from qdpo.export.kquant_mix import file_type as kquant_file_type
 
 # HF tensors that carry nothing llama.cpp needs (same list as ModelBase.prepare_tensors)
@@ -130,7 +130,6 @@ def _say_fallbacks(gguf: Any, plan: list[Any], outtype: str) -> None:
     """A k-quant mix on a model whose rows are not whole 256-value super-blocks (small models)
     quantizes those tensors with other types, as llama-quantize does: say so, not silently."""
     from qdpo import console as ui
-    from qdpo.export.kquant_mix import K_OUTTYPES, QK_K
 
     if outtype not in K_OUTTYPES:
         return
