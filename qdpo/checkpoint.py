@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import torch
 
 from qdpo import console as ui
-from qdpo import files
+from qdpo import distributed, files
 from qdpo.errors import QdpoError
 
 CKPT_DIR = "checkpoints"
@@ -227,16 +227,20 @@ def _alive(pid: int) -> bool:
 
 
 def save(run_dir: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
-         scaler: Any, objective: Any, keep_last: int) -> Path:
-    """Write checkpoint `step` atomically and keep the newest `keep_last`; returns its path."""
+         scaler: Any, objective: Any, keep_last: int,
+         whole: tuple[dict[str, torch.Tensor] | None, dict[str, Any]] | None = None) -> Path:
+    """Write checkpoint `step` atomically and keep the newest `keep_last`; returns its path.
+    `whole`: the adapter and optimizer states gathered whole from the ranks of a sharded model
+    (distributed.full_adapter_state / full_optimizer_state), written as one process's."""
     from qdpo.model import save_adapter
 
     final = checkpoint_path(run_dir, step)
     warn_if_low_on_space(run_dir, keep_last)
+    adapter_state, optimizer_state = whole or (None, optimizer.state_dict())
 
     def write(tmp: Path) -> None:
-        save_adapter(model, tokenizer, tmp)
-        write_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        save_adapter(model, tokenizer, tmp, adapter_state)
+        write_state({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict() if scaler is not None else None,
                      "objective": objective.state_dict(), "rng": rng_state(),
                      "trainer": {"step": step}}, tmp)
@@ -408,9 +412,17 @@ def restore(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any,
     with _reading(path / ADAPTER):
         weights = load_file(str(path / ADAPTER))
     check_fits(path, model, weights)
-    set_peft_model_state_dict(model, weights, adapter_name="default")
+    sharded = distributed.is_sharded(model)
+    if sharded:  # each rank cuts its shards from the whole tensors
+        distributed.load_adapter_state(model, weights)
+    else:
+        set_peft_model_state_dict(model, weights, adapter_name="default")
     with _reading(state_file):
-        optimizer.load_state_dict(state["optimizer"])
+        opt_state = state["optimizer"]
+        if sharded:
+            opt_state = distributed.shard_optimizer_state(
+                opt_state, [p for g in optimizer.param_groups for p in g["params"]])
+        optimizer.load_state_dict(opt_state)
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])

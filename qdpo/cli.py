@@ -746,6 +746,9 @@ def main() -> None:
             sys.exit(130)
         if _state["debug"]:
             raise
+        if _another_rank_failed(e):
+            ui.error("stopped: another rank of this job failed first (its message says why)")
+            sys.exit(1)
         disk = _disk_problem(e)
         if disk:
             ui.error(disk)
@@ -753,6 +756,20 @@ def main() -> None:
         ui.error(f"{type(e).__name__}: {_clipped(str(e))}\n(this is a bug in qdpo or an unexpected "
                  "environment; run with --debug for the traceback and report it)")
         sys.exit(1)
+
+
+def _another_rank_failed(e: BaseException) -> bool:
+    """Under torchrun: a collective broke because a peer process exited (gloo's "Connection
+    closed by peer", NCCL's DistBackendError); that rank has said what went wrong."""
+    import torch
+
+    from qdpo.distributed import launched
+
+    if not launched().active:
+        return False
+    text = str(e)
+    return isinstance(e, torch.distributed.DistBackendError) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer"))
 
 
 def _clipped(message: str, limit: int = 2000) -> str:

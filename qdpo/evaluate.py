@@ -44,10 +44,14 @@ def evaluate_pairs_with_margins(model: Any, data: Sequence[PairTokens], objectiv
         # with several ranks each evaluates its share, and the sums are added up
         mine = distributed.share(range(len(data)), [p.num_tokens for p in data],
                                  distributed.ranks())
-        for batch in plan.micro_batches(mine, data):
+        batches = distributed.lockstep(model, plan.micro_batches(mine, data),
+                                       lambda: next(plan.micro_batches([0], data)))
+        for batch, real in batches:  # (fillers keep the ranks of sharded weights in step)
             batch.to(device)
             ref = reference.get(batch.pair_ids, device) if reference is not None else None
             pol, ref, out = forward_pair_batch(model, batch, objective, ref)
+            if not real:
+                continue
             acc.add(pol, ref, out)
             acc.count(pairs=batch.num_pairs)
             margins.append((out.chosen_rewards - out.rejected_rewards).float())

@@ -301,7 +301,7 @@ def compile_decoder_layers(model: Any) -> int:
     """
     from qdpo import console as ui
 
-    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    layers = decoder_layers(model)
     for layer in layers:
         layer.compile(dynamic=True)
     if layers:
@@ -310,6 +310,11 @@ def compile_decoder_layers(model: Any) -> int:
         ui.warn(f"train.compile: no decoder layers found in {type(model).__name__}; it runs "
                 "uncompiled")
     return len(layers)
+
+
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers causal LM (LlamaDecoderLayer and its kin)."""
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
 def _device_of(model: Any) -> torch.device:
@@ -405,16 +410,17 @@ def check_lean_head(model: Any, dtype: torch.dtype | None = None) -> None:
             "logit_scale (Cohere).")
 
 
-def load_model(recipe: Recipe, device: torch.device | None = None) -> tuple[Any, ModelInfo]:
+def load_model(recipe: Recipe, device: torch.device | None = None,
+               dtype: torch.dtype | None = None) -> tuple[Any, ModelInfo]:
     device = device or default_device()
-    base = load_base(recipe, device)
+    base = load_base(recipe, device, dtype=dtype)
     model = attach_lora(base, recipe)
     import bitsandbytes as bnb
 
     nq = sum(1 for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    info = ModelInfo(device, compute_dtype(recipe.model.compute_dtype, device),
+    info = ModelInfo(device, dtype or compute_dtype(recipe.model.compute_dtype, device),
                      base_weights_path(recipe), trainable, total, nq,
                      "frozen initial adapter" if recipe.lora.init_adapter else
                      "adapters disabled", **_trained_lora(model))
@@ -460,10 +466,13 @@ def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def save_adapter(model: Any, tokenizer: Any, out: Path) -> None:
-    """The policy adapter in peft's format (loadable with PeftModel.from_pretrained)."""
+def save_adapter(model: Any, tokenizer: Any, out: Path,
+                 state: dict[str, torch.Tensor] | None = None) -> None:
+    """The policy adapter in peft's format (loadable with PeftModel.from_pretrained).
+    `state`: the trainable tensors whole, by parameter name, when the model holds only shards
+    of them (train.fsdp)."""
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), selected_adapters=[POLICY_ADAPTER])
+    model.save_pretrained(str(out), selected_adapters=[POLICY_ADAPTER], state_dict=state)
     # save_pretrained puts non-default adapters in subfolders; only the policy is written.
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))

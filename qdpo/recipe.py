@@ -174,6 +174,9 @@ class TrainConfig:
     compile: bool = _f(False, help="torch.compile each decoder layer: faster steps after ~20 s "
                                    "of compiling (on an 8B model 1.2x at 8k tokens per "
                                    "micro-batch, 2x at 2k); worth it for runs of 100+ steps")
+    fsdp: bool = _f(False, help="Under torchrun, shard the 4-bit base, the adapters and the "
+                                "optimizer state across the ranks (FSDP2), for models that do "
+                                "not fit one GPU; needs optimizer adamw")
 
 
 @dataclass
@@ -599,6 +602,15 @@ def _validate_train(r: Recipe) -> None:
     _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, "it must be >= 1")
     _check(t.max_tokens in (None, "auto") or t.max_tokens >= 16, "train.max_tokens",
            t.max_tokens, "it must be >= 16, auto or null")
+    if t.fsdp:
+        _check(t.optimizer == "adamw", "train.optimizer", t.optimizer,
+               "with train.fsdp: true it must be adamw (bitsandbytes' 8-bit optimizers cannot "
+               "update sharded tensors; AdamW's state is sharded across the ranks instead)")
+        _check(not t.compile, "train.compile", t.compile,
+               "train.fsdp and train.compile together are untested: set one of them false")
+        _check(not r.model.offload_activations, "model.offload_activations",
+               r.model.offload_activations,
+               "train.fsdp and offloaded activations together are untested: set one false")
 
 
 def _validate_eval_and_output(r: Recipe) -> None:

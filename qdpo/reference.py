@@ -148,13 +148,18 @@ def precompute(model: Any, table: ReferenceTable, ids: Sequence[int], data: Sequ
     `plan` is the reference plan (a scaled copy of the training plan: no activations are kept).
     """
     todo = table.missing(sorted(set(ids)))
-    if not todo:
+    if not todo and not distributed.is_sharded(model):
         return 0
+    # sharded weights: a rank with less (or nothing) to do keeps pace with fillers
+    batches = distributed.lockstep(model, plan.micro_batches(todo, data),
+                                   lambda: next(plan.micro_batches([0], data)))
     with reference_mode(model), autocast:  # eval mode: no dropout in the reference
-        for batch in plan.micro_batches(todo, data):
-            table.put(batch.pair_ids, sequence_logps(model, batch.to(device)))
-            if progress:
-                progress(batch.num_pairs)
+        for batch, real in batches:
+            logps = sequence_logps(model, batch.to(device))
+            if real:
+                table.put(batch.pair_ids, logps)
+                if progress:
+                    progress(batch.num_pairs)
     return len(todo)
 
 

@@ -38,7 +38,7 @@ LENGTH_KEYS = {"train.max_steps", "train.epochs"}
 RESUME_SAFE = {
     "train.max_steps", "train.epochs", "train.micro_batch_pairs", "train.log_every_steps",
     "eval.every_steps", "eval.max_pairs", "eval.micro_batch_pairs", "output.save_every_steps",
-    "output.keep_last", "output.tensorboard", "output.dir",
+    "output.keep_last", "output.tensorboard", "output.dir", "train.fsdp",
 }
 
 

@@ -14,7 +14,7 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +26,8 @@ from qdpo import reference
 from qdpo.attention import check_can_train, model_kernel
 from qdpo.batching import BatchPlan, pairs_used, plan_batches, step_pairs
 from qdpo.data import PairTokens, PreparedData, prepare
-from qdpo.device import autocast_for, memory_stats, reset_peak_memory
+from qdpo.device import (autocast_for, compute_dtype, default_device, memory_stats,
+                         reset_peak_memory)
 from qdpo.errors import QdpoError
 from qdpo.evaluate import eval_plan, evaluate_pairs_with_margins
 from qdpo.files import short_error
@@ -35,8 +36,8 @@ from qdpo.guards import Interrupt, nonfinite_error, out_of_memory_message
 from qdpo.logps import causal_lm
 from qdpo.losses import Objective
 from qdpo.memory import token_budget
-from qdpo.model import (ModelInfo, hidden_size, load_model, load_tokenizer, save_adapter,
-                        trainable_parameters)
+from qdpo.model import (ModelInfo, decoder_layers, hidden_size, load_model, load_tokenizer,
+                        save_adapter, trainable_parameters)
 from qdpo.recipe import Recipe
 from qdpo.rundir import RunDir
 from qdpo.samples import Samples
@@ -86,20 +87,24 @@ def train_step(ctx: StepContext, data: list[PairTokens], idx: list[int]) -> dict
     acc = MetricAccumulator()
     # with several ranks, this one's share of the step; the loss is still over all its pairs
     mine = distributed.share(idx, [data[i].num_tokens for i in idx], distributed.ranks())
+    # sharded weights: every rank runs as many passes as the busiest (fillers add nothing)
+    batches = distributed.lockstep(ctx.model, ctx.plan.micro_batches(mine, data),
+                                   lambda: next(ctx.plan.micro_batches(idx[:1], data)))
     with autocast_for(ctx.device, ctx.dtype):
-        for batch in ctx.plan.micro_batches(mine, data):
+        for batch, real in batches:
             batch.to(ctx.device)
             ref = ctx.reference.get(batch.pair_ids, ctx.device) if ctx.reference else None
             pol, ref, out = forward_pair_batch(ctx.model, batch, ctx.objective, ref)
-            loss = out.losses.sum() / len(idx)
+            loss = out.losses.sum() / len(idx) * (1.0 if real else 0.0)
             (ctx.scaler.scale(loss) if ctx.scaler else loss).backward()
-            acc.add(pol, ref, out)
-            acc.count(tokens=batch.num_tokens, token_slots=batch.slots)
+            if real:
+                acc.add(pol, ref, out)
+                acc.count(tokens=batch.num_tokens, token_slots=batch.slots)
     distributed.sum_gradients(ctx.params)  # several ranks: the one-process gradient
     if ctx.scaler:
         ctx.scaler.unscale_(ctx.optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(ctx.params,
-                                                     ctx.max_grad_norm or float("inf")))
+    grad_norm = float(distributed.whole(torch.nn.utils.clip_grad_norm_(
+        ctx.params, ctx.max_grad_norm or float("inf"))))
     metrics = acc.result()
     # With fp16 the loss scaler expects overflowing gradients now and then: it skips that
     # optimizer step and lowers the scale itself. Only a non-finite loss is our problem.
@@ -211,7 +216,7 @@ def setup(recipe: Recipe, resume: str | None, overwrite: bool) -> Setup:
     if main:
         distributed.barrier()
     ui.data_report(data)
-    model, minfo = load_model(recipe)
+    model, minfo = load_training_model(recipe)
     ui.model_banner(recipe, minfo)
     reset_peak_memory(minfo.device)
     steps = total_steps(recipe, len(data.train))
@@ -234,6 +239,25 @@ def setup(recipe: Recipe, resume: str | None, overwrite: bool) -> Setup:
                 recipe, ctx, data, minfo.base_path, start, steps)
     return Setup(recipe, run, tokenizer, data, minfo, ctx, steps, start, ev_plan, eval_ref,
                  ref_seconds)
+
+
+def load_training_model(recipe: Recipe) -> tuple[Any, ModelInfo]:
+    """The model to train: whole on this process's device, or with train.fsdp under torchrun
+    built in host memory and sharded onto each rank's device (no device holds it whole)."""
+    r = distributed.ranks()
+    if not recipe.train.fsdp or not r.active:
+        if recipe.train.fsdp:
+            ui.info("train.fsdp: one process, nothing to shard (start it with torchrun or "
+                    "--gpus N)")
+        return load_model(recipe)
+    device = default_device()
+    model, minfo = load_model(recipe, torch.device("cpu"),
+                              compute_dtype(recipe.model.compute_dtype, device))
+    held, total = distributed.shard(model, decoder_layers(model), device)
+    ui.info(f"train.fsdp: {len(decoder_layers(model))} decoder layers sharded across "
+            f"{r.world} ranks; each holds {held / 2**20:,.2f} of the model's "
+            f"{total / 2**20:,.2f} MiB of weights (embeddings and head whole)")
+    return model, replace(minfo, device=device)
 
 
 def _precompute_reference(recipe: Recipe, ctx: StepContext, data: PreparedData, base_path: str,
@@ -272,7 +296,11 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
     final_eval: dict[str, float] = {}
     bad_steps, done, interrupted = 0, s.start_step, False
 
-    samples = Samples(recipe, ctx.model, s.tokenizer, s.run.path, answer=main)
+    # sharded weights: generating would need every rank in step token by token
+    sharded = distributed.is_sharded(ctx.model)
+    samples = Samples(recipe, ctx.model, s.tokenizer, s.run.path, answer=main and not sharded)
+    if sharded and samples.prompts:
+        ui.info("train.fsdp: the sample prompts are not answered while the weights are sharded")
     samples.truncate(s.start_step)
 
     def run_eval(step: int, label: str | None = None, final: bool = False) -> dict[str, float]:
@@ -341,12 +369,17 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
 
 
 def save(s: Setup, step: int) -> Path:
-    """A checkpoint of `step` (by rank 0: the other ranks hold the same state)."""
+    """A checkpoint of `step`, written by rank 0 (the other ranks hold the same state, or,
+    with sharded weights, give it their shards first)."""
     c = s.ctx
+    whole = None
+    if distributed.is_sharded(c.model):  # every rank takes part in gathering
+        whole = (distributed.full_adapter_state(c.model),
+                 distributed.full_optimizer_state(c.optimizer))
     if not distributed.ranks().is_main:
         return checkpoint.checkpoint_path(s.run.path, step)
     return checkpoint.save(s.run.path, step, c.model, s.tokenizer, c.optimizer, c.scheduler,
-                           c.scaler, c.objective, s.recipe.output.keep_last)
+                           c.scaler, c.objective, s.recipe.output.keep_last, whole)
 
 
 def finish(s: Setup, done: int, final_eval: dict[str, float], last: dict[str, float],
@@ -356,13 +389,16 @@ def finish(s: Setup, done: int, final_eval: dict[str, float], last: dict[str, fl
     result = TrainResult(s.run.path, done, final_eval, last, history, interrupted,
                          s.reference_seconds,
                          reference_reused=bool(tables) and not any(t.computed for t in tables))
-    if not distributed.ranks().is_main:  # rank 0 writes the run; this one is done
-        distributed.shutdown()
-        return result
+    main = distributed.ranks().is_main
     if not interrupted:
         if done > s.start_step:  # lets a later run extend this one (more steps or epochs)
             save(s, done)
-        s.run.save_final(lambda d: save_adapter(s.ctx.model, s.tokenizer, d))
+        adapter = distributed.full_adapter_state(s.ctx.model)  # sharded: all ranks gather
+        if main:
+            s.run.save_final(lambda d: save_adapter(s.ctx.model, s.tokenizer, d, adapter))
+    if not main:  # rank 0 writes the run; this one is done
+        distributed.shutdown()
+        return result
     s.run.write_summary(result, seconds, s.recipe)
     write_report(s.run.path)
     s.run.unlock()

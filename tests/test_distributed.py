@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -109,3 +110,52 @@ def test_gpus_without_the_gpus_is_one_message():
     res = qdpo("train", QUICKSTART_RECIPE, "--gpus", "2")
     assert res.returncode == 2
     assert "--gpus 2: this machine has 0 CUDA GPU(s)" in res.stderr
+
+
+def test_sharded_weights_train_and_resume_as_one_process(tmp_path, monkeypatch):
+    """train.fsdp: 4-bit base and adapters sharded over 2 ranks (FSDP2), 5 pairs per step in
+    micro-batches of 1 (3 on one rank, 2 on the other: the idle one keeps pace), a cold
+    reference pass; checkpoints written whole resume on any layout."""
+    monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
+    common = ["train.lr_scheduler=constant", "train.warmup_ratio=0", "train.pairs_per_step=5",
+              "train.micro_batch_pairs=1", "eval.every_steps=2"]
+    fsdp = "train.fsdp=true"
+    sharded = torchrun("train", QUICKSTART_RECIPE, *common, fsdp, "train.max_steps=4",
+                       "-o", tmp_path / "sharded")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "2 decoder layers sharded across 2 ranks" in sharded.stdout
+    held, total = map(float, re.search(r"each holds ([\d.]+) of the model's ([\d.]+) MiB",
+                                       sharded.stdout).groups())
+    assert held < 0.9 * total  # the layers' halves (embeddings and head stay whole)
+    assert "for 20 pairs computed" in sharded.stdout  # the reference pass, sharded too
+    straight = qdpo("train", QUICKSTART_RECIPE, *common, "train.max_steps=4",
+                    "-o", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    assert_same_adapter(tmp_path / "straight", tmp_path / "sharded")
+    m1, m2 = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "sharded")
+    def losses(metrics):
+        return [m.get("loss", m.get("eval/loss")) for m in metrics]
+
+    assert losses(m2) == pytest.approx(losses(m1), rel=1e-4)
+
+    # a one-process checkpoint resumed sharded, and a sharded one resumed by one process
+    one_then_two, two_then_one = tmp_path / "a", tmp_path / "b"
+    assert qdpo("train", QUICKSTART_RECIPE, *common, "train.max_steps=2",
+                "-o", one_then_two).returncode == 0
+    more = torchrun("train", QUICKSTART_RECIPE, *common, fsdp, "train.max_steps=4",
+                    "-o", one_then_two, "--resume")
+    assert more.returncode == 0 and "resumed from" in more.stdout, more.stderr[-3000:]
+    first = torchrun("train", QUICKSTART_RECIPE, *common, fsdp, "train.max_steps=2",
+                     "-o", two_then_one)
+    assert first.returncode == 0, first.stderr[-3000:]
+    more = qdpo("train", QUICKSTART_RECIPE, *common, "train.max_steps=4", "-o", two_then_one,
+                "--resume")
+    assert more.returncode == 0 and "resumed from" in more.stdout, more.stderr
+    assert_same_adapter(tmp_path / "straight", one_then_two)
+    assert_same_adapter(tmp_path / "straight", two_then_one)
+
+
+def test_sharding_needs_adamw():
+    res = qdpo("train", QUICKSTART_RECIPE, "train.fsdp=true", "train.optimizer=adamw_8bit")
+    assert res.returncode != 0
+    assert "train.optimizer" in res.stderr and "must be adamw" in res.stderr
