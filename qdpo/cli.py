@@ -429,6 +429,8 @@ def plan(
     gpu_memory: str = typer.Option("24GiB", "--gpu-memory", help="The card's memory, e.g. 24GiB."),
     shape: Optional[str] = typer.Option(None, "--shape", help="Built-in architecture instead of "
                                         "the recipe's model (as in qdpo bench)."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="Cards the job runs on: with train.fsdp "
+                                                      "they share the weights."),
 ) -> None:
     """Predict peak GPU memory from the model's config, before downloading weights: the largest
     train.max_tokens that fits, the longest pair, and what to change if it does not fit."""
@@ -444,8 +446,11 @@ def plan(
     except ValueError:
         raise QdpoError(f"--gpu-memory '{gpu_memory}' is not a size like 24GiB.") from None
     r = load_recipe(recipe, list(overrides or []))
-    p = plan_for(r, bench_config(r, shape), gib)
-    table = Table(title=f"qdpo plan: {shape or r.model.name_or_path} on a {gib:g} GiB card, "
+    p = plan_for(r, bench_config(r, shape), gib, gpus)
+    cards = f"each of {gpus} {gib:g} GiB cards" if gpus > 1 else f"a {gib:g} GiB card"
+    if gpus > 1:
+        cards += ", weights sharded (train.fsdp)" if r.train.fsdp else ", data parallel"
+    table = Table(title=f"qdpo plan: {shape or r.model.name_or_path} on {cards}, "
                         f"micro-batches of {p.peak_tokens:,} tokens ({p.budget})",
                   title_justify="left")
     table.add_column("part")

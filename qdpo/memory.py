@@ -15,6 +15,8 @@ card; `train.max_tokens: auto` uses the same arithmetic. The parts, in bytes:
   inputs wait in host memory instead, bar the one or two in transit;
 - fixed transients: the head's logits chunk (logits, softmax and their gradient) and one
   dequantized weight matrix;
+- with `train.fsdp` over N GPUs: 1/N of the 4-bit layers, LoRA and optimizer state, plus two
+  whole layers (the one running and the next being gathered); embeddings and head whole;
 - the reference pass, when precomputed, runs without gradients on a 4x token budget and is
   checked separately (it rarely sets the peak).
 
@@ -83,9 +85,10 @@ class Settings:
     checkpointing: bool = True
     offload: bool = False  # checkpointed layer inputs in host memory (model.offload_activations)
     precompute_reference: bool = True
+    shards: int = 1  # train.fsdp over this many GPUs (1: each GPU holds the whole model)
 
     @classmethod
-    def from_recipe(cls, recipe: Any) -> "Settings":
+    def from_recipe(cls, recipe: Any, gpus: int = 1) -> "Settings":
         m, t = recipe.model, recipe.train
         targets = recipe.lora.target_modules
         return cls(quantization=m.quantization, double_quant=m.double_quant,
@@ -93,7 +96,8 @@ class Settings:
                    target_modules=targets if isinstance(targets, str) else tuple(targets),
                    optimizer=t.optimizer, checkpointing=m.gradient_checkpointing,
                    offload=m.gradient_checkpointing and m.offload_activations,
-                   precompute_reference=t.reference in ("auto", "precompute"))
+                   precompute_reference=t.reference in ("auto", "precompute"),
+                   shards=gpus if t.fsdp else 1)
 
     def targeted(self, name: str) -> bool:
         if self.target_modules == "all-linear":
@@ -143,7 +147,11 @@ def static_bytes(shape: Shape, s: Settings) -> tuple[float, float]:
     lora_params = shape.layers * sum(s.lora_r * (i + o) for n, (i, o) in lins.items()
                                      if s.targeted(n))
     moments = 2 if "8bit" in s.optimizer else 8
-    return linear * per_weight + embed, lora_params * (4 + 4 + moments)
+    lora = lora_params * (4 + 4 + moments)
+    if s.shards > 1:  # 1/N of the layers, plus the one that runs and the next being gathered
+        layer = linear / shape.layers * per_weight
+        return linear * per_weight / s.shards + 2 * layer + embed, lora / s.shards
+    return linear * per_weight + embed, lora
 
 
 def bytes_per_token(shape: Shape, s: Settings) -> float:
@@ -235,7 +243,9 @@ class Plan:
                         f"{self.floor_gib:.1f} GiB and "
                         f"{usable:.1f} GiB of this {self.gpu_gib:g} GiB card are usable "
                         f"({RESERVE_GIB} GiB go to the CUDA context, and a {1 - SAFETY:.0%} "
-                        "margin): use a card with more memory or a smaller model")
+                        "margin): use a card with more memory or a smaller model" +
+                        ("" if recipe.train.fsdp else ", or share the weights across several "
+                         "cards with train.fsdp: true (check with qdpo plan --gpus N)"))
             return tips
         if self.longest_pair > self.max_tokens:
             tips.append(f"lower data.max_length to {self.max_tokens // 2} or less (now "
@@ -245,18 +255,22 @@ class Plan:
             tips.append(f"set train.max_tokens: auto (or at most {self.max_tokens:,})")
         if not recipe.model.gradient_checkpointing:
             tips.append("set model.gradient_checkpointing: true")
-        elif not recipe.model.offload_activations:
+        elif not recipe.model.offload_activations and not recipe.train.fsdp:
             tips.append("set model.offload_activations: true (layer inputs in CPU memory)")
-        if "8bit" not in recipe.train.optimizer:
+        if "8bit" not in recipe.train.optimizer and not recipe.train.fsdp:
             tips.append("set train.optimizer: paged_adamw_8bit")
+        if not recipe.train.fsdp:
+            tips.append("on several cards, set train.fsdp: true to share the weights (check "
+                        "with qdpo plan --gpus N)")
         return tips
 
 
-def plan_for(recipe: Any, config: Any, gpu_gib: float) -> Plan:
+def plan_for(recipe: Any, config: Any, gpu_gib: float, gpus: int = 1) -> Plan:
     """The recipe's largest micro-batch on a card of `gpu_gib`: with a token budget, the
     budget (or a longer pair, which trains alone); with `auto`, the largest budget that fits;
-    without one, micro_batch_pairs pairs of the longest length data.max_length allows."""
-    shape, s = Shape.from_config(config), Settings.from_recipe(recipe)
+    without one, micro_batch_pairs pairs of the longest length data.max_length allows. With
+    train.fsdp, the weights are shared by `gpus` cards."""
+    shape, s = Shape.from_config(config), Settings.from_recipe(recipe, gpus)
     fitted = fit_tokens(shape, s, gpu_gib)
     longest = longest_pair(recipe.data.max_length)
     setting = recipe.train.max_tokens
@@ -271,10 +285,10 @@ def plan_for(recipe: Any, config: Any, gpu_gib: float) -> Plan:
                 estimate(shape, s, 128).peak / GIB, budget)
 
 
-def auto_max_tokens(recipe: Any, config: Any, gpu_gib: float) -> int:
+def auto_max_tokens(recipe: Any, config: Any, gpu_gib: float, gpus: int = 1) -> int:
     """`train.max_tokens: auto` on a GPU: the largest budget that fits (at least 256 tokens;
     a pair longer than the budget still trains, alone in its micro-batch)."""
-    return max(plan_for(recipe, config, gpu_gib).max_tokens, 256)
+    return max(plan_for(recipe, config, gpu_gib, gpus).max_tokens, 256)
 
 
 def token_budget(recipe: Any, config: Any, device: Any) -> int | None:
@@ -287,7 +301,8 @@ def token_budget(recipe: Any, config: Any, device: Any) -> int | None:
         return None
     from qdpo import console as ui
     from qdpo.device import total_memory_gib
+    from qdpo.distributed import ranks
 
-    tokens = auto_max_tokens(recipe, config, total_memory_gib(device))
+    tokens = auto_max_tokens(recipe, config, total_memory_gib(device), ranks().world)
     ui.info(f"train.max_tokens auto: {tokens:,} tokens per micro-batch fit this GPU")
     return tokens

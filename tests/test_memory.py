@@ -124,3 +124,22 @@ def test_offloading_moves_the_layer_inputs_off_the_card():
     layer_inputs = (s8b.layers - 2) * s8b.hidden * 2 * 8192  # bf16, all but two in transit
     assert kept.activations - offloaded.activations == layer_inputs
     assert offloaded.base == kept.base and offloaded.lora == kept.lora
+
+
+def test_sharded_weights_share_the_layers_and_the_plan_says_when_it_takes_more_cards():
+    s70 = shape("llama-3.1-70b")
+    whole = estimate(s70, Settings(optimizer="adamw"), 2048)
+    halves = estimate(s70, Settings(optimizer="adamw", shards=2), 2048)
+    layer = (whole.base - s70.vocab * s70.hidden * 2 * 2) / s70.layers  # one layer's 4-bit bytes
+    assert halves.base == pytest.approx(whole.base / 2 + s70.vocab * s70.hidden * 2 + 2 * layer)
+    assert halves.lora == pytest.approx(whole.lora / 2)
+    assert halves.activations == whole.activations  # each rank still runs whole layers
+    lone = qdpo("plan", RECIPE_8B, "--shape", "llama-3.1-70b")
+    assert lone.returncode == 1 and "train.fsdp: true" in lone.stderr  # the way out is named
+    sharded = ["--shape", "llama-3.1-70b", "train.fsdp=true", "train.optimizer=adamw",
+               "train.max_tokens=auto"]
+    two = qdpo("plan", RECIPE_8B, "--gpus", "2", *sharded)
+    four = qdpo("plan", RECIPE_8B, "--gpus", "4", *sharded)
+    assert two.returncode == 1 and "paged_adamw_8bit" not in two.stderr  # refused with fsdp
+    assert four.returncode == 0, four.stderr
+    assert "each of 4 24 GiB cards, weights sharded (train.fsdp)" in four.stdout
