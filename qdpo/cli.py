@@ -95,7 +95,7 @@ def train(
     if result.interrupted:
         from qdpo import console as ui
 
-        ui.info(f"resume with: {_resume_command(recipe, overrides or [], result.run_dir)}")
+        ui.info(f"resume with: {_continue_command(sys.argv[1:], result.run_dir)}")
         _state["interrupt_reported"] = True
         raise typer.Exit(130)
 
@@ -168,14 +168,6 @@ def sweep(
                                               "--out", str(result.sweep_dir), "--resume"]))
         _state["interrupt_reported"] = True
         raise typer.Exit(130)
-
-
-def _resume_command(recipe: Path, overrides: list[str], run_dir: Path) -> str:
-    """The exact command that continues this run: same recipe and overrides, its directory."""
-    import shlex
-
-    keep = [o for o in overrides if not o.startswith("output.dir=")]
-    return shlex.join(["qdpo", "train", str(recipe), *keep, "-o", str(run_dir), "--resume"])
 
 
 @app.command()
@@ -805,18 +797,31 @@ _terminate_like_ctrl_c()  # from the moment the CLI is imported
 
 
 def _continue_hint(argv: list[str]) -> str:
-    """What an interrupted command kept, and how to go on: for `train`, its exact command with
-    --resume (which continues from the last checkpoint, or starts fresh in the same directory
-    when none was written yet)."""
-    import shlex
-
+    """What an interrupted command kept, and how to go on (for `train`)."""
     if "train" not in argv:
         return ""
+    return "; checkpoints already written are kept. Continue with: " + _continue_command(argv)
+
+
+def _continue_command(argv: list[str], run_dir: Path | None = None) -> str:
+    """The exact command that continues an interrupted `qdpo train ARGV`: the same arguments,
+    without --overwrite, with --resume (the last checkpoint, or a fresh start in the same
+    directory when none was written yet), and the run's directory when the command line did
+    not name it. Under torchrun, with torchrun in front."""
+    import shlex
+
+    from qdpo.distributed import launched
+
     args = [a for a in argv if a != "--overwrite"]
+    named = any(a in ("-o", "--output") or a.startswith(("--output=", "output.dir="))
+                for a in args)
+    if run_dir is not None and not named:
+        args += ["-o", str(run_dir)]
     if "--resume" not in args:
         args.append("--resume")
-    return ("; checkpoints already written are kept. Continue with: "
-            + shlex.join(["qdpo", *args]))
+    r = launched()
+    head = ["torchrun", f"--nproc-per-node={r.world}", "-m", "qdpo"] if r.active else ["qdpo"]
+    return shlex.join([*head, *args])
 
 
 def _disk_problem(e: BaseException) -> str | None:

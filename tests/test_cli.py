@@ -125,6 +125,9 @@ def test_interrupted_train_prints_the_exact_resume_command(tmp_path, monkeypatch
     assert res.returncode == 130
     assert (f"resume with: qdpo train {QUICKSTART_RECIPE} loss.beta=0.2 -o '{run}' --resume"
             in res.stdout)
+    res = qdpo("train", QUICKSTART_RECIPE, "--overwrite")  # the recipe's own output.dir
+    assert (f"resume with: qdpo train {QUICKSTART_RECIPE} -o runs/quickstart --resume"
+            in res.stdout), res.stdout
 
 
 def test_help_has_no_bool_placeholders_and_init_takes_overwrite(tmp_path):
