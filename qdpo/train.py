@@ -216,10 +216,11 @@ def setup(recipe: Recipe, resume: str | None, overwrite: bool) -> Setup:
     if main:
         distributed.barrier()
     ui.data_report(data)
+    steps = total_steps(recipe, len(data.train))
+    _refuse_shorter_than(resume_from, steps)
     model, minfo = load_training_model(recipe)
     ui.model_banner(recipe, minfo)
     reset_peak_memory(minfo.device)
-    steps = total_steps(recipe, len(data.train))
     ctx = step_context(recipe, model, tokenizer.pad_token_id, minfo.device, minfo.dtype, steps)
     start = 0
     if resume_from is not None:
@@ -239,6 +240,17 @@ def setup(recipe: Recipe, resume: str | None, overwrite: bool) -> Setup:
                 recipe, ctx, data, minfo.base_path, start, steps)
     return Setup(recipe, run, tokenizer, data, minfo, ctx, steps, start, ev_plan, eval_ref,
                  ref_seconds)
+
+
+def _refuse_shorter_than(resume_from: Path | None, steps: int) -> None:
+    """Resuming past the recipe's end would train nothing and record the run as shorter than
+    its adapter is."""
+    at = checkpoint.step_of(resume_from) if resume_from is not None else None
+    if at is not None and at > steps:
+        raise QdpoError(
+            f"Cannot resume: the checkpoint {resume_from} is at step {at}, but this recipe's "
+            f"run ends at step {steps} (train.max_steps or train.epochs). Give it more than "
+            f"{at} steps to train further, or start a new run.")
 
 
 def load_training_model(recipe: Recipe) -> tuple[Any, ModelInfo]:

@@ -108,6 +108,13 @@ def test_resume_a_finished_run_only_with_more_steps(tmp_path):
     assert more.returncode == 0, more.stderr
     assert "resume: train.max_steps 2 -> 3" in more.stdout
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    recipe = (run / "recipe.yaml").read_text()
+    fewer = qdpo("train", QUICKSTART_RECIPE, "train.max_steps=2", "eval.every_steps=0", "-o", run,
+                 "--resume")  # would train nothing and record a 2-step run of a 3-step adapter
+    assert fewer.returncode != 0 and "is at step 3" in fewer.stderr
+    assert "more than 3 steps" in fewer.stderr
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    assert (run / "recipe.yaml").read_text() == recipe
 
 
 def test_resume_where_there_is_no_run_says_it_starts_fresh(tmp_path):
