@@ -134,7 +134,7 @@ def sweep(
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
     grid: Optional[list[str]] = typer.Argument(
         None, help="key=v1,v2,... is swept (the grid is the product, in the order given); plain "
-                   "key=value applies to every run. A comma inside [...], {...} or quotes, or "
+                   "key=value applies to every run. A comma inside \\[...], {...} or quotes, or "
                    "written \\, (quote it for the shell), does not split: "
                    "loss.type=\\[sigmoid,sft],sigmoid is two values.", show_default=False),
     out: Optional[Path] = typer.Option(
@@ -289,12 +289,12 @@ def _check_output(path: Optional[Path], option: str, folder: bool) -> None:
     """An output path that cannot be written is said before the work, not after it."""
     if path is None:
         return
-    parent = path.parent if not path.exists() else path
-    if path.exists() and path.is_dir() != folder:
-        raise QdpoError(f"{option} '{path}' is a {'file' if folder else 'folder'}; give "
-                        f"{'a folder' if folder else 'a file name'}.")
-    if not folder and not parent.is_dir():
-        raise QdpoError(f"{option} '{path}': the folder '{parent}' does not exist.")
+    if path.exists():
+        if path.is_dir() != folder:
+            raise QdpoError(f"{option} '{path}' is a {'file' if folder else 'folder'}; give "
+                            f"{'a folder' if folder else 'a file name'}.")
+    elif not folder and not path.parent.is_dir():
+        raise QdpoError(f"{option} '{path}': the folder '{path.parent}' does not exist.")
 
 
 def _device(text: str) -> str:
@@ -331,7 +331,7 @@ def bench(
                                 "kernel) and trace.json.gz (open in ui.perfetto.dev)."),
     against: Optional[str] = typer.Option(
         None, "--against", help="trl: first run TRL's DPOTrainer on the same pairs, model and "
-                                "settings, then print the ratios (pip install 'qdpo[compare]')."),
+                                "settings, then print the ratios (pip install 'qdpo\\[compare]')."),
 ) -> None:
     """Time real training steps on synthetic pairs: tokens/s, step time, reference pass, memory,
     MFU."""
@@ -689,6 +689,8 @@ def report(
                                       help="Run directories or sweep directories (a sweep "
                                            "counts as its runs), overlaid in one page."),
     out: Path = typer.Option(Path("report.html"), "--out", "-o", help="The HTML file to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file that "
+                                                              "is not a qdpo report."),
 ) -> None:
     """Write one self-contained HTML page (no network needed to view it): training and eval
     curves of the runs overlaid, the held-out margin distribution, sample answers at each eval,
@@ -696,7 +698,7 @@ def report(
     from qdpo import console as ui
     from qdpo.report import write_report
 
-    ui.info(f"wrote {write_report(runs, out)}")
+    ui.info(f"wrote {write_report(runs, out, overwrite)}")
 
 
 def main() -> None:

@@ -297,3 +297,31 @@ def test_eval_names_a_missing_data_file_before_loading_the_model(tmp_path):
     res = qdpo("eval", tmp_path / "no-run", "--data", tmp_path / "missing.jsonl")
     assert res.returncode == 2 and f"--data '{tmp_path / 'missing.jsonl'}' does not exist" \
         in res.stderr
+
+
+def test_help_texts_show_their_brackets():
+    """Help is rendered with rich markup: an unescaped [x] in a help text is eaten
+    (`pip install 'qdpo[compare]'` showed as `pip install 'qdpo'`)."""
+    import re
+
+    import typer.main
+
+    from qdpo.cli import app
+
+    for name, command in typer.main.get_command(app).commands.items():
+        for text in [command.help or ""] + [getattr(p, "help", "") or "" for p in command.params]:
+            assert not re.search(r"(?<!\\)\[", text), (name, text)
+    res = qdpo("bench", "--help")
+    assert "qdpo[compare]" in " ".join(res.stdout.split())
+
+
+def test_bench_json_can_be_written_again(tmp_path):
+    from qdpo.cli import _check_output
+
+    out = tmp_path / "b.json"
+    out.write_text("[]")
+    _check_output(out, "--json", folder=False)  # an earlier result is replaced, not refused
+    with pytest.raises(Exception, match="is a folder"):
+        _check_output(tmp_path, "--json", folder=False)
+    with pytest.raises(Exception, match="does not exist"):
+        _check_output(tmp_path / "no" / "b.json", "--json", folder=False)

@@ -177,6 +177,15 @@ def test_cli_writes_the_report(sweep, tmp_path):
     res = qdpo("report", sweep / "beta=0.1", sweep / "beta=0.3", "--out", out)
     assert res.returncode == 0, res.stderr
     assert out.read_text().startswith("<!DOCTYPE html>") and str(out) in res.stdout
+    again = qdpo("report", sweep / "beta=0.1", "--out", out)  # its own page: replaced
+    assert again.returncode == 0, again.stderr
+    mine = tmp_path / "mine.html"
+    mine.write_text("my notes")
+    refused = qdpo("report", sweep / "beta=0.1", "--out", mine)
+    assert refused.returncode != 0 and "not a qdpo report" in refused.stderr
+    assert mine.read_text() == "my notes"
+    assert qdpo("report", sweep / "beta=0.1", "--out", mine, "--overwrite").returncode == 0
+    assert mine.read_text().startswith("<!DOCTYPE html>")
 
 
 def test_cli_refuses_what_is_not_a_run_in_one_message(sweep, tmp_path):

@@ -18,10 +18,11 @@ from qdpo.errors import QdpoError
 REPORT_FILE = "report.html"
 
 
-def write_report(runs: list[Path], out: Path) -> Path:
+def write_report(runs: list[Path], out: Path, overwrite: bool = False) -> Path:
     """Write the report on `runs` (run or sweep directories) to `out`, atomically (a reader
     never sees half a page); returns `out`. Raises RunDirError for a path that is not a run
-    or sweep, or a run with no metrics yet."""
+    or sweep, or a run with no metrics yet. An existing file is replaced only when it is a
+    page qdpo wrote, or with `overwrite`."""
     from qdpo.files import write_text_atomically
     from qdpo.report.page import page
     from qdpo.report.runs import collect
@@ -30,9 +31,23 @@ def write_report(runs: list[Path], out: Path) -> Path:
     if out.is_dir():
         raise QdpoError(f"'{out}' is a directory; give the report a file name, e.g. "
                         f"{out / REPORT_FILE}.")
+    if out.exists() and not overwrite and not _written_by_qdpo(out):
+        raise QdpoError(f"'{out}' already exists and is not a qdpo report; pass --overwrite "
+                        "to replace it, or choose another --out.")
     found, sweeps = collect([Path(p) for p in runs])
     write_text_atomically(out, page(found, sweeps))
     return out
+
+
+def _written_by_qdpo(path: Path) -> bool:
+    from qdpo.report.page import GENERATOR
+
+    try:
+        with path.open("rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return f'<meta name="generator" content="{GENERATOR}">'.encode() in head
 
 
 def write_run_report(run_dir: Path) -> Path:

@@ -57,6 +57,8 @@ table.samples{width:100%}table.samples th{width:70px;white-space:nowrap}
 # No scripts, no network: styles inline, images only as data: URLs (the favicon below, so
 # the browser does not ask the network for one).
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+# marks a page as qdpo's, so that a later `qdpo report` may replace it without --overwrite
+GENERATOR = "qdpo report"
 
 
 def page(runs: list[ReportRun], sweeps: list[SweepInfo]) -> str:
@@ -72,6 +74,7 @@ def page(runs: list[ReportRun], sweeps: list[SweepInfo]) -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
             '<meta name="viewport" content="width=device-width,initial-scale=1">'
+            f'<meta name="generator" content="{GENERATOR}">'
             '<link rel="icon" href="data:,">'
             f"<title>{esc(title)}</title><style>{CSS}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
