@@ -46,12 +46,28 @@ def atomic_dir(final: Path, write: Any) -> None:
     try:
         with files.atomic_dir(final) as tmp:
             write(tmp)
-    except OSError as e:
-        if e.errno == 28:  # ENOSPC
-            raise QdpoError(f"Disk full while writing '{final}'. The previous checkpoints are "
-                            "untouched and usable (qdpo train --resume); free some space or "
-                            "lower output.keep_last.") from None
+    except Exception as e:
+        if files.disk_full(e):
+            raise QdpoError(disk_full_message(final)) from None
         raise
+
+
+def disk_full_message(target: Path) -> str:
+    """What a full disk while saving means for the run, and how to make room."""
+    from qdpo.cache import cache_dir
+
+    size = files.human_size
+    run_dir = target.parent.parent if target.parent.name == CKPT_DIR else target.parent
+    done = list_checkpoints(run_dir)
+    need = files.folder_size(done[-1]) if done else 0
+    cache = cache_dir()
+    return (f"Disk full while writing '{target}'. "
+            + (f"The previous checkpoint ({done[-1].name}) is intact: continue with qdpo train "
+               "... --resume once there is room. " if done else "")
+            + (f"A checkpoint takes about {size(need)}. " if need else "")
+            + "Free some space: lower output.keep_last (fewer checkpoints kept), delete old "
+            f"runs, or clear qdpo's cache ({cache}, {size(files.folder_size(cache))}; it is "
+            "rebuilt when needed).")
 
 
 def rng_state() -> dict[str, Any]:
@@ -182,15 +198,15 @@ def warn_if_low_on_space(run_dir: Path, keep_last: int) -> None:
     done = list_checkpoints(run_dir)
     if not done:
         return
-    need = sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file())
+    need = files.folder_size(done[-1])
     try:
         free = shutil.disk_usage(run_dir).free
     except OSError:
         return
     if free < need * 1.1:
-        gb = 1e9
-        ui.warn(f"only {free / gb:.2f} GB free on the disk of {run_dir}; the next checkpoint "
-                f"needs about {need / gb:.2f} GB. Free some space, or lower output.keep_last "
+        size = files.human_size
+        ui.warn(f"only {size(free)} free on the disk of {run_dir}; the next checkpoint "
+                f"needs about {size(need)}. Free some space, or lower output.keep_last "
                 f"(now {keep_last}); the checkpoints written so far stay usable.")
 
 

@@ -843,6 +843,15 @@ def _disk_problem(e: BaseException) -> str | None:
              errno.EEXIST: "a file is in the way (a part of the path is a file, not a folder)",
              errno.ENOENT: "it, or the folder it goes in, does not exist",
              errno.ENAMETOOLONG: "the name is too long"}
+    from qdpo.files import disk_full, short_error
+
+    if disk_full(e) and not isinstance(e, OSError):  # safetensors, torch's zip writer
+        from qdpo.cache import cache_dir
+
+        return (f"Cannot write: the disk is full ({_clipped(short_error(e), 300)}). Free some "
+                f"space (qdpo's cache, {cache_dir()}, can be cleared: it is rebuilt when "
+                "needed) and run the command again. Earlier checkpoints and outputs are "
+                "untouched; a training run continues from its last checkpoint with --resume.")
     if not isinstance(e, OSError) or e.errno not in {**fixes, **paths}:
         return None
     where = f" '{e.filename}'" if e.filename else ""

@@ -115,10 +115,49 @@ def short_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def cache_write_failed(what: str, e: OSError) -> None:
+def cache_write_failed(what: str, e: BaseException) -> None:
     """A cache that cannot be written (read-only or full disk) costs time later, never the
     run: say so once and go on."""
     from qdpo import console as ui
 
     ui.warn(f"could not cache the {what} ({short_error(e)}); continuing without the cache. "
             "Set QDPO_CACHE to a writable directory to keep it for later runs.")
+
+
+# How writers other than Python's own file objects report a full disk: safetensors (Rust) as
+# "No space left on device (os error 28)", torch's zip writer as "unexpected pos" (its write
+# came up short), quotas as EDQUOT.
+_FULL_TEXTS = ("No space left on device", "os error 28", "Disk quota exceeded",
+               "os error 122", "unexpected pos")
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` says the disk (or quota) is full, whichever library raised it."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(t in str(e) for t in _FULL_TEXTS)
+
+
+def write_failed(e: BaseException) -> bool:
+    """Whether `e` is the file system refusing a write (full, read-only, no permission): what a
+    cache may survive, as opposed to a bug."""
+    return isinstance(e, OSError) or disk_full(e)
+
+
+def folder_size(path: Path) -> int:
+    """Bytes of the files under `path` (0 if it is not there)."""
+    try:
+        return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    except OSError:
+        return 0
+
+
+def human_size(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as disks are sold)."""
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"

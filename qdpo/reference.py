@@ -25,7 +25,7 @@ from qdpo import console as ui
 from qdpo import distributed
 from qdpo.batching import REFERENCE_SCALE, BatchPlan
 from qdpo.cache import cache_dir
-from qdpo.files import cache_write_failed, write_atomically
+from qdpo.files import cache_write_failed, write_atomically, write_failed
 from qdpo.data import PairTokens
 from qdpo.device import autocast_for, synchronize
 from qdpo.hub import resolved_commit
@@ -205,7 +205,9 @@ def ensure(model: Any, data: Sequence[PairTokens], ids: Sequence[int], plan: Bat
         cached = "; cached for later runs"
         try:
             save_cached(key, table)
-        except OSError as e:
+        except Exception as e:  # a full or read-only disk costs the cache, not the run
+            if not write_failed(e):
+                raise
             cache_write_failed("reference log-probs", e)
             cached = ""
         reused = len(wanted) - len(missing)
