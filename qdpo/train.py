@@ -374,6 +374,9 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
                 break
         else:
             done = s.steps
+        if not history and not interrupted and s.steps > s.start_step:
+            # every step was skipped: there is no training to save or report
+            raise nonfinite_error(bad_steps, s.steps - 1, s.run.path)
         if not interrupted and evaluating:
             final_eval = run_eval(done, final=True)
     last = history[-1] if history else {}

@@ -163,6 +163,19 @@ def test_nonfinite_steps_skipped_then_stop(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "checkpoints" / "step-0000003").exists()
 
 
+def test_a_run_whose_steps_were_all_skipped_fails(tmp_path, monkeypatch):
+    """Fewer steps than the in-a-row limit, all non-finite: nothing trained, so no adapter and
+    no success (it used to save the untrained adapter and exit 0)."""
+    import qdpo.train as train_mod
+    from qdpo.errors import QdpoError
+
+    monkeypatch.setattr(train_mod, "train_step", lambda ctx, data, idx: None)
+    r = quickstart_recipe(tmp_path, "train.max_steps=3", "data.max_pairs=64", "eval.max_pairs=8")
+    with pytest.raises(QdpoError, match="non-finite"):
+        train_mod.train(r)
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
 def _full_disk_errors():
     from safetensors import SafetensorError
 
