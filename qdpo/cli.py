@@ -201,6 +201,20 @@ def _optional_resume_value(argv: list[str]) -> list[str]:
     return out
 
 
+def _expand_home(argv: list[str]) -> list[str]:
+    """`~/x` as the home folder where the shell left it alone: quoted (`-o '~/x'`) or after
+    an option's `=` (`--out=~/x`), as recipe paths are; it used to make a folder named `~`."""
+    out = []
+    for a in argv:
+        if a.startswith("~"):
+            a = os.path.expanduser(a)
+        elif a.startswith("--") and "=~" in a:
+            key, value = a.split("=", 1)
+            a = f"{key}={os.path.expanduser(value)}"
+        out.append(a)
+    return out
+
+
 @app.command()
 def data(
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
@@ -713,7 +727,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
-        rc = app(args=_optional_resume_value(sys.argv[1:]), prog_name="qdpo",
+        rc = app(args=_optional_resume_value(_expand_home(sys.argv[1:])), prog_name="qdpo",
                  standalone_mode=False)
         if rc == 130 and not _state["interrupt_reported"]:  # typer's silent Ctrl-C exit
             ui.error("interrupted" + _continue_hint(sys.argv[1:]))
@@ -738,7 +752,7 @@ def main() -> None:
         if isinstance(e, typer.Exit):
             sys.exit(e.exit_code)
         if isinstance(e, click_exc.ClickException):
-            e.show()
+            _show_usage_error(e, click_exc)
             sys.exit(e.exit_code)
         if isinstance(e, typer.Abort):
             ui.error("aborted")
@@ -755,6 +769,19 @@ def main() -> None:
         ui.error(f"{type(e).__name__}: {_clipped(str(e))}\n(this is a bug in qdpo or an unexpected "
                  "environment; run with --debug for the traceback and report it)")
         sys.exit(1)
+
+
+def _show_usage_error(e: Any, click_exc: Any) -> None:
+    """click's errors in qdpo's own form (`error: ...`, not click's `Error: ...`), after the
+    command's usage line, with where to read more."""
+    from qdpo import console as ui
+
+    ctx = getattr(e, "ctx", None)
+    message = e.format_message()
+    if isinstance(e, click_exc.UsageError) and ctx is not None:
+        print(ctx.get_usage(), file=sys.stderr)
+        message += f" (see {ctx.command_path} --help)"
+    ui.error(message)
 
 
 def _another_rank_failed(e: BaseException) -> bool:

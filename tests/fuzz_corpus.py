@@ -9,12 +9,13 @@ the category it should end in.
 as the current directory, and classifies the outcome:
 
   clean_error   exit 2 and exactly one `error: ...` line, no traceback
-  usage_error   exit 2 from the argument parser (click's "Usage: ... Error: ..."), no traceback
+  usage_error   exit 2 with the usage text and no `error:` line (bare `qdpo`), no traceback
   unclean_error exit 2 otherwise (several `error:` lines, or none)
   skip          exit 0 and the output counts skipped rows
   success       exit 0
   other_exit    any other exit status without a traceback (e.g. `plan`'s 1 for "does not fit")
-  bug           "this is a bug in qdpo", or a traceback
+  traceback     a Python traceback
+  bug           "this is a bug in qdpo" (an unexpected exception, caught)
   hang          the case ran past its time limit
 
 Placeholders in argv, replaced when the case runs: {tmp} the case's directory (also the current
@@ -57,8 +58,8 @@ MODEL = QUICKSTART / "model"
 FileSpec = Union[bytes, str, Callable[[Path], Any]]
 
 CATEGORIES = ("clean_error", "usage_error", "unclean_error", "skip", "success", "other_exit",
-              "bug", "hang")
-PROBLEMS = ("bug", "hang")
+              "traceback", "bug", "hang")
+PROBLEMS = ("traceback", "bug", "hang")
 
 
 @dataclass
@@ -687,9 +688,9 @@ def _cli_cases(rng: random.Random) -> list[Case]:
         C("train/missing-recipe", ["train", "{tmp}/missing.yaml"], expect="clean_error"),
         C("train/recipe-is-dir", ["train", "{tmp}/adir"], expect="clean_error"),
         C("train/recipe-is-plain-file", ["train", "{tmp}/afile"]),
-        C("train/gpus-0", ["train", "{tmp}/base.yaml", "--gpus", "0"], expect="usage_error"),
-        C("train/gpus-neg", ["train", "{tmp}/base.yaml", "--gpus", "-1"], expect="usage_error"),
-        C("train/gpus-nan", ["train", "{tmp}/base.yaml", "--gpus", "nan"], expect="usage_error"),
+        C("train/gpus-0", ["train", "{tmp}/base.yaml", "--gpus", "0"], expect="clean_error"),
+        C("train/gpus-neg", ["train", "{tmp}/base.yaml", "--gpus", "-1"], expect="clean_error"),
+        C("train/gpus-nan", ["train", "{tmp}/base.yaml", "--gpus", "nan"], expect="clean_error"),
         C("train/gpus-2", ["train", "{tmp}/base.yaml", "--gpus", "2"]),
         C("train/gpus-huge", ["train", "{tmp}/base.yaml", "--gpus", "9" * 30]),
         C("train/out-under-file", ["train", "{tmp}/base.yaml", "-o", "{tmp}/afile/run"],
@@ -715,13 +716,13 @@ def _cli_cases(rng: random.Random) -> list[Case]:
           {"ck/trainer_state.json": b"\xff\x00junk", "ck/adapter_config.json": b"{"},
           heavy=True),
         C("train/unknown-option", ["train", "{tmp}/base.yaml", "--bogus"],
-          expect="usage_error"),
-        C("train/no-args", ["train"], expect="usage_error"),
+          expect="clean_error"),
+        C("train/no-args", ["train"], expect="clean_error"),
     ]
     # data
     cases += [
-        C("data/n-neg", ["data", "{tmp}/base.yaml", "-n", "-1"], expect="usage_error"),
-        C("data/n-nan", ["data", "{tmp}/base.yaml", "-n", "nan"], expect="usage_error"),
+        C("data/n-neg", ["data", "{tmp}/base.yaml", "-n", "-1"], expect="clean_error"),
+        C("data/n-nan", ["data", "{tmp}/base.yaml", "-n", "nan"], expect="clean_error"),
         C("data/n-huge", ["data", "{tmp}/base.yaml", "-n", "99999999"], heavy=True),
         C("data/n-bigint", ["data", "{tmp}/base.yaml", "-n", "9" * 40]),
         C("data/missing-recipe", ["data", "{tmp}/nope.yaml"], expect="clean_error"),
@@ -741,11 +742,11 @@ def _cli_cases(rng: random.Random) -> list[Case]:
           heavy=True),
         C("eval/data-is-the-run", ["eval", "{run}", "--data", "{run}"], needs_run=True,
           heavy=True),
-        C("eval/max-pairs-0", ev + ["--max-pairs", "0"], needs_run=True, expect="usage_error"),
+        C("eval/max-pairs-0", ev + ["--max-pairs", "0"], needs_run=True, expect="clean_error"),
         C("eval/max-pairs-neg", ev + ["--max-pairs", "-1"], needs_run=True,
-          expect="usage_error"),
+          expect="clean_error"),
         C("eval/max-pairs-nan", ev + ["--max-pairs", "nan"], needs_run=True,
-          expect="usage_error"),
+          expect="clean_error"),
         C("eval/max-pairs-huge", ev + ["--max-pairs", "9" * 25], needs_run=True, heavy=True),
         C("eval/split-empty", ev + ["--split", "", "--max-pairs", "2"], needs_run=True,
           heavy=True),
@@ -781,7 +782,7 @@ def _cli_cases(rng: random.Random) -> list[Case]:
         C("generate/out-is-prompts", gen[:5] + ["{tmp}/p.jsonl", "--overwrite"] + gen[6:],
           pgood, needs_run=True, heavy=True),
         C("generate/batch-0", gen + ["--batch-size", "0"], pgood, needs_run=True,
-          expect="usage_error"),
+          expect="clean_error"),
         C("generate/batch-huge", gen + ["--batch-size", "9" * 20], pgood, needs_run=True,
           heavy=True),
         C("generate/run-missing", ["generate", "{tmp}/norun", *gen[2:]], pgood),
@@ -825,7 +826,7 @@ def _cli_cases(rng: random.Random) -> list[Case]:
         C("merge/run-is-file", ["merge", "{tmp}/afile", "--out", "{tmp}/m"]),
         C("merge/run-empty-dir", ["merge", "{tmp}/adir", "--out", "{tmp}/m"]),
         C("merge/run-is-model", ["merge", "{model}", "--out", "{tmp}/m"]),
-        C("merge/no-out", ["merge", "{run}"], needs_run=True, expect="usage_error"),
+        C("merge/no-out", ["merge", "{run}"], needs_run=True, expect="clean_error"),
     ]
     # export
     ex = ["export", "{run}", "--format"]
@@ -858,7 +859,7 @@ def _cli_cases(rng: random.Random) -> list[Case]:
         C("export/run-empty-dir", ["export", "{tmp}/adir", "--format", "gguf-lora", "--out",
                                    "{tmp}/e.gguf"]),
         C("export/no-format", ["export", "{run}", "--out", "{tmp}/e"], needs_run=True,
-          expect="usage_error"),
+          expect="clean_error"),
     ]
     # plan
     for i, mem in enumerate(["", "-1GiB", "0", "0GiB", "nan", "nanGiB", "infGiB", "inf",
@@ -958,7 +959,7 @@ def _cli_cases(rng: random.Random) -> list[Case]:
         C("report/out-is-dir", ["report", "{run}", "--out", "{tmp}/adir"], needs_run=True),
         C("report/same-run-twice", ["report", "{run}", "{run}", "--out", "{tmp}/r.html"],
           needs_run=True),
-        C("report/no-runs", ["report"], expect="usage_error"),
+        C("report/no-runs", ["report"], expect="clean_error"),
         C("report/junk-sweep", ["report", "{tmp}/js", "--out", "{tmp}/r.html"],
           {"js/sweep.json": b'{"runs": 5}'}),
         C("report/junk-sweep-binary", ["report", "{tmp}/js", "--out", "{tmp}/r.html"],
@@ -1018,9 +1019,9 @@ def _cli_cases(rng: random.Random) -> list[Case]:
     ]
     # the top level
     cases += [
-        C("top/no-command", [], expect="usage_error"),
-        C("top/unknown-command", ["bogus"], expect="usage_error"),
-        C("top/debug-after", ["train", "--debug"], expect="usage_error"),
+        C("top/no-command", [], expect="clean_error"),
+        C("top/unknown-command", ["bogus"], expect="clean_error"),
+        C("top/debug-after", ["train", "--debug"], expect="clean_error"),
     ]
     return cases
 
@@ -1149,7 +1150,9 @@ def classify(rc: int, stdout: str, stderr: str, timed_out: bool) -> str:
     text = stdout + "\n" + stderr
     if timed_out:
         return "hang"
-    if "this is a bug in qdpo" in text or "Traceback (most recent call last)" in text:
+    if "Traceback (most recent call last)" in text:
+        return "traceback"
+    if "this is a bug in qdpo" in text:
         return "bug"
     if rc == 2:
         errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]

@@ -199,6 +199,11 @@ def test_output_dir_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
                "output.dir=~/runs/qs")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "runs" / "qs" / "run.json").exists() and not Path("~").exists()
+    # where the shell leaves ~ alone: quoted, or after an option's =
+    assert qdpo("export", tmp_path / "runs" / "qs", "-f", "peft", "--out=~/exp").returncode == 0
+    assert qdpo("report", tmp_path / "runs" / "qs", "-o", "~/r.html").returncode == 0
+    assert (tmp_path / "exp" / "adapter_config.json").exists()
+    assert (tmp_path / "r.html").exists() and not Path("~").exists()
 
 
 @pytest.mark.parametrize("code,says", [(30, "read-only"), (28, "disk is full"),

@@ -1,5 +1,5 @@
 """Bad input at scale: a fixed seeded sample of tests/fuzz_corpus.py's malformed recipes, data
-files and command lines. None may end in a traceback ("this is a bug in qdpo") or run past its
+files and command lines. None may end in a traceback or "this is a bug in qdpo", or run past its
 time limit; `python tests/fuzz_corpus.py` runs the whole corpus."""
 
 from __future__ import annotations
