@@ -123,6 +123,11 @@ def peak_flops(device: torch.device) -> float | None:
 
 # What two CPU cores reach on a QLoRA step, roughly (4-bit dequantization included).
 CPU_FLOPS = 20e9
+# Seconds per weight on this kind of CPU (2 cores, measured with the llama-3.2-1b shape: 20-25 s
+# steps at 8-16 token pairs, over a minute to build): dequantizing a 4-bit weight, and building
+# plus quantizing one.
+CPU_DEQUANT_S = 5e-9
+CPU_BUILD_S = 6e-8
 
 
 def cpu_warning(shape: str, steps: int, prompt_len: tuple[int, int],
@@ -136,10 +141,24 @@ def cpu_warning(shape: str, steps: int, prompt_len: tuple[int, int],
 
     config = SimpleNamespace(**spec)
     tokens = pairs_per_step * (sum(prompt_len) / 2 + sum(response_len))  # shared prefix
-    seconds = flops_per_token(config, sum(prompt_len) / 2, True) * tokens / CPU_FLOPS
+    weights = flops_per_token(config, 0, False) / 4  # parameters
+    # the matmuls, plus dequantizing every 4-bit weight in the forward, the recompute and the
+    # backward, whatever the tokens (which is what dominates short pairs here)
+    seconds = (flops_per_token(config, sum(prompt_len) / 2, True) * tokens / CPU_FLOPS
+               + 3 * weights * CPU_DEQUANT_S)
+    build = weights * CPU_BUILD_S
+    short = prompt_len[1] <= 64 and response_len[1] <= 64
     return (f"{shape} is a GPU-sized model and this machine has no GPU: expect roughly "
-            f"{seconds / 60:,.0f} minutes per step here ({steps} steps and a reference pass). "
-            "Try --steps 2 --warmup 1 with short --prompt-len/--response-len, or a GPU.")
+            f"{_duration(seconds)} per step here ({steps} steps and a reference pass), after "
+            f"about {_duration(build)} building and quantizing the model. "
+            + ("" if short and steps <= 3 else
+               "Try --steps 2 --warmup 1 with short --prompt-len/--response-len, or a GPU."))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    return f"{seconds / 60:,.0f} minutes"
 
 
 def flops_per_token(config: Any, context: float, with_reference: bool) -> float:

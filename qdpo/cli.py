@@ -358,6 +358,8 @@ def bench(
     _check_output(json_out, "--json", folder=False)  # before minutes of benchmarking
     _check_output(profile, "--profile", folder=True)
     base = load_recipe(recipe, list(overrides or []))  # checked before anything loads
+    if steps <= warmup:
+        raise QdpoError(f"--steps ({steps}) must be larger than --warmup ({warmup}).")
     if shape:
         from qdpo.bench import cpu_warning
 

@@ -327,10 +327,10 @@ def model_banner(recipe: Any, minfo: Any) -> None:
 
 
 def plan_banner(plan: Any, pairs_per_step: int, steps: int) -> None:
-    size = (f"{plan.max_tokens} tokens per micro-batch" if plan.max_tokens else
-            f"{plan.pairs_per_micro} pairs per micro-batch")
-    info(f"layout: {plan.layout} ({plan.kernel} attention), {size}, {pairs_per_step} pairs per "
-         f"step, {steps} steps")
+    size = (f"{plural(plan.max_tokens, 'token')} per micro-batch" if plan.max_tokens else
+            f"{plural(plan.pairs_per_micro, 'pair')} per micro-batch")
+    info(f"layout: {plan.layout} ({plan.kernel} attention), {size}, "
+         f"{plural(pairs_per_step, 'pair')} per step, {plural(steps, 'step')}")
 
 
 def eval_line(label: str, ev: dict[str, float]) -> str:

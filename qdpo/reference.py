@@ -211,6 +211,7 @@ def ensure(model: Any, data: Sequence[PairTokens], ids: Sequence[int], plan: Bat
             cache_write_failed("reference log-probs", e)
             cached = ""
         reused = len(wanted) - len(missing)
-        ui.info(f"reference: {what} log-probs for {len(missing)} pairs computed in {dt:.1f} s"
+        ui.info(f"reference: {what} log-probs for {ui.plural(len(missing), 'pair')} computed "
+                f"in {dt:.1f} s"
                 + (f" ({reused} reused from cache)" if reused else "") + cached)
     return table.on(device), dt

@@ -114,6 +114,10 @@ def test_bench_warns_how_slow_a_gpu_shape_is_on_the_cpu():
     minutes = [int(w.split("roughly ")[1].split(" minutes")[0].replace(",", ""))
                for w in (big, small)]
     assert minutes[0] > minutes[1] > 1 and "--steps 2" in big
+    # short pairs: the 4-bit weights' dequantization still costs seconds, and building a minute
+    short = cpu_warning("llama-3.2-1b", 2, (8, 16), (8, 16), 8)
+    assert "roughly 0" not in short and "building and quantizing the model" in short
+    assert "--steps 2" not in short  # it already has what the tip would say
     assert cpu_warning("not-a-shape", 8, (1, 2), (1, 2), 8) is None
 
 
