@@ -107,6 +107,8 @@ def evaluate_run(path: str | Path, sources: Sequence[Any], max_pairs: int | None
     if max_pairs:
         pairs = pairs[:max_pairs]
     ui.info(f"eval data: {report.summary()}")
+    if src.run is not None:
+        _warn_if_trained_on(pairs, src.run.path)
     t = recipe.train
     plan = plan_batches(t.layout, model_kernel(model), hidden_size(model),
                         tok.pad_token_id, t.micro_batch_pairs,
@@ -129,6 +131,46 @@ def _warn_if_training_data(sources: Sequence[Any], recipe: Any) -> None:
             ui.warn(f"'{s.path}' (split {s.split or 'train'}) is this run's training data: "
                     "its metrics say how well the model fits pairs it trained on, not how it "
                     "does on unseen ones")
+
+
+# ---------------------------------------------------------------------------------------
+# Which pairs a run trained on, by content: eval data from any file can be checked against it
+# ---------------------------------------------------------------------------------------
+
+FINGERPRINTS = "train_pairs.fingerprints"  # 8 bytes per training pair, sorted
+
+
+def pair_fingerprint(p: PairTokens) -> bytes:
+    """The pair's tokens (prompt, chosen, rejected) hashed: the same text through the same
+    tokenizer and template gives the same fingerprint, whatever file or format it came from."""
+    import hashlib
+    from array import array
+
+    ids = array("q", [*p.prompt_ids, -1, *p.chosen_ids, -2, *p.rejected_ids])
+    return hashlib.blake2b(ids.tobytes(), digest_size=8).digest()
+
+
+def write_training_fingerprints(run_dir: Path, pairs: Sequence[PairTokens]) -> None:
+    """Record the run's training pairs (a few hundred kB for 60k pairs) for `qdpo eval`."""
+    from qdpo.files import write_atomically
+
+    with write_atomically(Path(run_dir) / FINGERPRINTS) as tmp:
+        tmp.write_bytes(b"".join(sorted({pair_fingerprint(p) for p in pairs})))
+
+
+def _warn_if_trained_on(pairs: Sequence[PairTokens], run_dir: Path) -> None:
+    """Eval pairs the run trained on (same prompt and responses, from whatever file) measure
+    memorisation: say how many."""
+    try:
+        raw = (Path(run_dir) / FINGERPRINTS).read_bytes()
+    except OSError:  # a run of an older qdpo
+        return
+    trained = {raw[i:i + 8] for i in range(0, len(raw) - len(raw) % 8, 8)}
+    n = sum(pair_fingerprint(p) in trained for p in pairs)
+    if n:
+        ui.warn(f"{n} of {len(pairs)} eval pairs are in this run's training data (same "
+                "prompt and responses): their metrics say how well it fits its training data, "
+                "not how it does on unseen pairs")
 
 
 # `qdpo.evaluate(run, data)` calls evaluate_run, though qdpo.evaluate is this module

@@ -90,6 +90,7 @@ def read_sweep_record(sweep_dir: Path) -> dict[str, Any] | None:
 EVAL_MARGINS = "eval_margins.json"
 LOCK = ".qdpo-train.lock"  # held (flock) by the training process; the OS frees it on exit
 RUN_ENTRIES = {LOCK, "recipe.yaml", "run.json", "metrics.jsonl", "summary.json", "README.md",
+               "train_pairs.fingerprints",
                "samples.jsonl", "eval_margins.json", "report.html",
                "checkpoints", "tensorboard", "wandb", "special_tokens_map.json",
                "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json"}

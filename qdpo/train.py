@@ -29,7 +29,7 @@ from qdpo.data import PairTokens, PreparedData, prepare
 from qdpo.device import (autocast_for, compute_dtype, default_device, memory_stats,
                          reset_peak_memory)
 from qdpo.errors import QdpoError
-from qdpo.evaluate import eval_plan, evaluate_pairs_with_margins
+from qdpo.evaluate import eval_plan, evaluate_pairs_with_margins, write_training_fingerprints
 from qdpo.files import short_error
 from qdpo.forward import MetricAccumulator, forward_pair_batch
 from qdpo.guards import Interrupt, nonfinite_error, out_of_memory_message
@@ -231,6 +231,7 @@ def setup(recipe: Recipe, resume: str | None, overwrite: bool) -> Setup:
         ui.info(f"resumed from {resume_from} at step {start}/{steps}")
     if main:
         run.write_run_info(recipe, minfo, data, steps)
+        write_training_fingerprints(run.path, data.train)  # for qdpo eval's overlap check
     ui.plan_banner(ctx.plan, recipe.train.pairs_per_step, steps)
     ev_plan = eval_plan(ctx.plan, recipe.eval.micro_batch_pairs)
     eval_ref, ref_seconds = None, 0.0

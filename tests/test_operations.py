@@ -247,3 +247,21 @@ def test_a_full_disk_anywhere_is_one_message_not_a_bug(error):
     said = _disk_problem(error)
     assert said and said.startswith("Cannot write: the disk is full") and "--resume" in said
     assert _disk_problem(RuntimeError("shape mismatch")) is None  # a bug stays a bug
+
+
+def test_eval_says_which_pairs_the_run_trained_on_whatever_file_they_come_from(tmp_path):
+    from tiny import qdpo
+
+    run = tmp_path / "run"
+    assert qdpo("train", QUICKSTART_RECIPE, "train.max_steps=1", "eval.every_steps=0",
+                "-o", run).returncode == 0
+    data = QUICKSTART_RECIPE.parent / "quickstart"
+    train_rows = (data / "train.jsonl").read_text().splitlines()[:5]
+    eval_rows = (data / "eval.jsonl").read_text().splitlines()[:3]
+    mixed = tmp_path / "mine.jsonl"  # another file, sharing 5 pairs with the training data
+    mixed.write_text("\n".join(eval_rows + train_rows) + "\n")
+    res = qdpo("eval", run, "--data", mixed)
+    assert res.returncode == 0, res.stderr
+    assert "5 of 8 eval pairs are in this run's training data" in res.stderr
+    clean = qdpo("eval", run, "--data", data / "eval.jsonl", "--max-pairs", "4")
+    assert clean.returncode == 0 and "training data" not in clean.stderr
