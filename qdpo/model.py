@@ -33,14 +33,19 @@ POLICY_ADAPTER = "default"
 def _model_path(recipe: Recipe) -> str:
     """A local directory as an absolute path (adapters record it), else the hub id as given.
 
-    A name that can only be a path (it starts with '.', '/' or '~', or has more than one '/')
-    and matches no folder is an error saying where it was looked for, not a hub request.
+    A name that can only be a path (it starts with '.', '/' or '~', has more than one '/', or
+    its first part is a local folder, as in `models/my-llama` beside a `models/` folder) and
+    matches no folder is an error saying where it was looked for, not a hub request (which
+    without network retries for a minute before failing).
     """
     name = recipe.model.name_or_path
     p = recipe.resolve_path(name)
     if Path(p).exists():
         return str(Path(p).resolve())
-    if name.startswith((".", "/", "~")) or name.strip("/").count("/") > 1:
+    first = name.split("/", 1)[0]
+    in_local_folder = "/" in name and any(
+        (Path(base) / first).is_dir() for base in (recipe.base_dir or ".", "."))
+    if name.startswith((".", "/", "~")) or name.strip("/").count("/") > 1 or in_local_folder:
         places = [str(Path(recipe.base_dir) / name)] if recipe.base_dir else []
         places.append(str(Path.cwd() / Path(name).expanduser()))
         raise ModelError(f"model.name_or_path '{name}' is a path, and no folder is there "

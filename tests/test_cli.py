@@ -154,6 +154,10 @@ def test_a_model_path_that_matches_no_folder_says_where_it_looked(tmp_path):
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "is a path, and no folder is there" in res.stderr
     assert str(QUICKSTART_RECIPE.parent / "models" / "missing") in res.stderr
+    # org/name in form, but `quickstart/` is a folder beside the recipe: a typo, not a hub id
+    typo = qdpo("data", QUICKSTART_RECIPE, "model.name_or_path=quickstart/modl")
+    assert typo.returncode != 0 and "is a path, and no folder is there" in typo.stderr
+    assert "huggingface.co" not in typo.stderr
 
 
 def test_init_writes_a_recipe_that_works_as_written(tmp_path):
