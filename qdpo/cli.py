@@ -15,7 +15,7 @@ from typing import Any, Optional
 import typer
 
 from qdpo import __version__
-from qdpo.errors import QdpoError
+from qdpo.errors import QdpoError, interrupted_while_starting
 
 # The command shows its own progress: the hub's, transformers' and datasets' bars ("Writing
 # model shards", "Generating train split") would interleave with it. Read when they import.
@@ -40,7 +40,7 @@ app = typer.Typer(
     name="qdpo", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
     help="QLoRA Direct Preference Optimization on one GPU: train, then merge, export, chat.")
 
-_state = {"debug": False, "interrupt_reported": False}
+_state = {"debug": False, "interrupt_reported": False, "signalled": False}
 
 EXAMPLE_RECIPE = "recipes/quickstart.yaml"
 
@@ -723,8 +723,12 @@ def main() -> None:
 
     from qdpo import console as ui
 
-    ui.install_cli_handler()
     _state["interrupt_reported"] = False  # main() runs again in-process (tests, scripts)
+    _state["signalled"] = False
+    try:
+        ui.install_cli_handler()  # imports torch: the first second of every command
+    except KeyboardInterrupt:
+        interrupted_while_starting()
     # library deprecation chatter (transformers renames, peft internals) is not for users
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -736,6 +740,9 @@ def main() -> None:
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except QdpoError as e:
+        if _state["signalled"]:  # the error is how a library reported the interrupt
+            ui.error("interrupted" + _continue_hint(sys.argv[1:]))
+            sys.exit(130)
         if _state["debug"]:
             raise
         ui.error(_clipped(str(e)))
@@ -758,6 +765,9 @@ def main() -> None:
             sys.exit(e.exit_code)
         if isinstance(e, typer.Abort):
             ui.error("aborted")
+            sys.exit(130)
+        if _state["signalled"]:
+            ui.error("interrupted" + _continue_hint(sys.argv[1:]))
             sys.exit(130)
         if _state["debug"]:
             raise
@@ -816,10 +826,14 @@ def _terminate_like_ctrl_c() -> None:
     import signal
 
     def stop(signum: int, frame: Any) -> None:
+        # remembered: a library may turn the KeyboardInterrupt into an error of its own
+        # (transformers' lazy imports raise "Could not import module ...")
+        _state["signalled"] = True
         raise KeyboardInterrupt
 
     try:
         signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
     except ValueError:  # not the main thread (a library caller's own loop)
         pass
 

@@ -334,3 +334,33 @@ def test_bench_json_can_be_written_again(tmp_path):
         _check_output(tmp_path, "--json", folder=False)
     with pytest.raises(Exception, match="does not exist"):
         _check_output(tmp_path / "no" / "b.json", "--json", folder=False)
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_starting_is_one_line_not_a_traceback(tmp_path, signame):
+    """Real signals at moments spread over start-up (imports of the CLI and torch, recipe,
+    data): whatever was running, one message and no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def importing_torch(pid):  # its shared library is mapped: the import has begun
+        try:
+            return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            return False
+
+    for delay in (0.0, 0.3, 1.0):  # after torch's import began
+        p = subprocess.Popen([sys.executable, "-m", "qdpo", "train", str(QUICKSTART_RECIPE),
+                              "-o", str(tmp_path / "run"), "--overwrite"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not importing_torch(p.pid) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(delay)
+        p.send_signal(getattr(signal, signame))
+        out, err = p.communicate(timeout=120)
+        assert "Traceback" not in err, (delay, err[-2000:])
+        if p.returncode != 0:  # (a run can finish before a late signal: fine)
+            assert p.returncode == 130 and "error: interrupted" in err, (delay, p.returncode, err)
