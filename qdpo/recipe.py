@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -275,8 +276,8 @@ def _type_name(tp: Any) -> str:
         item = typing.get_args(tp)[0]
         plural = {str: "strings", int: "integers", float: "numbers", bool: "true/false values"}
         return f"a list of {plural[item]}" if item in plural else f"a list of {_type_name(item)}"
-    if origin is dict:
-        return "a mapping"
+    if origin is dict:  # data.columns and a source's columns: names to names
+        return "a mapping of field names to column names"
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):
@@ -308,7 +309,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         items = value if isinstance(value, list) else [value]  # one source may stand alone
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(items)]
     if origin is dict:
-        if not isinstance(value, dict):
+        # scalars only: str() of a list would spell out every value an alias bomb shares
+        if not isinstance(value, dict) or not all(
+                isinstance(v, (str, int, float)) for v in value.values()):
             raise _Bad
         return {str(k): str(v) for k, v in value.items()}
     if tp is DataSource and isinstance(value, str):
@@ -385,13 +388,34 @@ VALUE_ALIASES = {"adam8bit": "adamw_8bit", "adam_8bit": "adamw_8bit", "adamw8bit
                  "cos": "cosine"}
 
 
+def _quoted(value: Any) -> str:
+    """A user's value as a message quotes it: its repr, cut to a few lines. A 2 MB string,
+    or a few lines of YAML aliases that nest a billion values, must not be spelt out whole
+    (building that message alone would take minutes and gigabytes)."""
+    text = _REPR.repr(value)  # visits a bounded number of values, however deep the nesting
+    return text if len(text) <= MAX_QUOTED else text[:MAX_QUOTED] + "..."
+
+
+MAX_QUOTED = 300
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 200, 200, 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+
+
+def _key_text(key: Any) -> str:
+    """A key as the user wrote it, cut like a value when it is absurdly long."""
+    text = str(key)
+    return text if len(text) <= MAX_QUOTED else text[:MAX_QUOTED] + "..."
+
+
 def _unknown_key(key: str, name: str, allowed: list[str]) -> RecipeError:
     alias = KEY_ALIASES.get(name.lower())
     close = [alias] if alias in allowed else difflib.get_close_matches(name, allowed, n=1,
                                                                        cutoff=0.6)
     hint = f" Did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}'?" \
         if close else ""
-    return RecipeError(f"Unknown recipe key '{key}'.{hint} Allowed here: {', '.join(allowed)}.")
+    return RecipeError(f"Unknown recipe key '{_key_text(key)}'.{hint} Allowed here: "
+                       f"{', '.join(allowed)}.")
 
 
 def _value_hint(value: Any, tp: Any) -> str:
@@ -420,8 +444,8 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
             kwargs[name] = _coerce(value, tp, key)
         except _Bad:
             raise RecipeError(
-                f"Recipe key '{key}' has the value {value!r}{_value_hint(value, tp)}, but it "
-                f"must be {_type_name(tp)}.") from None
+                f"Recipe key '{key}' has the value {_quoted(value)}{_value_hint(value, tp)}, "
+                f"but it must be {_type_name(tp)}.") from None
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field without default (DataSource.path)
@@ -436,12 +460,12 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise RecipeError(f"Override '{text}' is not of the form key.sub=value "
+        raise RecipeError(f"Override '{_key_text(text)}' is not of the form key.sub=value "
                           "(e.g. train.learning_rate=1e-5).")
     key, _, raw = text.partition("=")
     key = key.strip()
     if not key:
-        raise RecipeError(f"Override '{text}' has no key before '='.")
+        raise RecipeError(f"Override '{_key_text(text)}' has no key before '='.")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -480,7 +504,7 @@ def apply_override(raw: dict[str, Any], text: str) -> None:
 
 def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
     if not cond:
-        raise RecipeError(f"Recipe key '{key}' has the value {value!r}; {allowed}.")
+        raise RecipeError(f"Recipe key '{key}' has the value {_quoted(value)}; {allowed}.")
 
 
 def validate(r: Recipe) -> Recipe:
@@ -497,6 +521,12 @@ MAX_BETA = 1000.0
 MAX_PAIRS_PER_STEP = 1_000_000
 MAX_STEPS = 10_000_000
 MAX_EPOCHS = 10_000
+# A data source repeated by its weight or samples: more pairs than this cannot be tokenized in
+# any sensible time (a weight of 1e300 or samples of 1e14 ran out of memory)
+MAX_SOURCE_PAIRS = 5_000_000
+MAX_SOURCE_WEIGHT = 1000.0
+# Values a recipe may hold once YAML aliases are expanded: a real recipe holds a few hundred
+MAX_RECIPE_VALUES = 100_000
 
 
 def _validate_model(r: Recipe) -> None:
@@ -523,9 +553,13 @@ def _validate_data(r: Recipe) -> None:
             _check(k in COLUMN_FIELDS, f"{key}.{k}", k,
                    f"the fields that can be mapped are {', '.join(COLUMN_FIELDS)}")
     for i, src in enumerate(r.data.train + r.eval.data):
-        _check(src.weight > 0, f"data source {src.path!r} weight", src.weight, "it must be > 0")
-        _check(src.samples is None or src.samples >= 1, f"data source {src.path!r} samples",
-               src.samples, "it must be >= 1 or null")
+        name = f"data source {_quoted(src.path)}"
+        _check(0 < src.weight <= MAX_SOURCE_WEIGHT, f"{name} weight", src.weight,
+               f"it must be > 0 and at most {MAX_SOURCE_WEIGHT:,g} (2 repeats each pair twice; "
+               f"use samples to take an exact number of pairs)")
+        _check(src.samples is None or 1 <= src.samples <= MAX_SOURCE_PAIRS, f"{name} samples",
+               src.samples, f"it must be between 1 and {MAX_SOURCE_PAIRS:,} (more pairs than "
+                            "any run tokenizes), or null")
     _check(r.data.num_proc is None or r.data.num_proc >= 1, "data.num_proc", r.data.num_proc,
            "it must be >= 1 or null")
     _check(r.data.max_length >= 2, "data.max_length", r.data.max_length, "it must be >= 2")
@@ -548,8 +582,8 @@ def _validate_loss(r: Recipe) -> None:
             close = [_LOSS_ALIASES[t.lower()]] if t.lower() in _LOSS_ALIASES else \
                 difflib.get_close_matches(t, LOSS_TYPES, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise RecipeError(f"Recipe key 'loss.type' has the value {t!r}{hint}; allowed: "
-                              f"{', '.join(LOSS_TYPES)}.")
+            raise RecipeError(f"Recipe key 'loss.type' has the value {_quoted(t)}{hint}; "
+                              f"allowed: {', '.join(LOSS_TYPES)}.")
     if r.loss.weights is not None:
         _check(len(r.loss.weights) == len(types_), "loss.weights", r.loss.weights,
                f"it needs one weight per loss in loss.type ({len(types_)})")
@@ -637,15 +671,61 @@ def recipe_from_dict(raw: dict[str, Any] | None, overrides: list[str] | tuple[st
     raw = copy.deepcopy(raw)  # overrides must not write into the caller's dicts
     for o in overrides:
         apply_override(raw, o)
+    _refuse_alias_bombs(raw)
     for section, value in raw.items():
         if section not in SECTIONS:
             raise _unknown_key(str(section), str(section), list(SECTIONS))
         if value is not None and not isinstance(value, dict):
             raise RecipeError(f"Recipe section '{section}' must be a mapping of keys, "
-                              f"not {value!r}.")
+                              f"not {_quoted(value)}.")
     r = _build(Recipe, {k: v or {} for k, v in raw.items()}, "")
     r.base_dir = base_dir
     return validate(r)
+
+
+class _SelfReference(Exception):
+    pass
+
+
+def _expanded_size(value: Any, memo: dict[int, int], active: set[int]) -> int:
+    """How many values `value` holds with YAML aliases spelt out: a list or mapping that an
+    alias shares counts at every place it appears, yet each is visited once (`memo`), so this
+    is instant on a few lines that nest a billion values. _SelfReference for an alias inside
+    its own anchor."""
+    if not isinstance(value, (list, dict)):
+        return 1
+    key = id(value)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        raise _SelfReference
+    active.add(key)
+    items = [x for kv in value.items() for x in kv] if isinstance(value, dict) else value
+    memo[key] = 1 + sum(_expanded_size(x, memo, active) for x in items)
+    active.discard(key)
+    return memo[key]
+
+
+def _refuse_alias_bombs(raw: dict[str, Any]) -> None:
+    """A recipe whose YAML aliases (*name) expand to more values than any recipe holds, or
+    refer to themselves, is refused here, naming the key, before anything walks or quotes it
+    (every step after this may then treat the values as plain, small data)."""
+    memo: dict[int, int] = {}
+    for section, value in raw.items():
+        entries = value.items() if isinstance(value, dict) else [(None, value)]
+        for name, sub in entries:
+            key = _key_text(section if name is None else f"{section}.{name}")
+            try:
+                n = _expanded_size(sub, memo, set())
+            except _SelfReference:
+                raise RecipeError(f"Recipe key '{key}' holds a YAML alias (*name) inside its "
+                                  "own anchor (&name), a value without end: write the values "
+                                  "out.") from None
+            if n > MAX_RECIPE_VALUES:
+                raise RecipeError(
+                    f"Recipe key '{key}' expands to {n:,} values through YAML aliases "
+                    f"(*name), more than the {MAX_RECIPE_VALUES:,} any recipe holds: write "
+                    "the values out instead of nesting aliases.")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -658,8 +738,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
             if key in seen:
-                raise RecipeError(f"Recipe key '{key}' is given twice, at lines {seen[key]} and "
-                                  f"{line}: keep one (YAML would silently use the last).")
+                raise RecipeError(f"Recipe key '{_key_text(key)}' is given twice, at lines "
+                                  f"{seen[key]} and {line}: keep one (YAML would silently "
+                                  "use the last).")
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
 

@@ -85,7 +85,8 @@ def test_prompt_plus_completion_is_the_tokenized_conversation(qs_tok):
             assert p.prompt_ids + ids + newline == enc(qs_tok, full)
 
 
-_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="<>|"),
+# no lone surrogates or NULs: rows holding them are skipped (test_data_normalise)
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="<>|\x00"),
                 min_size=1, max_size=12)
 
 

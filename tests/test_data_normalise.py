@@ -661,7 +661,7 @@ def test_source_weight_and_samples_are_validated(bad, key, section):
         recipe_from_dict(raw)
     msg = str(ei.value)
     assert "'data/helpsteer.jsonl'" in msg and key in msg
-    assert ("must be > 0" if key == "weight" else "must be >= 1") in msg
+    assert ("must be > 0" if key == "weight" else "must be between 1 and") in msg
 
 
 def test_source_samples_must_be_an_integer():
@@ -1248,3 +1248,54 @@ def test_a_problem_on_many_rows_is_listed_once_with_its_count():
     assert report.example_lines() == [
         "d.jsonl row 1: empty chosen or rejected (and 6 more rows like it)",
         "d.jsonl row 8: chosen identical to rejected"]
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 14: a prompt column that is there is the prompt, in every format; null is a skip
+# ---------------------------------------------------------------------------------------
+CONV = {"chosen": [user("Hi"), asst("Hello!")], "rejected": [user("Hi"), asst("Go away.")]}
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_null_prompt_beside_message_lists_is_skipped_never_guessed(strict):
+    rows = [dict(CONV, prompt=None), dict(CONV, prompt=[user("Hi")])]
+    if strict:
+        with pytest.raises(DataError, match=r"^Bad row \(rows row 1\): prompt column 'prompt' "
+                                            r"is null"):
+            normalise(rows, strict=True)
+        return
+    pairs, rep = normalise(rows)
+    assert [p.row for p in pairs] == [2]
+    assert rep.skipped == Counter({"prompt column 'prompt' is null": 1})
+
+
+@pytest.mark.parametrize("name", ["Prompt", "PROMPT"])
+def test_a_prompt_column_in_another_case_is_the_prompt_of_message_lists(name):
+    # the column's prompt, not the one the conversation would guess
+    own = {name: [user("Bonjour")], "chosen": [asst("Salut !")], "rejected": [asst("Non.")]}
+    (p,), rep = normalise([own])
+    assert p.prompt == [user("Bonjour")] and rep.origins_summary()[0] == \
+        f"prompts: column '{name}'"
+    # null there: skipped like a null `prompt`, in every format
+    pairs, rep = normalise([dict(CONV, **{name: None}), dict(own, **{name: None}),
+                            {name: None, "chosen": "Hello there", "rejected": "Hello you"}])
+    assert pairs == [] and rep.skipped == Counter({f"prompt column '{name}' is null": 3})
+
+
+def test_two_prompt_columns_in_different_cases_are_reported():
+    pairs, rep = normalise([dict(CONV, Prompt=[user("Hi")], PROMPT=[user("Hey")])])
+    assert pairs == [] and rep.skipped == Counter({
+        "several prompt columns ('Prompt', 'PROMPT'; map one with data.columns.prompt)": 1})
+    # mapped, the user has said which
+    (p,), _ = normalise([dict(CONV, Prompt=[user("Hi")], PROMPT=[user("Hey")])],
+                        columns={"prompt": "PROMPT"})
+    assert p.prompt == [user("Hey")]
+
+
+def test_the_conversation_is_guessed_only_without_any_prompt_column():
+    (p,), rep = normalise([CONV])
+    assert p.prompt == [user("Hi")] and rep.origins_summary()[0] == \
+        "prompts: conversation before the reply in chosen and rejected (no prompt column)"
+    question = {"question": "Bonjour ?", "chosen": [asst("Salut !")], "rejected": [asst("Non.")]}
+    (p,), rep = normalise([question])
+    assert p.prompt == "Bonjour ?" and rep.origins_summary()[0] == "prompts: column 'question'"

@@ -6,6 +6,7 @@ tokenization cache and its fingerprint, parallel tokenization, and the quickstar
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -395,3 +396,35 @@ def test_a_template_that_cannot_render_is_one_message(tmp_path, qs_tok, template
     with pytest.raises(DataError, match="chat template cannot render") as e:
         prepare_data(data, EvalConfig(), qs_tok, seed=SEED, resolve=str, use_cache=False)
     assert reason in str(e.value) and "data.chat_template" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 14: a source repeated past what can be tokenized stops at once, naming it
+# ---------------------------------------------------------------------------------------
+def test_a_source_weight_that_asks_for_billions_of_pairs_is_a_data_error(tmp_path):
+    from qdpo.data import DataReport, load_pairs
+
+    big = write_jsonl(tmp_path / "big.jsonl",
+                      [dict(ROW, prompt=f"Q {i}?") for i in range(5001)])
+    small = write_jsonl(tmp_path / "small.jsonl", [ROW, dict(ROW, prompt="Other?")])
+    # within the recipe's bounds (weight 1000), but 5,001 rows times 1000 is too many
+    r = recipe_from_dict({"model": {"name_or_path": "m"},
+                          "data": {"train": [{"path": str(big), "weight": 1000}]}})
+    with pytest.raises(DataError) as ei:
+        load_pairs(r.data.train, r.data, DataReport(), seed=SEED, resolve=str)
+    assert str(ei.value) == (
+        "Data source 'big.jsonl' would give 5,001,000 pairs (weight 1000 times its 5,001 "
+        "pairs): more than the 5,000,000 one source may give. Lower its weight, or set its "
+        "samples to the number of pairs you want.")
+    # a DataSource built in code, past the recipe's checks: the same message, no MemoryError
+    for src, how in ((DataSource(str(small), weight=1e300), "about 2e+300 pairs (weight 1e+300 "
+                      "times its 2 pairs"),
+                     (DataSource(str(small), samples=10**14), "100,000,000,000,000 pairs "
+                      "(samples 100,000,000,000,000")):
+        with pytest.raises(DataError, match=r"^Data source 'small.jsonl' would give "
+                                            rf"{re.escape(how)}\): more than the 5,000,000"):
+            load_pairs([src], DataConfig(), DataReport(), seed=SEED, resolve=str)
+    # the bound itself is fine
+    got = load_pairs([DataSource(str(small), weight=1000)], DataConfig(), DataReport(),
+                     seed=SEED, resolve=str)
+    assert len(got) == 2000

@@ -11,7 +11,7 @@ import pytest
 from qdpo.data import local_files, prepare_data, read_rows
 from qdpo.errors import DataError
 from qdpo.recipe import DataConfig, DataSource, EvalConfig
-from tiny import write_jsonl
+from tiny import dec, write_jsonl
 
 SEED = 42
 
@@ -135,3 +135,72 @@ def test_overlap_with_split_fraction_duplicates(tmp_path, qs_tok, caplog):
     assert rep.eval_pairs == 10 and 0 < rep.eval_overlap <= 10
     assert f"{rep.eval_overlap} of 10 eval pairs are also training pairs" in rep.summary()
     assert caplog.records
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 14: bad lines and NUL characters are counted skips, the same in every format
+# ---------------------------------------------------------------------------------------
+def test_a_ragged_csv_line_is_a_counted_skip_and_the_rest_trains(tmp_path, qs_tok):
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,chosen,rejected\n"
+                    + "".join(f"Question {i}?,Good {i}.,Bad {i}.\n" for i in range(5))
+                    + "Question 5?,Good, really 5.,Bad 5.,extra\n"  # line 7: 5 fields
+                    + "Question 6?,Good 6.,Bad 6.\n", encoding="utf-8")
+    data = prepare_data(DataConfig(train=[DataSource(str(path))]), EvalConfig(), qs_tok,
+                        seed=SEED, resolve=str, use_cache=False)
+    rep = data.train_report
+    assert (rep.rows, rep.pairs, len(data.train)) == (7, 6, 6)
+    assert rep.skipped == {"more fields than the CSV header (a comma outside quotes?)": 1}
+    assert rep.example_lines() == ["d.csv row 6, line 7: more fields than the CSV header (a "
+                                   "comma outside quotes?)"]
+    trained = sorted(next(f"Question {i}?" for i in range(7) if f"Question {i}?" in
+                          dec(qs_tok, p.prompt_ids)) for p in data.train)
+    assert trained == [f"Question {i}?" for i in (0, 1, 2, 3, 4, 6)]
+    # data.strict names the line
+    with pytest.raises(DataError, match=r"^Bad row \(d\.csv row 6, line 7\): more fields "
+                                        r"than the CSV header"):
+        prepare_data(DataConfig(train=[DataSource(str(path))], strict=True), EvalConfig(),
+                     qs_tok, seed=SEED, resolve=str, use_cache=False)
+
+
+def _nul_rows() -> list[dict]:
+    good = [{"prompt": f"Question {i}?", "chosen": f"Good {i}.", "rejected": f"Bad {i}."}
+            for i in range(4)]
+    return good + [dict(good[0], prompt="Quest\x00ion?"), dict(good[1], chosen="Go\x00od."),
+                   dict(good[2], rejected="\x00")]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet", "csv"])
+def test_nul_characters_are_counted_skips_in_every_format(tmp_path, qs_tok, hf_cache, kind):
+    import json
+
+    import pandas as pd
+
+    rows, path = _nul_rows(), tmp_path / f"d.{kind}"
+    if kind == "jsonl":
+        write_jsonl(path, rows)
+    elif kind == "json":
+        path.write_text(json.dumps(rows))
+    elif kind == "parquet":
+        pd.DataFrame(rows).to_parquet(path, index=False)
+    else:
+        pd.DataFrame(rows).to_csv(path, index=False)
+    data = prepare_data(DataConfig(train=[DataSource(str(path))]), EvalConfig(), qs_tok,
+                        seed=SEED, resolve=str, use_cache=False)
+    rep = data.train_report
+    assert (rep.rows, rep.pairs) == (7, 4)
+    assert rep.skipped == {"text holds a NUL character (\\x00)": 3}
+    assert rep.example_lines() == [f"d.{kind} row 5: text holds a NUL character (\\x00) "
+                                   "(and 2 more rows like it)"]
+
+
+def test_nul_in_a_message_is_a_counted_skip(tmp_path, qs_tok):
+    conv = {"prompt": [{"role": "user", "content": "Hi\x00"}],
+            "chosen": [{"role": "assistant", "content": "Hello."}],
+            "rejected": [{"role": "assistant", "content": "Go."}]}
+    path = write_jsonl(tmp_path / "c.jsonl", [conv, dict(conv, prompt=[
+        {"role": "user", "content": "Hi"}])])
+    data = prepare_data(DataConfig(train=[DataSource(str(path))]), EvalConfig(), qs_tok,
+                        seed=SEED, resolve=str, use_cache=False)
+    assert data.train_report.skipped == {"text holds a NUL character (\\x00)": 1}
+    assert len(data.train) == 1

@@ -730,3 +730,116 @@ def test_every_recipe_key_is_in_the_readme_table():
 
     missing = [k for k in keys(R.Recipe()) if f"| `{k}` |" not in readme]
     assert not missing, f"README's recipe table lacks {missing}"
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 14: values that cannot finish, and alias bombs, are refused at once
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value, fragment", [
+    ({"samples": 99999999999999}, "samples' has the value 99999999999999; it must be between "
+                                  "1 and 5,000,000"),
+    ({"samples": 1000000000}, "samples' has the value 1000000000; it must be between 1 and "
+                              "5,000,000"),
+    ({"weight": 1.0e300}, "weight' has the value 1e+300; it must be > 0 and at most 1,000"),
+    ({"weight": 1000000}, "weight' has the value 1000000.0; it must be > 0 and at most 1,000")])
+@pytest.mark.parametrize("section", ["data", "eval"])
+def test_a_huge_source_samples_or_weight_is_refused_naming_the_key(value, fragment, section):
+    src = {"path": "big.jsonl", **value}
+    raw = {**MIN, "data": {"train": [src] if section == "data" else "a.jsonl"}}
+    if section == "eval":
+        raw["eval"] = {"data": [src]}
+    msg = error_of(raw=raw)
+    assert msg.startswith("Recipe key 'data source 'big.jsonl' ") and fragment in msg
+
+
+def test_source_samples_and_weight_accept_their_bounds():
+    r = build(raw={**MIN, "data": {"train": [{"path": "a.jsonl", "samples": 5_000_000},
+                                             {"path": "b.jsonl", "weight": 1000}]}})
+    assert (r.data.train[0].samples, r.data.train[1].weight) == (5_000_000, 1000.0)
+
+
+def _alias_bomb(levels: int = 10) -> str:
+    """A YAML flow list whose last item nests 9**levels values in a few hundred bytes."""
+    items, prev = ["&a [x, x, x, x, x, x, x, x, x]"], "a"
+    for n in "bcdefghijklmnop"[: levels - 1]:
+        items.append(f"&{n} [" + ", ".join([f"*{prev}"] * 9) + "]")
+        prev = n
+    return "[" + ", ".join(items) + "]"
+
+
+ALIAS_BOMB_PLACES = {
+    "data.train": "model: {{name_or_path: m}}\ndata: {{train: {b}}}\n",
+    "junk": "model: {{name_or_path: m}}\ndata: {{train: a.jsonl}}\njunk: {b}\n",
+    "model.junk": "model: {{name_or_path: m, junk: {b}}}\ndata: {{train: a.jsonl}}\n",
+    "model": "model: {b}\n",
+    "data.columns": "model: {{name_or_path: m}}\ndata: {{train: a.jsonl, columns: "
+                    "{{prompt: {b}}}}}\n",
+    "lora.target_modules": "model: {{name_or_path: m}}\ndata: {{train: a.jsonl}}\n"
+                           "lora: {{target_modules: {b}}}\n",
+}
+
+
+def test_alias_bombs_fail_fast_with_a_clean_message(tmp_path):
+    """In a separate process, so that today's code (minutes, gigabytes) fails the test
+    instead of hanging the suite."""
+    import subprocess
+    import sys
+    import textwrap
+
+    for key, text in ALIAS_BOMB_PLACES.items():
+        (tmp_path / f"{key}.yaml").write_text(text.format(b=_alias_bomb()))
+    assert len((tmp_path / "data.train.yaml").read_bytes()) < 500
+    script = textwrap.dedent(f"""
+        import time
+        from qdpo.recipe import load_recipe
+        from qdpo.errors import RecipeError
+        for key in {list(ALIAS_BOMB_PLACES)!r}:
+            t = time.monotonic()
+            try:
+                load_recipe({str(tmp_path)!r} + "/" + key + ".yaml")
+            except RecipeError as e:
+                print(key, round(time.monotonic() - t, 2), str(e), sep=" | ")
+        t = time.monotonic()
+        try:  # the same through an override
+            load_recipe({str(tmp_path)!r} + "/junk.yaml".replace("junk", "model.junk"),
+                        ["data.train=" + {_alias_bomb()!r}])
+        except RecipeError as e:
+            print("override", round(time.monotonic() - t, 2), str(e), sep=" | ")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, cwd=REPO).stdout.splitlines()
+    assert len(out) == len(ALIAS_BOMB_PLACES) + 1, out
+    for line in out:
+        key, seconds, msg = line.split(" | ")
+        assert float(seconds) < 2, line
+        if key != "override":
+            assert msg.startswith(f"Recipe key '{key}' expands to 4,412,961,5") and msg.endswith(
+                " values through YAML aliases (*name), more than the 100,000 any recipe holds: "
+                "write the values out instead of nesting aliases."), line
+    assert out[-1].split(" | ")[2].startswith("Recipe key 'model.junk' expands")
+
+
+def test_an_alias_inside_its_own_anchor_is_refused(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("model: {name_or_path: m}\ndata:\n  train: &a [a.jsonl, *a]\n")
+    with pytest.raises(RecipeError, match=r"^Recipe key 'data.train' holds a YAML alias "
+                                          r"\(\*name\) inside its own anchor"):
+        load_recipe(p)
+
+
+def test_messages_quote_a_users_value_cut_short(tmp_path):
+    # under the alias bound (9**5 values) and a 2 MB string: quoted, but never whole
+    p = tmp_path / "r.yaml"
+    p.write_text(f"model: {{name_or_path: m}}\ndata: {{train: {_alias_bomb(5)}}}\n")
+    with pytest.raises(RecipeError) as ei:
+        load_recipe(p)
+    msg = str(ei.value)
+    assert msg.startswith("Recipe key 'data.train' has the value [['x', 'x', 'x', 'x', 'x', "
+                          "'x', ...], [[") and msg.endswith(
+        "but it must be a list of a path/id or a mapping with path.") and len(msg) < 500
+    for override, quoted in (("loss.type=" + "y" * 2_000_000, "y" * 50),
+                             ("model=" + "y" * 2_000_000, "y" * 50),
+                             ("data.train=[{path: a.jsonl, weight: " + "9" * 4000 + "}]",
+                              "9" * 20)):
+        msg = error_of(override)
+        assert len(msg) < 800 and quoted in msg, msg[:300]

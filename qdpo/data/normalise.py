@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from qdpo.data.pairs import Pair
+from qdpo.data.pairs import BadLine, Pair
 from qdpo.data.report import DataReport
 from qdpo.data.shapes import (
     check_messages,
@@ -66,16 +66,25 @@ class _Row:
 
 
 def _prompt_fallback(r: _Row, c: _Context) -> str | None:
-    """No prompt column: take "instruction", "question" or "input" when the row has one."""
+    """No `prompt` column: the prompt column in another case ("Prompt", "PROMPT"), else
+    "instruction", "question" or "input", is the prompt, whether the replies are texts or
+    message lists; only a row with none of them has its prompt guessed. Null there: skipped."""
     if c.prompt_mapped or c.cols["prompt"] in r.row:
         return None
-    # "Prompt", "Question": the usual names in another case are the same columns
     names = (c.cols["prompt"],) + _PROMPT_FALLBACKS
-    alt = next((k for k in r.row if isinstance(k, str) and k.lower() in names), None)
-    if alt is not None and (c.cols["chosen"] not in r.row or c.cols["rejected"] not in r.row
-                            or isinstance(r.row.get(c.cols["chosen"]), str)):
-        r.row = dict(r.row, **{c.cols["prompt"]: r.row[alt]})
-        r.prompt_from = f"column '{alt}'"
+    found = {name: [k for k in r.row if isinstance(k, str) and k.lower() == name]
+             for name in names}
+    alts = next((ks for ks in found.values() if ks), None)
+    if alts is None:
+        return None
+    if len(alts) > 1:  # "Prompt" and "PROMPT": which one the user meant is theirs to say
+        return (f"several prompt columns ({', '.join(repr(k) for k in alts)}; map one with "
+                "data.columns.prompt)")
+    alt = alts[0]
+    if r.row[alt] is None:
+        return f"prompt column '{alt}' is null"
+    r.row = dict(r.row, **{c.cols["prompt"]: r.row[alt]})
+    r.prompt_from = f"column '{alt}'"
     return None
 
 
@@ -111,13 +120,20 @@ def _take_columns(r: _Row, c: _Context) -> str | None:
     return None
 
 
+def _null_prompt(r: _Row, c: _Context) -> str | None:
+    """A prompt column that is there but null on this row: skipped, in every format. Guessing
+    the prompt from the replies (the rule for data without a prompt column) could train on a
+    wrong prompt, and the user gave no sign that this row has none."""
+    if r.prompt is None and c.cols["prompt"] in r.row:
+        return f"prompt column '{c.cols['prompt']}' is null"
+    return None
+
+
 def _implicit_text_prompt(r: _Row, c: _Context) -> str | None:
     """No prompt, two texts: HH-RLHF dialogues, or texts sharing a prefix."""
     if r.prompt is not None or not (isinstance(r.chosen_raw, str)
                                     and isinstance(r.rejected_raw, str)):
         return None
-    if c.prompt_mapped or c.cols["prompt"] in r.row:  # the column is there but null: skip
-        return f"prompt column '{c.cols['prompt']}' is null"
     hc, hr = hh_messages(r.chosen_raw), hh_messages(r.rejected_raw)
     if hc and hr and c.format != "standard":
         r.chosen_raw, r.rejected_raw = hc, hr
@@ -157,10 +173,8 @@ def _conversation_prompt(r: _Row, c: _Context) -> str | None:
         if not same:
             return "missing prompt (and chosen/rejected do not share a conversation prefix)"
         if not r.prompt_from.startswith("Human/"):  # HH turns became this conversation
-            column = c.cols["prompt"]
             r.prompt_from = conversation + (
-                f" ({r.prompt_from} empty)" if r.prompt_from else
-                f" (column '{column}' null)" if column in r.row else " (no prompt column)")
+                f" ({r.prompt_from} empty)" if r.prompt_from else " (no prompt column)")
         r.prompt = r.chosen_prefix
     if isinstance(r.prompt, str) and same and c.format != "standard":
         r.prompt = r.chosen_prefix
@@ -244,16 +258,29 @@ def invalid_unicode(texts: Iterable[str]) -> bool:
     return False
 
 
-def _valid_unicode(r: _Row, c: _Context) -> str | None:
+NUL_TEXT = "text holds a NUL character (\\x00)"
+
+
+def _texts(r: _Row) -> list[str]:
     texts = [r.prompt] if isinstance(r.prompt, str) else [m["content"] for m in r.prompt]
-    return NOT_UNICODE if invalid_unicode(texts + [r.chosen, r.rejected, r.system or ""]) \
-        else None
+    return texts + [r.chosen, r.rejected, r.system or ""]
+
+
+def _valid_unicode(r: _Row, c: _Context) -> str | None:
+    return NOT_UNICODE if invalid_unicode(_texts(r)) else None
+
+
+def _no_nul(r: _Row, c: _Context) -> str | None:
+    """A NUL is no text a model should learn: the trace of a binary file or a broken export
+    (and C code behind tokenizers and exports may end a string there). Skipped and counted,
+    as invalid Unicode is, in every format."""
+    return NUL_TEXT if any("\x00" in t for t in _texts(r)) else None
 
 
 STEPS: tuple[Callable[[_Row, _Context], str | None], ...] = (
-    _prompt_fallback, _rank_responses, _take_columns, _implicit_text_prompt, _replies,
-    _conversation_prompt, _prompt_shape, _distinct_replies, _weight, _row_system,
-    _valid_unicode,
+    _prompt_fallback, _rank_responses, _take_columns, _null_prompt, _implicit_text_prompt,
+    _replies, _conversation_prompt, _prompt_shape, _distinct_replies, _weight, _row_system,
+    _valid_unicode, _no_nul,
 )
 
 
@@ -321,9 +348,13 @@ def normalise_rows(rows: list[Any], settings: DataConfig, report: DataReport, *,
     pairs = []
     for i, row in enumerate(rows):
         report.rows += 1
+        where = f"{source} row {i + 1}" if source else f"row {i + 1}"
+        if isinstance(row, BadLine):  # a line the reader could not split into a row
+            report.skip(row.reason, f"{where}, line {row.line}")
+            continue
         r = _normalise_row(row, ctx)
         if isinstance(r, str):
-            report.skip(r, f"{source} row {i + 1}" if source else f"row {i + 1}")
+            report.skip(r, where)
             continue
         _record_origins(r, ctx)
         pairs.append(Pair(r.prompt, r.chosen, r.rejected, r.weight, i + 1, source, r.system))

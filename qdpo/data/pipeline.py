@@ -21,6 +21,7 @@ from qdpo.data.report import DataReport
 from qdpo.data.store import cache_file, data_fingerprint, read_cache, write_cache
 from qdpo.errors import DataError
 from qdpo.files import cache_write_failed
+from qdpo.recipe import MAX_SOURCE_PAIRS
 
 if TYPE_CHECKING:
     from qdpo.recipe import DataConfig, DataSource, EvalConfig, Recipe
@@ -34,6 +35,21 @@ def _sample(got: list[Pair], want: int, rng: random.Random) -> list[Pair]:
     return got * reps + rng.sample(got, rest)
 
 
+def _wanted(s: DataSource, got: list[Pair], name: str) -> int:
+    """How many pairs a source gives: its samples, or its pairs scaled by its weight. The
+    recipe bounds both, but a large source times a large weight (or a DataSource built in
+    code) could still ask for billions of copies, which would never finish tokenizing."""
+    want = s.samples if s.samples is not None else len(got) * s.weight
+    if not want <= MAX_SOURCE_PAIRS:  # also NaN and inf
+        how = f"samples {s.samples:,}" if s.samples is not None else \
+            f"weight {s.weight:g} times its {len(got):,} pairs"
+        count = f"{want:,.0f}" if want < 1e15 else f"about {want:.2g}"
+        raise DataError(f"Data source '{name}' would give {count} pairs ({how}): more "
+                        f"than the {MAX_SOURCE_PAIRS:,} one source may give. Lower its "
+                        "weight, or set its samples to the number of pairs you want.")
+    return round(want)
+
+
 def load_pairs(sources: list[DataSource], settings: DataConfig, report: DataReport, *,
                seed: int, resolve: Resolve) -> list[Pair]:
     """All sources' pairs, each scaled by its weight or cut to its sample count."""
@@ -43,7 +59,7 @@ def load_pairs(sources: list[DataSource], settings: DataConfig, report: DataRepo
         rows = read_rows(s, resolve)
         name = names[k] if names.count(names[k]) == 1 else s.path  # keep namesakes apart
         got = normalise_rows(rows, settings, report, seed=seed, source=name, columns=s.columns)
-        want = s.samples if s.samples is not None else round(len(got) * s.weight)
+        want = _wanted(s, got, name)
         if got and want != len(got):
             got = _sample(got, want, random.Random(seed * 7919 + k))
             report.mixed[name] = len(got)

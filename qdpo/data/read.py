@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from qdpo.data.pairs import BadLine
 from qdpo.errors import DataError
 from qdpo.files import short_error
 
@@ -166,17 +167,39 @@ def _read_json_file(f: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_table(f: Path, kind: str) -> list[dict[str, Any]]:
-    if kind == "csv":  # text stays text, even when it looks like a number
-        import pandas as pd
+RAGGED = "more fields than the CSV header (a comma outside quotes?)"
+_SKIPPED_LINE = re.compile(r"Skipping line (\d+)")
 
-        return pd.read_csv(f, dtype=str, keep_default_na=False).to_dict("records")
+
+def _read_csv(f: Path) -> list[dict[str, Any] | BadLine]:
+    """A CSV file's rows, text kept as text even where it looks like a number. A line with
+    more fields than the header is one bad row, counted where it stood, not the end of the
+    file: pandas skips it and warns with its line number (counted in records, as pandas'
+    own errors count them: the same as the file's lines unless a quoted field spans lines)."""
+    import warnings
+
+    import pandas as pd
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", pd.errors.ParserWarning)
+        rows: list[Any] = pd.read_csv(f, dtype=str, keep_default_na=False,
+                                      on_bad_lines="warn").to_dict("records")
+    lines = sorted(int(n) for w in caught if issubclass(w.category, pd.errors.ParserWarning)
+                   for n in _SKIPPED_LINE.findall(str(w.message)))
+    for n in lines:  # record n is data row n - 1, at index n - 2 once the earlier ones are in
+        rows.insert(min(max(n - 2, 0), len(rows)), BadLine(RAGGED, n))
+    return rows
+
+
+def _read_table(f: Path, kind: str) -> list[Any]:
+    if kind == "csv":
+        return _read_csv(f)
     import datasets
 
     return datasets.load_dataset(kind, data_files=str(f), split="train").to_list()
 
 
-def _read_local_file(f: Path) -> list[dict[str, Any]]:
+def _read_local_file(f: Path) -> list[Any]:
     kind = EXTENSIONS.get(f.suffix)
     if kind is None:
         raise DataError(f"Data file '{f}' has an unknown extension; use .jsonl, .json, "
@@ -206,13 +229,14 @@ def _read_hub(source: DataSource, path: str) -> list[dict[str, Any]]:
     return ds.to_list()
 
 
-def read_rows(source: DataSource, resolve: Resolve | None = None) -> list[dict[str, Any]]:
-    """All rows of one source as plain dicts (local files read directly, hub via datasets)."""
+def read_rows(source: DataSource, resolve: Resolve | None = None) -> list[Any]:
+    """All rows of one source as plain dicts (local files read directly, hub via datasets),
+    with a BadLine where a line could not be split into a row."""
     path = resolve(source.path) if resolve else source.path
     files = local_files(path, source.split)
     if files is None:
         return _read_hub(source, path)
-    rows: list[dict[str, Any]] = []
+    rows: list[Any] = []
     for f in files:
         rows.extend(_read_local_file(f))
     return rows

@@ -25,8 +25,10 @@ if TYPE_CHECKING:
 # Bumped when the same inputs would tokenize differently: 2 = the system prompt is kept (as
 # plain text) when the tokenizer has no chat template; 3 = a `system` column is used without
 # being mapped, a directory's split picks its files, a named prompt column is never guessed;
-# 6 = a prompt whose template head is too long to keep still keeps its BOS.
-DATA_CACHE_VERSION = 6
+# 6 = a prompt whose template head is too long to keep still keeps its BOS; 7 = null prompts
+# beside message lists skipped, "Prompt" used for message lists, NUL texts and ragged CSV
+# lines skipped.
+DATA_CACHE_VERSION = 7
 _COUNTERS = ("skipped", "formats", "origins")
 
 
