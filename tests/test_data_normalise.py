@@ -1299,3 +1299,14 @@ def test_the_conversation_is_guessed_only_without_any_prompt_column():
     question = {"question": "Bonjour ?", "chosen": [asst("Salut !")], "rejected": [asst("Non.")]}
     (p,), rep = normalise([question])
     assert p.prompt == "Bonjour ?" and rep.origins_summary()[0] == "prompts: column 'question'"
+
+
+def test_the_summary_counts_in_words_one_pair_one_row():
+    from qdpo.data.report import DataReport
+
+    one = DataReport(rows=1)
+    one.pairs = 1
+    assert one.summary().startswith("1 pair from 1 row")
+    many = DataReport(rows=2000)
+    many.pairs = 1500
+    assert many.summary().startswith("1,500 pairs from 2,000 rows")

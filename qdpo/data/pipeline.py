@@ -20,7 +20,7 @@ from qdpo.data.read import Resolve, read_rows
 from qdpo.data.report import DataReport
 from qdpo.data.store import cache_file, data_fingerprint, read_cache, write_cache
 from qdpo.errors import DataError
-from qdpo.files import cache_write_failed
+from qdpo.files import cache_write_failed, write_failed
 from qdpo.recipe import MAX_SOURCE_PAIRS
 
 if TYPE_CHECKING:
@@ -163,7 +163,9 @@ def prepare_data(settings: DataConfig, eval: EvalConfig, tokenizer: Any, *, seed
     if key is not None:
         try:
             write_cache(cache_file(key), data)
-        except OSError as e:
+        except Exception as e:  # a full or read-only disk costs the cache, not the run
+            if not write_failed(e):
+                raise
             cache_write_failed("tokenized data", e)
     return _warn_overlap(data)
 

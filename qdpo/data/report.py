@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from qdpo.console import plural
 from qdpo.errors import DataError
 
 
@@ -102,7 +103,7 @@ class DataReport:
                 "generalises")
 
     def summary(self) -> str:
-        parts = [f"{self.pairs} pairs from {self.rows} rows"
+        parts = [f"{plural(self.pairs, 'pair')} from {plural(self.rows, 'row')}"
                  + (" (tokenized earlier, from cache)" if self.cached else "")]
         if self.formats:
             parts.append("format " + ", ".join(f"{k}" for k in self.formats))
