@@ -404,7 +404,9 @@ def check_fits(path: Path, model: Any, weights: dict[str, torch.Tensor]) -> None
 
 def _lora_shape(r: Any, targets: Any) -> str:
     if isinstance(targets, (list, tuple, set)):
-        targets = ", ".join(sorted(str(t) for t in targets))
+        names = sorted(str(t) for t in targets)
+        more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+        targets = ", ".join(names[:8]) + more  # some adapters list every layer's module
     return f"LoRA r={r if r is not None else '?'} on {targets or 'unknown modules'}"
 
 

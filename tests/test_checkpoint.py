@@ -256,3 +256,11 @@ def test_checkpoint_of_qdpo_0_1_0_verifies_and_restores(tmp_path):
     (path / ck.LEGACY_STATE).write_bytes(data[: len(data) // 2])
     with pytest.raises(ck.CheckpointError, match=f"{ck.LEGACY_STATE} is unreadable"):
         ck.verify(path)
+
+
+def test_a_lora_shape_is_said_in_a_line_however_many_modules_it_names():
+    from qdpo.checkpoint import _lora_shape
+
+    many = _lora_shape(16, [f"model.layers.{i}.self_attn.q_proj" for i in range(80)])
+    assert many.endswith("and 72 more") and len(many) < 400
+    assert _lora_shape(8, ["v_proj", "q_proj"]) == "LoRA r=8 on q_proj, v_proj"

@@ -843,3 +843,20 @@ def test_messages_quote_a_users_value_cut_short(tmp_path):
                               "9" * 20)):
         msg = error_of(override)
         assert len(msg) < 800 and quoted in msg, msg[:300]
+
+
+def test_yaml_merge_keys_work_and_are_not_duplicates(tmp_path):
+    from qdpo.recipe import load_recipe
+
+    p = tmp_path / "r.yaml"
+    p.write_text("defaults: &d\n  learning_rate: 1.0e-5\n  seed: 7\n"
+                 "model:\n  name_or_path: m\ndata:\n  train: a.jsonl\n"
+                 "train:\n  <<: *d\n  seed: 3\n")
+    with pytest.raises(RecipeError, match="Unknown recipe key 'defaults'"):
+        load_recipe(p)  # (an anchor needs a home; a top-level one is not a section)
+    p.write_text("model:\n  name_or_path: m\ndata:\n  train: a.jsonl\n"
+                 "eval:\n  every_steps: 5\n  micro_batch_pairs: &n 4\n"
+                 "train:\n  <<: {learning_rate: 1.0e-5, seed: 7}\n  seed: 3\n"
+                 "  micro_batch_pairs: *n\n")
+    r = load_recipe(p)
+    assert (r.train.learning_rate, r.train.seed, r.train.micro_batch_pairs) == (1e-5, 3, 4)
