@@ -156,16 +156,18 @@ def test_write_run_report_is_a_run_file(sweep):
     assert not RunDir(run).unexpected_entries()  # --overwrite still replaces the run
 
 
-def test_damaged_and_odd_records_are_skipped(sweep, tmp_path):
+def test_damaged_and_odd_records_are_skipped(sweep, tmp_path, caplog):
     run = tmp_path / "run"
     shutil.copytree(sweep / "beta=0.1", run)
     with (run / "metrics.jsonl").open("a") as f:
         f.write('{"step": 4, "loss": NaN, "lr": "high"}\nnot json\n[1, 2]\n{"step": 5, "los')
     (run / "samples.jsonl").write_text('{"step": 2, "prompt": {"x": 1}, "response": 7}\n')
     (run / "eval_margins.json").write_text('{"step": 3, "margins": "abc"}')
-    text, m = _report(tmp_path, run)
+    with caplog.at_level("WARNING", logger="qdpo"):
+        text, m = _report(tmp_path, run)
     assert all(int(c["data-points"]) > 0 for c in m.charts)
     assert "No per-pair margins stored" in text and "{&quot;x&quot;: 1}" in text
+    assert "2 damaged lines skipped" in caplog.text  # said (the unfinished last line is not)
 
 
 # ---------------------------------------------------------------------------------------

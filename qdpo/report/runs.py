@@ -85,7 +85,12 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         return []
     except OSError as e:
         raise RunDirError(f"Cannot read '{path}': {e.strerror or e}.") from None
-    lines, _ = metric_lines(data, sys.maxsize)  # damaged lines dropped
+    lines, damaged = metric_lines(data, sys.maxsize)
+    if damaged:  # a log, not the source of truth: chart the rest, but say so
+        from qdpo import console as ui
+
+        ui.warn(f"{path}: {ui.plural(damaged, 'damaged line')} skipped (not UTF-8, not a JSON "
+                "object, or a step that is not an integer)")
     return [json.loads(x) for x in lines]
 
 
