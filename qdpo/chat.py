@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -292,24 +293,93 @@ class ChatSession:
                                  streamer=_PrintStreamer(self.gen.tok, _write))[0]
 
     def _compare(self, convs: dict[str, Messages]) -> dict[str, str]:
+        """Base, then tuned, each filling its panel as its tokens come: two columns side by
+        side when the terminal is wide enough, else one panel after the other. The two are
+        generated one after the other because base and tuned are the same weights, switched
+        (reference_mode), so they cannot run at once."""
+        wide = ui.console.width >= SIDE_BY_SIDE_MIN_WIDTH
+        shown = {s: "" for s in self.sides}  # the text so far, the reply once it is complete
+        replies: dict[str, str] = {}
+        for group in [self.sides] if wide else [(s,) for s in self.sides]:
+            with _LiveView(group, shown) as view:
+                for side in group:
+                    streamer = _PrintStreamer(self.gen.tok, view.writer(side))
+                    replies[side] = shown[side] = self.gen.generate(
+                        [convs[side]], self.sampling, base=side == "base", streamer=streamer)[0]
+                    view.refresh()
+        return replies
+
+
+# at most this many redraws a second: each redraws the whole view, and a fast GPU gives tokens
+# faster than a terminal shows them without flicker
+LIVE_REDRAWS_PER_SECOND = 20
+
+
+class _Tail:
+    """The last lines of a text that fit the terminal: a live view taller than the terminal
+    cannot be redrawn in place, and rich would cut off its bottom, where the new tokens are."""
+
+    def __init__(self, text: Any):
+        self.text = text
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        from rich.segment import Segment
+
+        room = max(1, options.size.height - 3)  # the panel's two borders, the cursor's line
+        for line in console.render_lines(self.text, options, pad=False)[-room:]:
+            yield from line
+            yield Segment.line()
+
+
+class _LiveView:
+    """Compare panels redrawn as text streams into them (rich Live). In a terminal only; a
+    pipe or a file gets the finished panels once. On the way out (done, or Ctrl-C) the panels
+    are drawn in full, however tall."""
+
+    def __init__(self, sides: tuple[str, ...], shown: dict[str, str]):
+        from rich.live import Live
+
+        self.sides = sides
+        self.shown = shown
+        self.full = False
+        self.last = 0.0
+        self.live = Live(console=ui.console, auto_refresh=False, get_renderable=self.render)
+
+    def __enter__(self) -> "_LiveView":
+        self.live.start(refresh=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.full = True
+        self.live.stop()
+
+    def writer(self, side: str) -> Callable[[str], None]:
+        def write(text: str) -> None:
+            self.shown[side] += text
+            if time.monotonic() - self.last >= 1 / LIVE_REDRAWS_PER_SECOND:
+                self.refresh()
+        return write
+
+    def refresh(self) -> None:
+        self.last = time.monotonic()
+        self.live.refresh()
+
+    def render(self) -> Any:
         from rich.panel import Panel
         from rich.table import Table
         from rich.text import Text
 
-        replies = {"base": self.gen.generate([convs["base"]], self.sampling, base=True)[0],
-                   "tuned": self.gen.generate([convs["tuned"]], self.sampling)[0]}
         # Text: a reply is shown as written, never read as rich markup
-        panels = [Panel(Text(replies[s]), title=s, expand=True) for s in self.sides]
-        if ui.console.width >= SIDE_BY_SIDE_MIN_WIDTH:  # two columns, half the width each
-            grid = Table.grid(expand=True, padding=(0, 1))
-            for _ in panels:
-                grid.add_column(ratio=1)
-            grid.add_row(*panels)
-            ui.console.print(grid)
-        else:
-            for p in panels:
-                ui.console.print(p)
-        return replies
+        texts = [Text(self.shown[s].strip()) for s in self.sides]
+        panels = [Panel(t if self.full else _Tail(t), title=s, expand=True)
+                  for s, t in zip(self.sides, texts)]
+        if len(panels) == 1:
+            return panels[0]
+        grid = Table.grid(expand=True, padding=(0, 1))  # two columns, half the width each
+        for _ in panels:
+            grid.add_column(ratio=1)
+        grid.add_row(*panels)
+        return grid
 
 
 def chat_loop(gen: Generator, sampling: Sampling, compare: bool = False,

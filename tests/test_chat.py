@@ -1,10 +1,12 @@
-"""The chat loop: replies and commands shown as written, Ctrl-C, per-side histories in compare
-mode, trimming to the model's context, the banner, and line editing in a real terminal."""
+"""The chat loop: replies and commands shown as written, Ctrl-C, per-side histories and both
+sides streaming in compare mode, trimming to the model's context, the banner, and line editing
+in a real terminal."""
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,15 +14,18 @@ import time
 
 import pytest
 import torch
+from rich.console import Console
 
 from qdpo import console as ui
-from qdpo.chat import Sampling, chat_loop, enable_line_editing, fit_history
+from qdpo.chat import (LIVE_REDRAWS_PER_SECOND, SIDE_BY_SIDE_MIN_WIDTH, Sampling, _LiveView,
+                       chat_loop, enable_line_editing, fit_history)
 
 from tiny import REPO
 
 
 class EchoGenerator:
     system_prompt = None
+    tok = None  # never streams
 
     def generate(self, convs, sampling, base=False, streamer=None):
         return ["[bold]base[/bold] [x]" if base else "[red]tuned[/red] [1, 2]" for _ in convs]
@@ -137,6 +142,67 @@ def test_compare_is_side_by_side_only_when_wide_enough(capsys, monkeypatch, widt
         assert "base reply" in lines[at[0]] and "tuned reply" in lines[at[1]]
 
 
+def _screen_lines(screen):
+    """What a terminal was sent so far, as lines, without the escape codes that move the
+    cursor."""
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "", screen.getvalue()).splitlines()
+
+
+class SlowGenerator:
+    """Streams three tokens a side (base w0-w2, tuned w10-w12), each a redraw's interval after
+    the last, and notes what the terminal was sent by the time each token was given."""
+
+    system_prompt = None
+    has_adapter = True
+    context_length = None
+    tok = WordTok()
+
+    def __init__(self, screen):
+        self.screen = screen
+        self.seen = {}  # (base, token) -> the terminal's lines then
+
+    def generate(self, convs, sampling, base=False, streamer=None):
+        ids = range(0, 3) if base else range(10, 13)
+        if streamer is not None:
+            streamer.put(torch.tensor([[0]]))  # the prompt
+        for i in ids:
+            time.sleep(1.2 / LIVE_REDRAWS_PER_SECOND)
+            if streamer is not None:
+                streamer.put(torch.tensor([i]))
+            self.seen[(base, i)] = _screen_lines(self.screen)
+        if streamer is not None:
+            streamer.end()
+        return [self.tok.decode(ids).strip()]
+
+
+@pytest.mark.parametrize("width", [140, 60])
+def test_compare_streams_both_sides_as_they_are_generated(monkeypatch, width):
+    screen = io.StringIO()
+    monkeypatch.setattr(ui, "console", Console(file=screen, force_terminal=True, width=width,
+                                               height=24))
+    gen = SlowGenerator(screen)
+    chat_loop(gen, Sampling(), compare=True, read=_script("hi", "/exit"))
+    # each side's reply is on the screen while it is being generated, not only at the end
+    assert any("w0 w1" in x for x in gen.seen[(True, 1)])
+    assert any("w10 w11" in x for x in gen.seen[(False, 11)])
+    # side by side: the finished base reply next to the tuned one as it comes
+    next_to = any("w0 w1 w2" in x and "w10 w11" in x for x in gen.seen[(False, 11)])
+    assert next_to == (width >= SIDE_BY_SIDE_MIN_WIDTH)
+    assert any("w10 w11 w12" in x for x in _screen_lines(screen))
+
+
+def test_a_streaming_reply_taller_than_the_terminal_shows_its_end():
+    screen = io.StringIO()
+    console = Console(file=screen, width=60, height=10)
+    view = _LiveView(("base",), {"base": WordTok().decode(range(200))})
+    console.print(view.render())  # while streaming: the newest lines, within the terminal
+    lines = screen.getvalue().splitlines()
+    assert len(lines) <= 9 and "w199" in lines[-2] and " w0 " not in screen.getvalue()
+    view.full = True  # finished (or stopped): all of it
+    console.print(view.render())
+    assert " w0 " in screen.getvalue() and len(screen.getvalue().splitlines()) > 20
+
+
 def _count_words(conv):
     return sum(len(m["content"].split()) for m in conv)
 
@@ -214,7 +280,8 @@ class Slow:
     def generate(self, convs, sampling, base=False, streamer=None):
         with open(sys.argv[1], "a") as f:
             f.write(json.dumps(convs[0]) + "\\n")
-        slow = convs[0][-1]["content"] == "slow"
+        said = convs[0][-1]["content"]
+        slow = said == "slow" or said == "slow tuned" and not base
         streamer.put(torch.tensor([[0]]))
         for i in range(2000 if slow else 3):
             streamer.put(torch.tensor([i]))
@@ -222,7 +289,7 @@ class Slow:
         streamer.end()
         return ["done"]
 
-chat_loop(Slow(), Sampling())
+chat_loop(Slow(), Sampling(), compare="--compare" in sys.argv)
 print("CHAT ENDED")
 """
 
@@ -275,3 +342,37 @@ def test_chat_in_a_real_terminal(tmp_path):
     convs = [json.loads(x) for x in asked.read_text().splitlines()]
     assert [c[-1]["content"] for c in convs] == ["first", "slow", "third"]
     assert convs[-1] == [_u("first"), _a("done"), _u("third")]
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+def test_compare_streams_in_a_real_terminal_and_ctrl_c_stops_it(tmp_path):
+    script, asked = tmp_path / "slow_chat.py", tmp_path / "asked.jsonl"
+    script.write_text(SLOW_CHAT)
+    t = Tmux(tmp_path)
+    # readline, imported by an earlier test, exports this process's COLUMNS=80 to children;
+    # the chat should size itself by the terminal it runs in
+    cmd = f"cd {REPO} && env -u COLUMNS -u LINES {sys.executable} {script} {asked} --compare; " \
+        "sleep 30"
+    t("new-session", "-d", "-s", "chat", "-x", "120", "-y", "40", cmd)
+    try:
+        t.wait_for(lambda p: p.rstrip().endswith("you>"), "the prompt")
+        t("send-keys", "-t", "chat", "first", "Enter")
+        t.wait_for(lambda p: p.count("you>") == 2, "the first replies")
+        t("send-keys", "-t", "chat", "slow tuned", "Enter")  # base is quick, tuned slow
+        t.wait_for(lambda p: " w20 " in p and any("done" in x and " w0 " in x
+                                                   for x in p.splitlines()),
+                   "the tuned reply to stream next to the finished base one")
+        t("send-keys", "-t", "chat", "C-c")
+        t.wait_for(lambda p: "reply stopped" in p and p.rstrip().endswith("you>"),
+                   "the prompt after Ctrl-C")
+        t("send-keys", "-t", "chat", "third", "Enter")
+        t.wait_for(lambda p: "you> third" in p and p.rstrip().endswith("you>"),
+                   "the third replies")
+        t("send-keys", "-t", "chat", "C-c")
+        t.wait_for(lambda p: "CHAT ENDED" in p, "the chat to end")
+    finally:
+        t("kill-server")
+    convs = [json.loads(x) for x in asked.read_text().splitlines()]
+    assert [c[-1]["content"] for c in convs] == ["first"] * 2 + ["slow tuned"] * 2 + ["third"] * 2
+    # the stopped turn is left out on both sides
+    assert convs[-2] == convs[-1] == [_u("first"), _a("done"), _u("third")]
