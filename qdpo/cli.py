@@ -317,6 +317,15 @@ def _device(text: str) -> str:
 
     if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
         raise QdpoError(f"--device '{text[:50]}': use cpu, cuda or cuda:N.")
+    if text.startswith("cuda"):
+        import torch
+
+        have = torch.cuda.device_count()
+        index = int(text.split(":")[1]) if ":" in text else 0
+        if index >= have:
+            raise QdpoError(f"--device {text}: this machine has {have} CUDA GPU(s) that torch "
+                            "can use; use --device cpu" + (f" or cuda:0..{have - 1}" if have
+                                                           else "") + ".")
     return text
 
 

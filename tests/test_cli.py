@@ -364,3 +364,14 @@ def test_a_signal_while_starting_is_one_line_not_a_traceback(tmp_path, signame):
         assert "Traceback" not in err, (delay, err[-2000:])
         if p.returncode != 0:  # (a run can finish before a late signal: fine)
             assert p.returncode == 130 and "error: interrupted" in err, (delay, p.returncode, err)
+
+
+def test_a_device_this_machine_lacks_is_said_before_any_work(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("for machines without a GPU")
+    res = qdpo("merge", tmp_path / "no-run", "--out", tmp_path / "m", "--device", "cuda")
+    assert res.returncode == 2
+    assert "--device cuda: this machine has 0 CUDA GPU(s)" in res.stderr
+    assert "name_or_path" not in res.stderr and not (tmp_path / "m").exists()
