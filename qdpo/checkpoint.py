@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -216,30 +215,9 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
     that process is gone; returns what was removed."""
     removed = []
     for parent in (directory, directory / CKPT_DIR):
-        if not parent.is_dir():
-            continue
-        for p in parent.iterdir():
-            pid = _temporary_owner(p.name)
-            if pid is None or pid == os.getpid() or _alive(pid):
-                continue
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            removed.append(p)
+        if parent.is_dir():
+            removed += files.remove_stale_temporaries(parent.iterdir())
     return removed
-
-
-def _temporary_owner(name: str) -> int | None:
-    m = re.fullmatch(r"\..+\.(?:tmp|old)-(\d+)", name)
-    return int(m.group(1)) if m else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def save(run_dir: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,

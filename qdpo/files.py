@@ -9,10 +9,12 @@ Also `short_error`, the one way an exception is shortened for a message.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 
 # Files get the mode the user's umask gives any new file: some writers (safetensors) create
@@ -43,9 +45,40 @@ def fsync_path(path: Path) -> None:
 
 def _temporary(path: Path, kind: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
+    # what an earlier writer of this path left when it was killed (a merge or an export
+    # killed half-way leaves gigabytes)
+    remove_stale_temporaries(path.parent.glob(f".{glob.escape(path.name)}.*-*"))
     tmp = path.with_name(f".{path.name}.{kind}-{os.getpid()}")
     _remove(tmp)
     return tmp
+
+
+def remove_stale_temporaries(paths: Iterable[Path]) -> list[Path]:
+    """Of `paths`, remove the temporaries (`.NAME.tmp-PID`, `.NAME.old-PID`) whose writing
+    process is gone; returns what was removed."""
+    removed = []
+    for p in paths:
+        pid = _temporary_owner(p.name)
+        if pid is None or pid == os.getpid() or _alive(pid):
+            continue
+        _remove(p)
+        removed.append(p)
+    return removed
+
+
+def _temporary_owner(name: str) -> int | None:
+    m = re.fullmatch(r"\..+\.(?:tmp|old)-(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:

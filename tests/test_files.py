@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from qdpo.files import atomic_dir, short_error, write_atomically, write_text_atomically
@@ -54,3 +56,25 @@ def test_written_files_get_the_umask_mode_whatever_the_writer(tmp_path):
         os.chmod(tmp, 0o600)
     for path in (tmp_path / "d" / "w.bin", tmp_path / "one.bin"):
         assert path.stat().st_mode & 0o777 == FILE_MODE
+
+
+def test_a_write_removes_what_a_killed_writer_of_the_same_path_left(tmp_path):
+    """A merge or export killed half-way leaves `.NAME.tmp-PID` (gigabytes on a real model):
+    the next write of that path removes it when its process is gone, never a live one's."""
+    from qdpo.files import _alive, atomic_dir, write_text_atomically
+
+    dead = 4_000_000  # above any pid_max: no such process
+    assert not _alive(dead)
+    stale = tmp_path / f".merged.tmp-{dead}"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "model.safetensors").write_bytes(b"x" * 1000)
+    live = tmp_path / f".merged.tmp-{os.getppid()}"  # another process, still running
+    live.mkdir()
+    other = tmp_path / f".notes.txt.tmp-{dead}"  # someone else's path: not ours to sweep here
+    other.write_text("x")
+    with atomic_dir(tmp_path / "merged") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert not stale.exists() and live.exists() and other.exists()
+    assert (tmp_path / "merged" / "config.json").exists()
+    write_text_atomically(tmp_path / "notes.txt", "mine")
+    assert not other.exists()
