@@ -500,6 +500,7 @@ def load_trained(source: Any, device: torch.device | None = None,
 
     device = device or default_device()
     recipe = source.recipe
+    _verify_source(source)
     base = load_base(recipe, device, quantize=quantize)
     adapter_dir = getattr(source, "adapter_dir", None)
     model = base if adapter_dir is None else _with_trained_adapter(base, source)
@@ -512,6 +513,19 @@ def load_trained(source: Any, device: torch.device | None = None,
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def _verify_source(source: Any) -> None:
+    """The adapter's files against their record (a checkpoint's checkpoint.json, a run's final
+    adapter manifest) before the base is loaded: a damaged file is one message naming it, not
+    numbers computed with it. Sources from `open_trained` are verified once, there."""
+    verify = getattr(source, "verify", None)
+    if verify is not None:
+        verify()
+    elif getattr(source, "adapter_dir", None) is not None:
+        from qdpo.rundir import verify_adapter_dir
+
+        verify_adapter_dir(Path(source.adapter_dir))
 
 
 def _with_trained_adapter(base: Any, source: Any) -> Any:

@@ -4,6 +4,8 @@ Layout (the directory itself is a peft adapter directory, so
 `PeftModel.from_pretrained(base, run_dir)` works on it directly):
 
     adapter_config.json, adapter_model.safetensors, tokenizer files   final adapter
+    adapter_manifest.json  size and sha256 of the final adapter's files (verified on loading)
+    README.md          the model card: base, data, loss, steps, held-out metrics, how to load
     recipe.yaml        the resolved recipe (every key, defaults included)
     run.json           where the base weights and relative paths came from, data counts
     metrics.jsonl      one JSON object per logged step, eval records prefixed eval/
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -95,6 +98,15 @@ RUN_ENTRIES = {LOCK, "recipe.yaml", "run.json", "metrics.jsonl", "summary.json",
                "checkpoints", "tensorboard", "wandb", "special_tokens_map.json",
                "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json"}
 RUN_PREFIXES = ("adapter_", "tokenizer", ".final-adapter")
+# The final adapter's record: size and sha256 of each of its files (the model card, rewritten
+# after it, excepted), moved in just before adapter_config.json. Its name is no peft file's, so
+# the run directory stays a plain peft adapter directory.
+FINAL_MANIFEST = "adapter_manifest.json"
+RECIPE_HEADER = "# resolved recipe of this run (qdpo "
+# What an attempt that never reached its first checkpoint leaves besides recipe.yaml and
+# run.json (both rewritten): cleared when --resume starts it again.
+ATTEMPT_RECORDS = ("metrics.jsonl", "summary.json", EVAL_MARGINS, "samples.jsonl", "report.html",
+                   "tensorboard")
 
 
 _HELD: dict[Path, int] = {}  # run directories this process holds the lock of
@@ -128,6 +140,8 @@ def _is_run_entry(name: str) -> bool:
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
+        # on resume: the previous attempt's number of steps when this one keeps the length
+        self._resumed_total: int | None = None
 
     # -- what is there ---------------------------------------------------------------
     def is_run(self) -> bool:
@@ -135,6 +149,18 @@ class RunDir:
         version that wrote it), not merely a file of that name."""
         info = self.info()
         return isinstance(info, dict) and "qdpo_version" in info and "recipe_dir" in info
+
+    def is_started(self) -> bool:
+        """A run killed between writing its recipe.yaml (qdpo's, by its header) and its
+        run.json: nothing else of it exists yet."""
+        if (self.path / "run.json").exists():
+            return False
+        try:
+            with (self.path / "recipe.yaml").open("rb") as f:
+                head = f.read(len(RECIPE_HEADER))
+        except OSError:
+            return False
+        return head == RECIPE_HEADER.encode()
 
     def _holds_anything(self) -> bool:
         """Anything but a lock file left by a process that ended."""
@@ -210,12 +236,16 @@ class RunDir:
                         "(another output.dir, or --overwrite).")
                 self._refuse_finished(recipe)
                 _say_resume_changes(self.recipe(), recipe)
+                total = self.info().get("total_steps")
+                if isinstance(total, int) and not LENGTH_KEYS & set(
+                        recipe_changes(self.recipe(), recipe)):
+                    self._resumed_total = total
                 return ckpt
             if self.is_run() and resume != "auto":
                 raise RunDirError(f"No checkpoint to resume at '{resume}'.")
-            if self.is_run():
-                raise RunDirError(f"'{self.path}' holds a run without any checkpoint to resume "
-                                  "from; use --overwrite to start it again.")
+            if self.is_run() or self.is_started():
+                self._start_again(recipe)
+                return None
             if not self._holds_anything():
                 from qdpo import console as ui
 
@@ -223,11 +253,11 @@ class RunDir:
                         "starting a new run")
         if self._holds_anything():
             if not overwrite:
-                what = "a qdpo run" if self.is_run() else "other files"
+                what = "a qdpo run" if self.is_run() or self.is_started() else "other files"
                 raise RunDirError(
                     f"Output directory '{self.path}' already holds {what}. Use --overwrite to "
                     "replace it, --resume to continue it, or set output.dir to a new path.")
-            if not self.is_run():
+            if not self.is_run() and not self.is_started():
                 raise RunDirError(f"Refusing to --overwrite '{self.path}': it is not a qdpo run "
                                   "directory. Choose another output.dir.")
             extra = self.unexpected_entries()
@@ -247,6 +277,38 @@ class RunDir:
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         return None
+
+    def _start_again(self, recipe: Recipe) -> None:
+        """--resume of a run stopped before its first checkpoint (killed in the first steps, in
+        the reference pass, or between writing recipe.yaml and run.json): with the same recipe,
+        it starts again from step 0 here, clearing what the stopped attempt logged."""
+        from qdpo import console as ui
+
+        changed = [k for k in recipe_changes(self.recipe(), recipe) if k not in RESUME_SAFE]
+        if changed:
+            raise RunDirError(
+                f"Cannot resume {self.path}: it holds a run stopped before its first checkpoint, "
+                f"and the recipe changed in keys that change the result: {', '.join(changed)}. "
+                "Put them back to start it again here, or start a new run (another output.dir, "
+                "or --overwrite).")
+        if (self.path / "adapter_config.json").exists():
+            raise RunDirError(
+                f"'{self.path}' holds a final adapter but no checkpoint to continue from "
+                "(checkpoints/ was removed?). Use --overwrite to train it again from the start, "
+                "or set output.dir to a new path.")
+        f = self.path / "metrics.jsonl"
+        logged = metric_lines(f.read_bytes(), sys.maxsize)[0] if f.is_file() else []
+        steps = sum('"loss"' in x for x in logged)
+        why = (f"it stopped after {steps} logged step{'s' if steps != 1 else ''}, before its "
+               "first checkpoint" if steps else "it stopped before its first checkpoint")
+        ui.info(f"resume: {self.path} holds no checkpoint ({why}): starting it again from step 0 "
+                "with the same recipe")
+        for name in ATTEMPT_RECORDS:
+            p = self.path / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
 
     def _refuse_finished(self, recipe: Recipe) -> None:
         """A finished run continues only when asked for more steps (max_steps or epochs)."""
@@ -279,7 +341,7 @@ class RunDir:
 
     # -- writing ---------------------------------------------------------------------------
     def write_run_info(self, recipe: Recipe, minfo: Any, data: Any, steps: int) -> None:
-        header = (f"# resolved recipe of this run (qdpo {__version__}); relative paths are "
+        header = (f"{RECIPE_HEADER}{__version__}); relative paths are "
                   f"looked up from recipe_dir in run.json\n")
         write_text_atomically(self.path / "recipe.yaml", header + recipe.to_yaml())
         info = {
@@ -315,27 +377,44 @@ class RunDir:
             return None
         return (step, margins) if isinstance(step, int) and margins else None
 
-    def truncate_metrics(self, step: int) -> None:
+    def truncate_metrics(self, step: int, total: int | None = None) -> None:
         """Drop records after `step`: a resumed run logs those steps again. The file is a log,
-        not the run's state: damaged lines are counted, reported once and dropped."""
+        not the run's state: damaged lines are counted, reported once and dropped.
+
+        Resumed at its last step (`total`, the resumed run's number of steps; by default the
+        stopped attempt's when the recipe kept the run's length), the run only evaluates
+        again: the final eval records at `step` (and the sample answers given with them) are
+        dropped too, so that they are not logged twice."""
         from qdpo import console as ui
 
+        total = total if total is not None else self._resumed_total
+        final = total is not None and step >= total
         f = self.path / "metrics.jsonl"
-        if not f.exists():
-            return
-        keep, damaged = metric_lines(f.read_bytes(), step)
-        if damaged:
-            ui.warn(f"{f}: {damaged} damaged line{'s' if damaged > 1 else ''} skipped (not "
-                    "UTF-8, not a JSON object, or a step that is not an integer); it is only a "
-                    "log, the run resumes from its checkpoint")
-        write_text_atomically(f, "".join(x + "\n" for x in keep))
+        if f.exists():
+            keep, damaged = metric_lines(f.read_bytes(), step, redo_eval=final)
+            if damaged:
+                ui.warn(f"{f}: {damaged} damaged line{'s' if damaged > 1 else ''} skipped (not "
+                        "UTF-8, not a JSON object, or a step that is not an integer); it is only "
+                        "a log, the run resumes from its checkpoint")
+            write_text_atomically(f, "".join(x + "\n" for x in keep))
+        samples = self.path / "samples.jsonl"
+        if final and samples.exists():  # every record there is an eval's
+            keep, _ = metric_lines(samples.read_bytes(), step - 1)
+            write_text_atomically(samples, "".join(x + "\n" for x in keep))
 
     def save_final(self, save_adapter: Callable[[Path], None]) -> None:
-        """The final adapter: written whole under a temporary name, then its files moved in,
-        adapter_config.json last (its presence is what marks the run as finished)."""
+        """The final adapter: written whole under a temporary name with its manifest (size and
+        sha256 of each file, what `verify_adapter_dir` checks), then its files moved in, the
+        manifest next to last and adapter_config.json last (its presence is what marks the run
+        as finished). Files moved in from two saves (a kill in the middle) fail the check."""
+        def write(d: Path) -> None:
+            save_adapter(d)
+            write_final_manifest(d)
+
         tmp = self.path / ".final-adapter"
-        atomic_dir(tmp, save_adapter)
-        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "adapter_config.json"):
+        atomic_dir(tmp, write)
+        order = {FINAL_MANIFEST: 1, "adapter_config.json": 2}
+        for f in sorted(tmp.iterdir(), key=lambda f: order.get(f.name, 0)):
             f.replace(self.path / f.name)
         tmp.rmdir()
 
@@ -352,6 +431,21 @@ class RunDir:
                    "tokens_per_s_average": ui.average_tokens_per_s(result.history),
                    "eval": result.final_eval, "loss": recipe.loss_types}
         write_text_atomically(self.path / "summary.json", json.dumps(summary, indent=2))
+        if not result.interrupted and (self.path / "adapter_config.json").exists():
+            self.write_card(recipe)
+
+    def write_card(self, recipe: Recipe) -> None:
+        """README.md: the model card of the final adapter (replacing peft's empty template),
+        from the summary just written. A run is not lost for want of its card."""
+        from qdpo import console as ui
+        from qdpo.errors import QdpoError
+        from qdpo.export.card import run_card
+        from qdpo.files import short_error
+
+        try:
+            write_text_atomically(self.path / "README.md", run_card(self, recipe))
+        except (QdpoError, OSError) as e:
+            ui.warn(f"could not write the model card README.md ({short_error(e)})")
 
 
 # ---------------------------------------------------------------------------------------
@@ -371,6 +465,13 @@ class TrainedSource:
         self.recipe = recipe
         self.base_path = base_path
         self.run = run
+        self.verified = adapter_dir is None
+
+    def verify(self) -> None:
+        """Check the adapter's files before anything computes with them (once)."""
+        if not self.verified and self.adapter_dir is not None:
+            verify_adapter_dir(self.adapter_dir)
+        self.verified = True
 
     @property
     def has_adapter(self) -> bool:
@@ -390,6 +491,7 @@ def open_trained(path: str | Path, allow_plain: bool = False,
     on the command line): a run directory received from someone else must not run code by
     being opened, whatever its recipe.yaml says."""
     src = _open_trained(path, allow_plain)
+    src.verify()  # before any model is loaded: a damaged file is named, not computed with
     if src.run is not None and src.recipe.model.trust_remote_code and not trust_remote_code:
         raise RunDirError(f"'{path}' was trained with model.trust_remote_code: true, so loading "
                           "its model runs code from the model's repository. Pass "
@@ -398,9 +500,81 @@ def open_trained(path: str | Path, allow_plain: bool = False,
     return src
 
 
+def write_final_manifest(adapter_dir: Path) -> None:
+    """FINAL_MANIFEST in `adapter_dir`: size and sha256 of each file there but the model card."""
+    from qdpo.checkpoint import sha256
+
+    files = {f.name: {"size": f.stat().st_size, "sha256": sha256(f)}
+             for f in sorted(adapter_dir.iterdir())
+             if f.is_file() and f.name not in (FINAL_MANIFEST, "README.md")}
+    record = {"qdpo_version": __version__, "files": files}
+    write_text_atomically(adapter_dir / FINAL_MANIFEST, json.dumps(record, indent=1))
+
+
+def verify_adapter_dir(adapter_dir: Path) -> None:
+    """A damaged adapter is named before any command computes with it (a garbled one once gave
+    eval accuracy 0.0, margin NaN and exit 0): a checkpoint against its checkpoint.json, a
+    run's final adapter against its manifest, each file's size and sha256; any adapter (a
+    plain peft one has no record) by its safetensors header."""
+    from qdpo import checkpoint as ck
+
+    p = Path(adapter_dir)
+    try:
+        if (p / ck.META).exists():
+            ck.verify(p)
+        elif (p / FINAL_MANIFEST).exists():
+            _verify_final(p)
+    except ck.CheckpointError as e:
+        raise RunDirError(_damaged_message(p, str(e))) from None
+    _check_adapter_weights(p)
+
+
+def _verify_final(adapter_dir: Path) -> None:
+    from qdpo import checkpoint as ck
+
+    f = adapter_dir / FINAL_MANIFEST
+    try:
+        listed = json.loads(f.read_bytes().decode("utf-8"))["files"]
+        if not isinstance(listed, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ck.CheckpointError(f"{f} is unreadable ({type(e).__name__})") from None
+    ck._check_files(adapter_dir, listed)
+
+
+def _damaged_message(adapter_dir: Path, why: str) -> str:
+    """One message: what is damaged and why, and what to use instead."""
+    from qdpo import checkpoint as ck
+
+    if ck.step_of(adapter_dir) is not None or (adapter_dir / ck.META).exists():
+        what, run_root = f"The checkpoint '{adapter_dir}'", (
+            adapter_dir.parent.parent if adapter_dir.parent.name == ck.CKPT_DIR else None)
+    else:
+        what, run_root = f"The final adapter in '{adapter_dir}'", adapter_dir
+    hint = "Restore it from a copy, or train again."
+    if run_root is not None and (run_root / ck.CKPT_DIR).is_dir():
+        good = _newest_intact_checkpoint(run_root)
+        other = "another checkpoint" if what.startswith("The checkpoint") else "a checkpoint"
+        hint = (f"Use {other} of the run instead, e.g. its newest intact one: '{good}'."
+                if good is not None else
+                f"No intact checkpoint is left under '{run_root / ck.CKPT_DIR}': restore the "
+                "run from a copy, or train again.")
+    return f"{what} is damaged: {why}. {hint}"
+
+
+def _intact(ckpt: Path) -> bool:
+    from qdpo.checkpoint import CheckpointError, verify
+
+    try:
+        verify(ckpt)
+    except CheckpointError:
+        return False
+    return True
+
+
 def _check_adapter_weights(adapter_dir: Path) -> None:
-    """A damaged adapter file is named before any command computes with it (a garbled one
-    once gave eval accuracy 0.0, margin NaN and exit 0). Reads the header only."""
+    """What a plain adapter without a record allows: the safetensors header is whole and lists
+    tensors (a cut or zeroed file)."""
     from safetensors import safe_open
 
     weights = adapter_dir / "adapter_model.safetensors"
@@ -446,22 +620,18 @@ def open_model_source(path: str | Path, trust_remote_code: bool = False) -> Trai
 def _newest_intact_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint whose files match its manifest (one being written, or damaged,
     is passed over)."""
-    from qdpo.checkpoint import CheckpointError, verify
-
-    for ckpt in reversed(list_checkpoints(run_dir)):
-        try:
-            verify(ckpt)
-        except CheckpointError:
-            continue
-        return ckpt
-    return None
+    return next((c for c in reversed(list_checkpoints(run_dir)) if _intact(c)), None)
 
 
 def _open_trained(path: str | Path, allow_plain: bool) -> TrainedSource:
     p = Path(path)
     if not p.exists():
-        raise RunDirError(f"'{path}' does not exist. Pass a qdpo run directory (what `qdpo "
-                          "train` wrote) or a peft adapter directory.")
+        kinds = ["a qdpo run directory (what `qdpo train` wrote)", "a checkpoint",
+                 "a peft adapter directory"]
+        if allow_plain:  # chat and generate
+            kinds += ["a merged model directory", "any transformers model directory"]
+        raise RunDirError(f"'{path}' does not exist. Pass {', '.join(kinds[:-1])} or "
+                          f"{kinds[-1]}.")
     if not (p / "adapter_config.json").exists():
         if RunDir(p).is_run():
             newest = _newest_intact_checkpoint(p)
@@ -473,7 +643,9 @@ def _open_trained(path: str | Path, allow_plain: bool) -> TrainedSource:
 
             ui.info(f"'{path}' has no final adapter yet (still training, or interrupted): "
                     f"using its newest checkpoint, {newest.name}")
-            return _open_trained(newest, allow_plain)
+            src = _open_trained(newest, allow_plain)
+            src.verified = True  # just verified, when it was picked
+            return src
         if (p / "config.json").is_file():  # a transformers model: merged, or any other
             if allow_plain:
                 base = str(p.resolve())
@@ -489,7 +661,6 @@ def _open_trained(path: str | Path, allow_plain: bool) -> TrainedSource:
         adapter_cfg = json.loads((p / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # not JSON, not UTF-8
         raise RunDirError(f"'{p / 'adapter_config.json'}' is unreadable: {e}") from None
-    _check_adapter_weights(p)
     if run_root is not None:
         run = RunDir(run_root)
         recipe = run.recipe()
@@ -568,9 +739,10 @@ def _note_unverified(ckpt: Path, hashed: bool) -> None:
                 "verified, only checked for missing or cut files")
 
 
-def metric_lines(data: bytes, step: int) -> tuple[list[str], int]:
+def metric_lines(data: bytes, step: int, redo_eval: bool = False) -> tuple[list[str], int]:
     """The lines of a metrics.jsonl with a step <= `step`, and how many lines are damaged.
-    A last line without its newline was cut by a kill: dropped without counting it."""
+    A last line without its newline was cut by a kill: dropped without counting it.
+    `redo_eval`: the eval records of `step` itself are dropped too (it is evaluated again)."""
     lines = data.split(b"\n")
     keep, damaged = [], 0
     for i, raw in enumerate(lines):
@@ -579,7 +751,10 @@ def metric_lines(data: bytes, step: int) -> tuple[list[str], int]:
         record = _metric_record(raw)
         if record is None:
             damaged += i < len(lines) - 1
-        elif record.get("step", 0) <= step:
+            continue
+        at = record.get("step", 0)
+        if at < step or at == step and not (
+                redo_eval and any(k.startswith("eval/") for k in record)):
             keep.append(raw.decode("utf-8"))
     return keep, damaged
 

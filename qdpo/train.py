@@ -227,7 +227,7 @@ def setup(recipe: Recipe, resume: str | None, overwrite: bool) -> Setup:
         start = checkpoint.restore(resume_from, model, ctx.optimizer, ctx.scheduler, ctx.scaler,
                                    ctx.objective)
         if main:
-            run.truncate_metrics(start)
+            run.truncate_metrics(start, steps)
         ui.info(f"resumed from {resume_from} at step {start}/{steps}")
     if main:
         run.write_run_info(recipe, minfo, data, steps)

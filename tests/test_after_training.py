@@ -360,6 +360,27 @@ def test_exported_and_merged_model_cards(run, tmp_path):
     assert "| rewards/margins |" in body and "AutoModelForCausalLM" in body
 
 
+def test_run_directory_readme_is_a_model_card(run):
+    """Not peft's empty template: the run's own card, written after the final adapter."""
+    summary = json.loads((run / "summary.json").read_text())
+    text = (run / "README.md").read_text()
+    assert "Model Card for Model ID" not in text and "More Information Needed" not in text
+    meta, body = _card(run / "README.md")
+    assert meta["library_name"] == "peft" and {"dpo", "qdpo"} <= set(meta["tags"])
+    assert "base_model" not in meta  # not the random-init base's folder in the cache
+    assert "datasets" not in meta  # local data: nothing the hub knows
+    assert "license" not in meta and "license" in text.split("---\n", 2)[1]
+    assert f"# {run.name}" in body and "random init of `model`" in body
+    assert "sigmoid (beta 0.1)" in body and "r=16, alpha=32" in body
+    assert f"| optimizer steps | {summary['steps']} of {summary['steps']} |" in body
+    acc = summary["eval"]["rewards/accuracies"]
+    assert f"| rewards/accuracies | {acc:.4f} |" in body
+    assert f"on {summary['eval']['pairs']} held-out pairs" in body
+    assert "local data `train.jsonl`" in body and "local data `eval.jsonl`" in body
+    assert f"PeftModel.from_pretrained(base, '{run}')" in body and f"qdpo chat {run}" in body
+    assert "## License" in body
+
+
 def test_overwrite_replaces_only_an_earlier_export(run, tmp_path):
     import qdpo.export as ex
 

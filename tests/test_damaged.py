@@ -277,3 +277,80 @@ def test_two_processes_racing_on_one_cache_key_read_only_whole_entries(tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same data and reference in both
     leftovers = [p for p in (tmp_path / "cache").rglob("*") if ".tmp-" in p.name]
     assert not leftovers
+
+
+# ------------------------------------------------------- the final adapter, and a checkpoint
+
+
+def _flat(text):
+    return " ".join(text.split())
+
+
+def test_damaged_final_adapter_is_named_by_every_command(trained, tmp_path):
+    """Bytes changed in the middle of the final adapter pass its safetensors header: the
+    manifest written with it (size and sha256 of each file) names it instead of numbers."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    flip_middle(run / ADAPTER)
+    data = QUICKSTART_RECIPE.parent / "quickstart" / "eval.jsonl"
+    for cmd in (["eval", run, "--data", data, "--max-pairs", "4"],
+                ["merge", run, "--out", tmp_path / "merged"],
+                ["export", run, "--format", "peft", "--out", tmp_path / "exported"],
+                ["chat", run]):
+        res = qdpo(*cmd, stdin="Hello\n/exit\n")
+        err = _flat(res.stderr)
+        assert res.returncode == 2, (cmd, res.stdout, res.stderr)
+        assert "Traceback" not in err and "bug in qdpo" not in err
+        assert f"The final adapter in '{run}' is damaged" in err, err
+        assert f"{run / ADAPTER} changed since it was saved (its sha256 differs)" in err, err
+        assert f"'{ckpt(run, 4)}'" in err, err  # what to use instead
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "exported").exists()
+    from qdpo.rundir import FINAL_MANIFEST
+
+    manifest = json.loads((run / FINAL_MANIFEST).read_text())["files"]
+    assert {ADAPTER, "adapter_config.json"} <= set(manifest) and "README.md" not in manifest
+
+
+def test_damaged_checkpoint_named_directly_is_refused_by_eval(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    flip_middle(ckpt(run, 4) / ADAPTER)
+    data = QUICKSTART_RECIPE.parent / "quickstart" / "eval.jsonl"
+    res = qdpo("eval", ckpt(run, 4), "--data", data, "--max-pairs", "4")
+    err = _flat(res.stderr)
+    assert res.returncode == 2, res.stderr
+    assert f"The checkpoint '{ckpt(run, 4)}' is damaged" in err, err
+    assert f"step-0000004/{ADAPTER} changed since it was saved" in err, err
+    assert f"'{ckpt(run, 2)}'" in err, err
+    res = qdpo("eval", ckpt(run, 2), "--data", data, "--max-pairs", "4")
+    assert res.returncode == 0, res.stderr
+
+
+def test_truncated_final_adapter_and_unreadable_manifest_are_named(trained, tmp_path):
+    from qdpo.rundir import FINAL_MANIFEST
+
+    data = QUICKSTART_RECIPE.parent / "quickstart" / "eval.jsonl"
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    truncate(run / "tokenizer.json")
+    res = qdpo("eval", run, "--data", data, "--max-pairs", "4")
+    assert res.returncode == 2 and "tokenizer.json is 100 bytes" in _flat(res.stderr)
+    assert "truncated" in res.stderr
+    shutil.copy2(trained / "tokenizer.json", run / "tokenizer.json")
+    truncate(run / FINAL_MANIFEST, 5)
+    res = qdpo("eval", run, "--data", data, "--max-pairs", "4")
+    assert res.returncode == 2 and f"{FINAL_MANIFEST} is unreadable" in _flat(res.stderr)
+
+
+def test_plain_adapter_without_a_manifest_still_loads(trained, tmp_path):
+    adapter = tmp_path / "plain"
+    adapter.mkdir()
+    for f in ("adapter_config.json", ADAPTER, "tokenizer.json", "tokenizer_config.json",
+              "chat_template.jinja"):
+        shutil.copy2(trained / f, adapter / f)
+    data = QUICKSTART_RECIPE.parent / "quickstart" / "eval.jsonl"
+    res = qdpo("eval", adapter, "--data", data, "--max-pairs", "4")
+    assert res.returncode == 0, res.stderr
+    zero(adapter / ADAPTER)  # without a record, the header is what can be checked
+    res = qdpo("eval", adapter, "--data", data, "--max-pairs", "4")
+    assert res.returncode == 2 and "is damaged" in res.stderr

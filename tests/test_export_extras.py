@@ -12,7 +12,7 @@ import yaml
 
 from qdpo.data.encode import CHAT_TEMPLATES
 from qdpo.export import ollama
-from qdpo.export.card import hub_id, model_card
+from qdpo.export.card import hub_id, model_card, run_card
 from qdpo.recipe import DataSource, Recipe
 from qdpo.rundir import RunDir, TrainedSource
 
@@ -207,3 +207,17 @@ def test_model_card_of_a_bare_adapter_and_local_bases(tmp_path):
     for local in ("data/train.jsonl", "./x", "/abs/path", "a/b/c", "runs/*.jsonl",
                   str(local_base)):
         assert hub_id(local) is None, local
+
+
+def test_run_card_of_a_hub_base_loads_with_peft(tmp_path):
+    src = _hub_run(tmp_path)
+    card = run_card(src.run, src.recipe)
+    meta = _front_matter(card)
+    assert meta["base_model"] == "Qwen/Qwen2.5-7B-Instruct" and meta["library_name"] == "peft"
+    assert {"dpo", "qdpo"} <= set(meta["tags"])
+    assert meta["datasets"] == ["Intel/orca_dpo_pairs", "HuggingFaceH4/ultrafeedback_binarized"]
+    body = card.split("---\n", 2)[2]
+    assert "AutoModelForCausalLM.from_pretrained('Qwen/Qwen2.5-7B-Instruct')" in body
+    assert f"PeftModel.from_pretrained(base, '{src.run.path}')" in body
+    assert "| optimizer steps | 120 of 120 |" in body and "| rewards/accuracies | 0.8125 |" in body
+    assert "## License" in body

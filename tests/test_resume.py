@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,3 +146,95 @@ def test_a_second_train_in_a_running_runs_directory_is_refused(tmp_path):
         holder.wait()
     res = qdpo("train", QUICKSTART_RECIPE, "train.max_steps=1", "eval.every_steps=0", "-o", run)
     assert res.returncode == 0, res.stderr  # the lock died with its process
+
+
+SHORT = ["train.max_steps=4", "output.save_every_steps=2", "train.pairs_per_step=8",
+         "train.micro_batch_pairs=8", "eval.every_steps=0"]
+
+
+def test_resume_before_the_first_checkpoint_starts_again_from_step_0(tmp_path):
+    """Killed after step 1 of a run whose first checkpoint is at step 2 (as in the first
+    steps, or the reference pass): --resume starts it again there, the old log cleared."""
+    run = tmp_path / "run"
+    script = KILLER.replace("step == 5", "step == 1")
+    proc = subprocess.run([sys.executable, "-c", script, str(QUICKSTART_RECIPE), *SHORT,
+                           f"output.dir={run}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+    assert [r["step"] for r in read_metrics(run)] == [1]
+    (run / "tensorboard").mkdir()  # what the stopped attempt logged elsewhere
+    (run / "notes.txt").write_text("mine")
+
+    res = qdpo("train", QUICKSTART_RECIPE, *SHORT, "loss.beta=0.5", "-o", run, "--resume")
+    assert res.returncode == 2 and "loss.beta" in res.stderr
+    assert "before its first checkpoint" in res.stderr
+    assert [r["step"] for r in read_metrics(run)] == [1]  # nothing touched
+
+    res = qdpo("train", QUICKSTART_RECIPE, *SHORT, "-o", run, "--resume")
+    assert res.returncode == 0, res.stderr
+    out = " ".join(res.stdout.split())
+    assert "holds no checkpoint (it stopped after 1 logged step, before its first checkpoint)" \
+        in out and "starting it again from step 0" in out, out
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(run) if "eval/loss" in r] == [4]
+    assert not (run / "tensorboard").exists() and (run / "notes.txt").read_text() == "mine"
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+
+
+def test_a_folder_holding_only_its_recipe_is_resumed_or_overwritten(tmp_path):
+    """Killed between writing recipe.yaml and run.json: neither refused by --resume nor by
+    --overwrite; a recipe.yaml that is not qdpo's still is."""
+    run = tmp_path / "run"
+    args = [QUICKSTART_RECIPE, "train.max_steps=1", "eval.every_steps=0", "-o", run]
+
+    def only_the_recipe():
+        for p in run.iterdir():
+            if p.name != "recipe.yaml":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    assert qdpo("train", *args).returncode == 0
+    only_the_recipe()
+    res = qdpo("train", *args)
+    assert res.returncode == 2 and "already holds a qdpo run" in res.stderr
+    res = qdpo("train", *args, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert "starting it again from step 0" in " ".join(res.stdout.split())
+    assert (run / "run.json").exists() and (run / "adapter_model.safetensors").exists()
+    only_the_recipe()
+    res = qdpo("train", *args, "--overwrite")
+    assert res.returncode == 0, res.stderr
+    only_the_recipe()
+    (run / "recipe.yaml").write_text("model: {name_or_path: x}\n")  # another tool's file
+    res = qdpo("train", *args, "--overwrite")
+    assert res.returncode == 2 and "not a qdpo run directory" in res.stderr
+
+
+def test_resume_from_the_final_checkpoint_logs_the_final_eval_once(tmp_path):
+    """Killed after the final checkpoint, before the final adapter: the resumed run only
+    evaluates again, and its eval record is not written twice."""
+    run = tmp_path / "run"
+    args = [QUICKSTART_RECIPE, "train.max_steps=2", "eval.every_steps=0", "-o", run]
+    assert qdpo("train", *args).returncode == 0
+    for name in ("summary.json", "adapter_model.safetensors", "adapter_config.json"):
+        (run / name).unlink()
+    res = qdpo("train", *args, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert "step-0000002" in res.stdout
+    records = read_metrics(run)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert [r["step"] for r in records if "eval/loss" in r] == [2]
+
+
+def test_truncate_metrics_at_the_last_step_drops_its_eval(tmp_path):
+    from qdpo.rundir import RunDir
+
+    lines = [{"step": 1, "loss": 1.0}, {"step": 2, "eval/loss": 0.9}, {"step": 2, "loss": 0.8},
+             {"step": 3, "loss": 0.7}]
+    text = "".join(json.dumps(r) + "\n" for r in lines)
+    (tmp_path / "metrics.jsonl").write_text(text)
+    RunDir(tmp_path).truncate_metrics(2, total=4)  # a periodic eval: not done again
+    assert read_metrics(tmp_path) == lines[:3]
+    (tmp_path / "metrics.jsonl").write_text(text)
+    RunDir(tmp_path).truncate_metrics(2, total=2)  # the final eval: done again
+    assert read_metrics(tmp_path) == [lines[0], lines[2]]

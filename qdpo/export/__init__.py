@@ -3,7 +3,8 @@
 One module per concern:
 
 * `merging`     merge(): base + adapter as one transformers model; dequantize_base
-* `card`        model_card(): the README.md of an export (Hugging Face front matter, the run)
+* `card`        model_card(), run_card(): the README.md of an export or a run directory
+                (Hugging Face front matter, the run)
 * `adapter`     export_peft(): a clean peft adapter directory
 * `formats`     export(): the one entry point per --format (FORMATS)
 * `gguf`        export_gguf(): a merged model as one GGUF file (tensor plan, hparams)

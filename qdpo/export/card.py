@@ -1,4 +1,4 @@
-"""The model card (README.md) of an exported adapter or merged model.
+"""The model card (README.md) of a run directory, an exported adapter or a merged model.
 
 A Hugging Face card: YAML front matter the hub reads (``base_model``, ``library_name``, ``tags``,
 ``datasets``), then what a reader needs to trust and reuse the model: the base, the data, the
@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from qdpo.rundir import TrainedSource
+from qdpo.recipe import Recipe
+from qdpo.rundir import RunDir, TrainedSource
 
 QDPO_URL = "https://pypi.org/project/qdpo/"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -52,6 +53,30 @@ def model_card(src: TrainedSource, extra: str = "", library: str = "peft") -> st
               "Not set: qdpo does not choose a license. Add a `license:` key to the front "
               "matter that respects the base model's license and the data's terms.", ""]
     return "\n".join(lines)
+
+
+def run_card(run: RunDir, recipe: Recipe) -> str:
+    """README.md of a run directory, which is itself a peft adapter directory: written after
+    the final adapter (replacing peft's empty template) and the summary, whose held-out
+    metrics it shows."""
+    src = TrainedSource(run.path, recipe, run.info().get("base_model") or
+                        recipe.model.name_or_path, run)
+    here = str(run.path)
+    base = "BASE" if recipe.model.random_init else src.base_path
+    load = ("A LoRA adapter in peft's format (this directory), on its base model:\n\n"
+            "```python\nfrom peft import PeftModel\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"base = AutoModelForCausalLM.from_pretrained('{base}')\n"
+            f"model = PeftModel.from_pretrained(base, '{here}')\n"
+            f"tok = AutoTokenizer.from_pretrained('{here}')\n```\n\n")
+    if recipe.model.random_init:
+        load += ("The base is a seeded random initialisation (model.random_init) that qdpo "
+                 "rebuilds from the recipe, so the qdpo commands are the simplest way in: ")
+    else:
+        load += "Or with qdpo: "
+    load += (f"`qdpo chat {here}`, `qdpo eval {here} --data DATA.jsonl`, "
+             f"`qdpo merge {here} --out merged`.")
+    return model_card(src, load, library="peft")
 
 
 def _title(src: TrainedSource) -> str:
