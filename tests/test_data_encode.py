@@ -445,3 +445,22 @@ def test_a_head_too_long_to_keep_keeps_bos_and_says_so(qs_tok):
     assert "1 prompt cut from the start, only BOS kept" in report.summary()
     assert "head kept" not in report.summary()
     assert report.cuts[0]["head_kept"] is False
+
+
+def test_a_long_head_is_kept_when_the_newest_content_still_fits_beside_it(qs_tok):
+    """The Orca shape with a prompt a little too long: the system turn is over half of
+    max_prompt_length, but cutting the oldest user words is enough; cutting the head instead
+    took the system turn's role header with it."""
+    sys_text = "You are a pirate. Answer every question as a pirate would, with gusto. "
+    long = "Rinse the rice under running water until it runs clear."
+    rows = [{"prompt": [system(sys_text), user(long)], "chosen": [asst("Yes.")],
+             "rejected": [asst("No.")]}]
+    (full,), _, _, _ = tokenize(qs_tok, rows, max_prompt_length=4096, max_length=4200)
+    n = len(full.prompt_ids)
+    (p,), report, _, _ = tokenize(qs_tok, rows, max_prompt_length=n - 5, max_length=n + 40)
+    assert report.prompt_truncated == 1 and report.prompt_head_lost == 0
+    assert report.cuts[0]["head_kept"] is True
+    head = report.cuts[0]["head"]
+    assert head > (n - 5) // 2  # the case the old rule cut (a head over half the room)
+    assert p.prompt_ids[:head] == full.prompt_ids[:head]  # the system turn, headers and all
+    assert p.prompt_ids[-10:] == full.prompt_ids[-10:]  # the newest content

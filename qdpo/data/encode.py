@@ -252,7 +252,9 @@ class Tokenizer:
         head_kept = True
         if len(p) > max_prompt:
             head = self._head_len(pair, p)
-            if not 0 < head <= max_prompt // 2:  # a head too long to keep: BOS at least
+            # the head stays whenever some of the newest content still fits beside it: a
+            # conversation without its role headers is not one the model was trained to read
+            if not 0 < head <= max_prompt - max(1, max_prompt // 8):  # else BOS at least
                 head = 1 if p and p[0] == self.tok.bos_token_id else 0
                 head_kept = False
                 report.prompt_head_lost += 1

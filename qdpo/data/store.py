@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 # being mapped, a directory's split picks its files, a named prompt column is never guessed;
 # 6 = a prompt whose template head is too long to keep still keeps its BOS; 7 = null prompts
 # beside message lists skipped, "Prompt" used for message lists, NUL texts and ragged CSV
-# lines skipped.
-DATA_CACHE_VERSION = 7
+# lines skipped; 8 = a template head over half of max_prompt_length is kept when some of the
+# newest content still fits beside it.
+DATA_CACHE_VERSION = 8
 _COUNTERS = ("skipped", "formats", "origins")
 
 
