@@ -253,7 +253,7 @@ def test_failed_gguf_export_removes_its_merge_scratch(run, tmp_path, monkeypatch
     import qdpo.export.gguf as gguf_mod
 
     out = tmp_path / "m.gguf"
-    out.write_bytes(b"old")
+    out.write_bytes(b"GGUF old")  # an earlier export (GGUF files start with their magic)
     seen = []
 
     def fail(model_dir, out_path, outtype, name=None):
@@ -265,7 +265,7 @@ def test_failed_gguf_export_removes_its_merge_scratch(run, tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="killed"):
         ex.export(run, "gguf", out, outtype="f32", overwrite=True)
     assert seen and not seen[0].exists()
-    assert out.read_bytes() == b"old" and _beside(out) == []
+    assert out.read_bytes() == b"GGUF old" and _beside(out) == []
 
 
 def test_gguf_export_checks_the_gguf_package_before_merging(run, tmp_path, monkeypatch):
@@ -395,6 +395,11 @@ def test_overwrite_replaces_only_an_earlier_export(run, tmp_path):
     with pytest.raises(RunDirError, match="notes.txt"):
         ex.export(run, "gguf-lora", note, overwrite=True)
     assert note.read_text() == "mine"
+    renamed = tmp_path / "holiday.gguf"  # named like an export, but not a GGUF file
+    renamed.write_text("my notes")
+    with pytest.raises(RunDirError, match="holiday.gguf"):
+        ex.export(run, "gguf-lora", renamed, overwrite=True)
+    assert renamed.read_text() == "my notes"
 
 
 # --------------------------------------------------------------------------------------

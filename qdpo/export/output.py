@@ -65,8 +65,16 @@ OUTPUT_PREFIXES = ("model", "adapter_", "tokenizer")
 
 def foreign_entries(out: Path) -> list[str]:
     """The names at `out` that no merge or export writes (empty: safe to replace)."""
-    if out.is_file():
-        return [] if out.suffix == ".gguf" else [out.name]
+    if out.is_file():  # a GGUF file by its content (magic bytes), not only its name
+        return [] if out.suffix == ".gguf" and _is_gguf(out) else [out.name]
     return sorted(e.name for e in out.iterdir()
                   if not (e.is_file() and (e.name in OUTPUT_NAMES
                                            or e.name.startswith(OUTPUT_PREFIXES))))
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
