@@ -660,7 +660,8 @@ def pairs(
 
 @app.command(name="eval")
 def eval_cmd(
-    run: Path = typer.Argument(..., help="Run directory, checkpoint, or peft adapter directory."),
+    run: Path = typer.Argument(..., help="Run directory, checkpoint, peft adapter directory, "
+                                         "or (with --reference) a merged model."),
     overrides: Optional[list[str]] = typer.Argument(
         None, help="Overrides of the run's recipe as key.sub=value, as for train, e.g. "
                    "data.columns.prompt=Question", show_default=False),
@@ -671,6 +672,9 @@ def eval_cmd(
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", min=1,
                                             help="Evaluate at most N pairs."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    reference: Optional[str] = typer.Option(
+        None, "--reference", help="Another model as the reference: the base a merged model "
+                                  "came from (directory or hub id), or another run."),
     trust_remote_code: bool = _TRUST,
 ) -> None:
     """Preference metrics of the trained policy against its reference on a data set."""
@@ -692,7 +696,7 @@ def eval_cmd(
     srcs = [DataSource(path=str(Path(d).resolve()) if Path(d).exists() else d, split=split)
             for d in data]
     res = evaluate_run(run, srcs, max_pairs, overrides=overrides or [],
-                       trust_remote_code=trust_remote_code)
+                       trust_remote_code=trust_remote_code, reference=reference)
     from qdpo.distributed import launched
 
     if launched().rank:  # under torchrun rank 0 reports for the job

@@ -73,10 +73,15 @@ def eval_plan(train_plan: BatchPlan, eval_micro_batch_pairs: int | None) -> Batc
 
 def evaluate_run(path: str | Path, sources: Sequence[Any], max_pairs: int | None = None,
                  micro_batch_pairs: int | None = None, overrides: Sequence[str] = (),
-                 trust_remote_code: bool = False) -> dict[str, float]:
+                 trust_remote_code: bool = False,
+                 reference: str | Path | None = None) -> dict[str, float]:
     """A trained run, checkpoint or adapter against its reference on any data (paths, hub ids
     or DataSource): `qdpo eval`, and `qdpo.evaluate(...)` from Python. `overrides`
-    (key.sub=value, as for train) change the run's recipe first, e.g. data.columns.prompt=q."""
+    (key.sub=value, as for train) change the run's recipe first, e.g. data.columns.prompt=q.
+
+    `reference`: another model as the reference (a base model directory or hub id, a run, an
+    adapter), instead of the policy's own weights with the adapter off: what a merged model
+    needs (it has no adapter to switch off), or to compare two runs."""
     from qdpo.attention import model_kernel
     from qdpo.data import prepare_sources
     from qdpo.errors import RunDirError
@@ -87,10 +92,11 @@ def evaluate_run(path: str | Path, sources: Sequence[Any], max_pairs: int | None
     distributed.init()  # under torchrun the ranks share the pairs out
     sources = [s if isinstance(s, DataSource) else DataSource(path=str(s)) for s in sources]
     src = open_trained(path, allow_plain=True, trust_remote_code=trust_remote_code)
-    if not src.has_adapter:
+    if not src.has_adapter and reference is None:
         raise RunDirError(f"'{path}' is a plain model (no adapter), so it has no reference to "
                           "evaluate against: eval measures a trained adapter against its base "
-                          "with the adapter off. Pass the run or adapter it came from.")
+                          "with the adapter off. Pass the run or adapter it came from, or give "
+                          "the reference: --reference BASE (the model it was merged from).")
     if overrides:
         raw = src.recipe.to_dict()
         bare = not raw["data"]["train"]  # a bare adapter's recipe names no training data
@@ -109,13 +115,50 @@ def evaluate_run(path: str | Path, sources: Sequence[Any], max_pairs: int | None
     ui.info(f"eval data: {report.summary()}")
     if src.run is not None:
         _warn_if_trained_on(pairs, src.run.path)
-    t = recipe.train
-    plan = plan_batches(t.layout, model_kernel(model), hidden_size(model),
-                        tok.pad_token_id, t.micro_batch_pairs,
-                        token_budget(recipe, causal_lm(model).config, device), device)
-    return evaluate_pairs(model, pairs, Objective.from_config(recipe.loss),
-                    eval_plan(plan, micro_batch_pairs or recipe.eval.micro_batch_pairs),
-                    device, compute_dtype(recipe.model.compute_dtype, device))
+    dtype = compute_dtype(recipe.model.compute_dtype, device)
+
+    def plan_for(m: Any) -> BatchPlan:
+        t = recipe.train
+        plan = plan_batches(t.layout, model_kernel(m), hidden_size(m), tok.pad_token_id,
+                            t.micro_batch_pairs,
+                            token_budget(recipe, causal_lm(m).config, device), device)
+        return eval_plan(plan, micro_batch_pairs or recipe.eval.micro_batch_pairs)
+
+    table = None
+    if reference is not None:
+        table = _reference_of(reference, trust_remote_code, pairs, tok, plan_for, device, dtype)
+    return evaluate_pairs(model, pairs, Objective.from_config(recipe.loss), plan_for(model),
+                          device, dtype, table)
+
+
+def _reference_of(reference: str | Path, trust_remote_code: bool, pairs: Sequence[PairTokens],
+                  tok: Any, plan_for: Any, device: torch.device,
+                  dtype: torch.dtype) -> ReferenceTable:
+    """The log-probs of `reference` (any model source, its adapter on if it has one) on the
+    pairs, computed before the policy is evaluated; the model is freed afterwards."""
+    from qdpo.errors import ModelError
+    from qdpo.logps import sequence_logps
+    from qdpo.model import load_trained
+    from qdpo.rundir import open_model_source
+
+    ref_src = open_model_source(reference, trust_remote_code=trust_remote_code)
+    ref_model, ref_tok = load_trained(ref_src, device)
+    probe = "The quick brown fox, 1234: ünïcödé?"
+    if ref_tok.get_vocab() != tok.get_vocab() or ref_tok.encode(probe) != tok.encode(probe):
+        raise ModelError(f"--reference '{reference}' has another tokenizer than the model it "
+                         "is compared with, so their log-probs of the same text cannot be "
+                         "compared. Give the base the model was trained or merged from.")
+    ui.info(f"reference: {reference} (its own weights"
+            + (", adapter on" if ref_src.has_adapter else "") + ")")
+    table = ReferenceTable.empty(len(pairs))
+    plan = plan_for(ref_model)
+    with torch.no_grad(), autocast_for(device, dtype):
+        for batch in plan.micro_batches(range(len(pairs)), pairs):
+            table.put(batch.pair_ids, sequence_logps(ref_model, batch.to(device)))
+    del ref_model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return table.on(device)
 
 
 def _warn_if_training_data(sources: Sequence[Any], recipe: Any) -> None:

@@ -443,11 +443,29 @@ def test_plain_model_directory_chats_and_generates_but_has_no_base(merged, tmp_p
                "--overwrite")
     assert res.returncode == 2 and "no base to compare" in res.stderr
     res = qdpo("eval", merged, "--data", QUICKSTART / "eval.jsonl")
-    assert res.returncode == 2 and "no reference" in res.stderr
+    assert res.returncode == 2 and "no reference" in res.stderr and "--reference" in res.stderr
     assert "Traceback" not in res.stderr
     # merge and export still want an adapter, and say so
     res = qdpo("export", merged, "--format", "peft", "--out", tmp_path / "e")
     assert res.returncode == 2 and "plain model directory" in res.stderr
+
+
+def test_eval_of_a_merged_model_against_the_base_it_came_from(run, merged):
+    """--reference: another model gives the reference log-probs. The run against its base
+    given that way is the run against its own weights with the adapter off, exactly; the
+    merged model (the same weights folded in, quantized again) comes close to it."""
+    data = QUICKSTART / "eval.jsonl"
+    own = json.loads(qdpo("eval", run, "--data", data, "--json").stdout)
+    res = qdpo("eval", run, "--data", data, "--json", "--reference", QUICKSTART_RECIPE)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == own
+    res = qdpo("eval", merged, "--data", data, "--json", "--reference", QUICKSTART_RECIPE)
+    assert res.returncode == 0, res.stderr
+    folded = json.loads(res.stdout)
+    assert folded["logps/ref_chosen"] == own["logps/ref_chosen"]  # the same reference
+    assert folded["rewards/accuracies"] == pytest.approx(own["rewards/accuracies"], abs=0.05)
+    assert folded["rewards/margins"] == pytest.approx(own["rewards/margins"], rel=0.1)
+    assert own["rewards/margins"] > 0.05  # (it trained: the comparison means something)
 
 
 def test_generate_keeps_the_rows_other_fields(run, tmp_path):
