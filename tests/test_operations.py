@@ -265,3 +265,29 @@ def test_eval_says_which_pairs_the_run_trained_on_whatever_file_they_come_from(t
     assert "5 of 8 eval pairs are in this run's training data" in res.stderr
     clean = qdpo("eval", run, "--data", data / "eval.jsonl", "--max-pairs", "4")
     assert clean.returncode == 0 and "training data" not in clean.stderr
+
+
+def test_no_third_party_progress_bars(tmp_path):
+    """datasets ("Generating train split") and the hub client draw their own bars; qdpo's
+    display is the only one. A real process with a cold cache: the suite's conftest silences
+    datasets in-process, which would hide a regression."""
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    rows = [json.loads(x) for x in
+            (QUICKSTART_RECIPE.parent / "quickstart" / "train.jsonl").read_text().splitlines()]
+    pd.DataFrame([{k: json.dumps(v) for k, v in r.items()} for r in rows[:40]]).to_parquet(
+        tmp_path / "t.parquet")  # parquet goes through `datasets`
+    env = dict(os.environ, QDPO_CACHE=str(tmp_path / "cache"), HF_DATASETS_CACHE=str(
+        tmp_path / "hf"), TERM="xterm", COLUMNS="120")
+    res = subprocess.run([sys.executable, "-m", "qdpo", "data", str(QUICKSTART_RECIPE),
+                          f"data.train={tmp_path / 't.parquet'}", "-n", "1"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout + res.stderr
+    assert "40 pairs from 40 rows" in out
+    for bar in ("Generating train split", "it/s]", "examples/s]", "Loading weights"):
+        assert bar not in out, bar
