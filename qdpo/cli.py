@@ -228,7 +228,6 @@ def data(
     import time
 
     from rich.table import Table
-    from rich.text import Text
 
     from qdpo import console as ui
     from qdpo.data import length_stats, prepare
@@ -250,9 +249,9 @@ def data(
         ui.info(f"  skipped {ex}")
     if d.eval_report is not None:
         ui.info(f"eval: {len(d.eval)} pairs")
+    cuts = {tuple(c["prompt_ids"]): c for c in rep.cuts}  # the first pairs' cuts, marked
     for i, p in enumerate(d.train[:n]):
-        t = Text()
-        t.append(tok.decode(p.prompt_ids), style="cyan")
+        t = _prompt_text(tok, p.prompt_ids, cuts.get(tuple(p.prompt_ids)))
         t.append("⟦chosen⟧", style="bold green")
         t.append(tok.decode(p.chosen_ids), style="green")
         t.append("\n")
@@ -276,7 +275,7 @@ def data(
         ("rows skipped", sum(rep.skipped.values())),
         ("prompts cut (oldest content, head kept)",
          rep.prompt_truncated - rep.prompt_head_lost),
-        ("prompts cut from the start (head over half the room)", rep.prompt_head_lost),
+        ("prompts cut from the start (head too long to keep)", rep.prompt_head_lost),
         ("responses cut (max_length)", rep.response_truncated),
         ("pairs dropped (no room for a response)", rep.dropped_too_long),
         ("tokens per epoch (prompt+chosen + prompt+rejected)", per_epoch),
@@ -413,9 +412,25 @@ def bench(
         ui.info(f"wrote {json_out}")
 
 
+def _prompt_text(tok: Any, ids: list[int], cut: dict[str, Any] | None) -> Any:
+    """A prompt as the model sees it; where it was cut, a visible mark where tokens went."""
+    from rich.text import Text
+
+    from qdpo import console as ui
+
+    t = Text()
+    if not cut or not cut["removed"]:
+        t.append(tok.decode(ids), style="cyan")
+        return t
+    head = cut["head"]
+    t.append(tok.decode(ids[:head]), style="cyan")
+    t.append(f"⟦… {ui.plural(cut['removed'], 'token')} cut …⟧", style="bold yellow")
+    t.append(tok.decode(ids[head:]), style="cyan")
+    return t
+
+
 def _show_cut(tok: Any, i: int, n: int, cut: dict[str, Any]) -> None:
     """A cut pair's prompt as the model sees it, with a visible mark where tokens went."""
-    from rich.text import Text
 
     from qdpo import console as ui
 
@@ -426,11 +441,7 @@ def _show_cut(tok: Any, i: int, n: int, cut: dict[str, Any]) -> None:
     parts += [f"the last {ui.plural(cut[side + '_cut'], side + ' token')} cut"
               for side in ("chosen", "rejected") if cut[side + "_cut"]]
     ui.console.rule(f"cut {i} of the first {n}: row {cut['row']}: {', '.join(parts)}")
-    t = Text()
-    t.append(tok.decode(ids[:head]), style="cyan")
-    if removed:
-        t.append(f"⟦… {ui.plural(removed, 'token')} cut …⟧", style="bold yellow")
-    t.append(tok.decode(ids[head:]), style="cyan")
+    t = _prompt_text(tok, ids, cut)
     for side in ("chosen", "rejected"):
         if cut[f"{side}_cut"]:
             t.append(f"\n⟦{side}: … its last {ui.plural(cut[side + '_cut'], 'token')} cut "

@@ -99,6 +99,9 @@ def test_data_command_marks_where_pairs_were_cut(tmp_path):
         first = out[out.index("cut 1 of the first 3"):]
         assert re.search(r"<\|begin_of_text\|><\|im_start\|>user\n⟦… \d+ tokens cut …⟧", first)
         assert re.search(r"⟦chosen: … its last \d+ tokens? cut \(data.max_length\)⟧", out)
+        # the rendered example is marked too, not only the cut's own block
+        example = out[out.index("example 1:"):out.index("cut 1 of the first 3")]
+        assert re.search(r"im_start\|>user\n⟦… \d+ tokens cut …⟧", example), example
     plain = qdpo("data", QUICKSTART_RECIPE, "-n", "1")
     assert "⟦…" not in plain.stdout and "cut 1 of" not in plain.stdout
 
