@@ -29,9 +29,10 @@ def _interrupted(signum: int, frame: object) -> None:
 def main() -> None:
     signal.signal(signal.SIGTERM, _interrupted)  # until the CLI installs its own handlers
     try:
-        with _signals_held():
-            import torch  # noqa: F401  (the heavy import every command makes first)
+        with _signals_held():  # the heavy imports every command makes first
+            import torch  # noqa: F401
 
+            from qdpo import console  # noqa: F401  (rich)
             from qdpo.cli import main as cli_main
     except KeyboardInterrupt:
         from qdpo.errors import interrupted_while_starting

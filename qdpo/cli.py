@@ -743,14 +743,14 @@ def report(
 
 def main() -> None:
     """Console-script entry point: runs the app and turns user errors into one message."""
-    import warnings
-
-    from qdpo import console as ui
-
     _state["interrupt_reported"] = False  # main() runs again in-process (tests, scripts)
     _state["signalled"] = False
-    try:
-        ui.install_cli_handler()  # imports torch: the first second of every command
+    try:  # the first second of every command: rich, torch
+        import warnings
+
+        from qdpo import console as ui
+
+        ui.install_cli_handler()
     except KeyboardInterrupt:
         interrupted_while_starting()
     # library deprecation chatter (transformers renames, peft internals) is not for users

@@ -69,7 +69,10 @@ def init() -> Ranks:
 
 
 def shutdown() -> None:
+    """Leave the job: after every rank got here (so no peer is still in a collective with
+    this one when its connections close), the process group is destroyed."""
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
