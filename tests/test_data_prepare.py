@@ -453,3 +453,44 @@ def test_a_cache_on_a_full_disk_costs_the_cache_not_the_run(tmp_path, qs_tok, mo
     monkeypatch.setattr(pipeline, "write_cache", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         prepare(r, qs_tok)
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_process_group_while_tokenizing_in_parallel(tmp_path, signame):
+    """Ctrl-C in a terminal, `timeout` and schedulers signal the whole process group, the
+    tokenization workers included: one line, exit 130, no worker left behind (workers
+    interrupted inside multiprocessing.Pool printed pages of tracebacks, and could leave the
+    command waiting for ever)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, QDPO_CACHE=str(tmp_path / "cache"))
+    src = f"data.train=[{{path: {QUICKSTART / 'train.jsonl'}, samples: 40000}}]"
+    p = subprocess.Popen([sys.executable, "-m", "qdpo", "data", str(QUICKSTART_RECIPE), src,
+                          "data.num_proc=2", "-n", "0", "--no-cache"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+
+    def workers():
+        try:
+            return [int(x) for x in Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text()
+                    .split()]
+        except OSError:
+            return []
+
+    deadline = time.monotonic() + 120
+    while not workers() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert p.poll() is None, "finished before the workers started: make the data larger"
+    kids = workers()
+    time.sleep(0.3)
+    os.killpg(p.pid, getattr(signal, signame))
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, (p.returncode, err[-2000:])
+    assert "error: interrupted" in err and "Traceback" not in err, err[-2000:]
+    time.sleep(0.2)
+    assert not [k for k in kids if Path(f"/proc/{k}").exists()
+                and "Z" not in Path(f"/proc/{k}/stat").read_text().split()[2]]

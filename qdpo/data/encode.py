@@ -13,6 +13,7 @@ generation alike.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -308,23 +309,71 @@ class Tokenizer:
 
     def _tokenize_in_processes(self, chunks: list[list[Pair]], procs: int, report: DataReport,
                                progress: Any) -> list[PairTokens]:
+        """The chunks tokenized by `procs` forked workers, in order.
+
+        Each worker takes every procs-th chunk from the memory it inherited and sends its
+        results back through a pipe of its own, so nothing is shared between processes but
+        those pipes. That is what makes an interruption clean: Ctrl-C in a terminal (and
+        `timeout`, most schedulers) signals the whole process group; the workers ignore it,
+        and the main process kills them and goes on to its message. (multiprocessing.Pool
+        could not be stopped safely there: its workers printed pages of tracebacks, and its
+        terminate() waited for ever on a task queue that dead workers had stopped reading.)
+        """
         global _WORKER
         _WORKER = self
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        out: list[PairTokens] = []
         ctx = multiprocessing.get_context("fork")
+        n = min(procs, len(chunks))
+        workers: list[tuple[Any, Any]] = []
+        results: dict[int, tuple[list[PairTokens], DataReport]] = {}
         try:
-            with ctx.Pool(min(procs, len(chunks))) as pool:
-                for part, rep in pool.imap(_tokenize_worker, chunks):
-                    out.extend(part)
-                    report.merge(rep)
+            for w in range(n):
+                reader, writer = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=_tokenize_worker, args=(chunks, w, n, writer),
+                                daemon=True)
+                p.start()
+                writer.close()  # the worker's end: EOF here once it is done or dead
+                workers.append((p, reader))
+            open_ends = [r for _, r in workers]
+            while open_ends:
+                for r in multiprocessing.connection.wait(open_ends):
+                    try:
+                        i, part, rep = r.recv()
+                    except EOFError:
+                        open_ends.remove(r)
+                        continue
+                    results[i] = (part, rep)
                     if progress:
-                        progress(TOKENIZE_CHUNK)
+                        progress(len(chunks[i]))
         finally:
             _WORKER = None
+            for p, r in workers:
+                if p.is_alive():
+                    p.kill()  # interrupted (or failed): no worker outlives the command
+                p.join()
+                r.close()
+        missing = len(chunks) - len(results)
+        if missing:
+            raise RuntimeError(f"tokenization workers ended with {missing} chunks undone "
+                               f"(exit codes {[p.exitcode for p, _ in workers]})")
+        out: list[PairTokens] = []
+        for i in range(len(chunks)):
+            part, rep = results[i]
+            out.extend(part)
+            report.merge(rep)
         return out
 
 
-def _tokenize_worker(chunk: list[Pair]) -> tuple[list[PairTokens], DataReport]:
-    rep = DataReport(strict=_WORKER.settings.strict)  # type: ignore[union-attr]
-    return _WORKER.tokenize_chunk(chunk, rep), rep  # type: ignore[union-attr]
+def _tokenize_worker(chunks: list[list[Pair]], first: int, step: int, conn: Any) -> None:
+    """A forked worker: chunks first, first + step, ... sent back one by one. Signals are the
+    main process's to handle (it kills the workers when it stops)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    tok = _WORKER
+    assert tok is not None
+    for i in range(first, len(chunks), step):
+        rep = DataReport(strict=tok.settings.strict)
+        conn.send((i, tok.tokenize_chunk(chunks[i], rep), rep))
+    conn.close()
