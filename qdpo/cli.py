@@ -208,6 +208,8 @@ def _expand_home(argv: list[str]) -> list[str]:
     for a in argv:
         if a.startswith("~"):
             a = os.path.expanduser(a)
+        elif len(a) > 2 and a[0] == "-" and a[1].isalpha() and a[2] == "~":  # -o~/x
+            a = a[:2] + os.path.expanduser(a[2:])
         elif a.startswith("--") and "=~" in a:
             key, value = a.split("=", 1)
             a = f"{key}={os.path.expanduser(value)}"

@@ -66,8 +66,11 @@ def _say_resume_changes(old: Recipe, new: Recipe) -> None:
 
     a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
     changed = [k for k in recipe_changes(old, new) if k != "output.dir"]
+    def shown(v: Any) -> str:  # as the recipe spells it (null, true), not Python (None)
+        return json.dumps(v) if v is None or isinstance(v, bool) else str(v)
+
     for k in changed:
-        ui.info(f"resume: {k} {a.get(k)} -> {b.get(k)}")
+        ui.info(f"resume: {k} {shown(a.get(k))} -> {shown(b.get(k))}")
     if LENGTH_KEYS & set(changed):
         ui.info("resume: the run's length changed, so the learning-rate schedule now spans the "
                 "new number of steps (the steps already taken are kept as they were)")
@@ -253,6 +256,11 @@ class RunDir:
                         "starting a new run")
         if self._holds_anything():
             if not overwrite:
+                if resume and not (self.is_run() or self.is_started()):
+                    raise RunDirError(
+                        f"Nothing to resume in '{self.path}': it holds files, but no qdpo run "
+                        f"({listed(sorted(e.name for e in self.path.iterdir()))}). Set "
+                        "output.dir to a new path.")
                 what = "a qdpo run" if self.is_run() or self.is_started() else "other files"
                 raise RunDirError(
                     f"Output directory '{self.path}' already holds {what}. Use --overwrite to "

@@ -208,6 +208,8 @@ def test_output_dir_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
     assert qdpo("report", tmp_path / "runs" / "qs", "-o", "~/r.html").returncode == 0
     assert (tmp_path / "exp" / "adapter_config.json").exists()
     assert (tmp_path / "r.html").exists() and not Path("~").exists()
+    assert qdpo("report", tmp_path / "runs" / "qs", "-o~/r2.html").returncode == 0  # -o~/x
+    assert (tmp_path / "r2.html").exists() and not Path("~").exists()
 
 
 @pytest.mark.parametrize("code,says", [(30, "read-only"), (28, "disk is full"),

@@ -132,12 +132,19 @@ def test_missing_and_unreadable_files(tmp_path, qs_tok):
         read_rows(DataSource(str(txt)))
 
 
-def test_bad_json_line_names_the_line(tmp_path):
+def test_a_bad_json_line_is_a_counted_skip_naming_its_line(tmp_path, qs_tok):
+    """As a ragged CSV line: the row is skipped and counted, the rest of the file trains
+    (it used to end the whole file); with data.strict it stops, naming the line."""
     p = tmp_path / "bad.jsonl"
-    p.write_text(json.dumps(ROW) + "\n\n" + json.dumps(ROW) + "\n{\"prompt\": oops}\n")
-    with pytest.raises(DataError) as ei:
-        read_rows(DataSource(str(p)))
-    assert f"'{p}' line 4 is not valid JSON" in str(ei.value)
+    p.write_text(json.dumps(ROW) + "\n\n" + json.dumps(ROW) + "\n{\"prompt\": oops}\n"
+                 + json.dumps(ROW) + "\n")
+    data = prepare_file(qs_tok, p)
+    assert len(data.train) == 3
+    summary = data.train_report.summary()
+    assert "1 skipped" in summary and "not valid JSON" in summary
+    assert any("line 4" in ex for ex in data.train_report.example_lines())
+    with pytest.raises(DataError, match=r"line 4\): not valid JSON"):
+        prepare_file(qs_tok, p, strict=True)
     q = tmp_path / "bad.json"
     q.write_text("[" + json.dumps(ROW) + ",]")
     with pytest.raises(DataError, match="is not valid JSON"):

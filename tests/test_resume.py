@@ -238,3 +238,26 @@ def test_truncate_metrics_at_the_last_step_drops_its_eval(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(text)
     RunDir(tmp_path).truncate_metrics(2, total=2)  # the final eval: done again
     assert read_metrics(tmp_path) == [lines[0], lines[2]]
+
+
+def test_resume_changes_are_spelt_as_the_recipe_spells_them(caplog):
+    from qdpo.recipe import load_recipe
+    from qdpo.rundir import _say_resume_changes
+
+    old = load_recipe(QUICKSTART_RECIPE, ["train.max_steps=null"])
+    new = load_recipe(QUICKSTART_RECIPE, ["train.max_steps=10"])
+    with caplog.at_level("INFO", logger="qdpo"):
+        _say_resume_changes(old, new)
+    assert "resume: train.max_steps null -> 10" in caplog.text and "None" not in caplog.text
+
+
+def test_resume_into_a_folder_of_other_files_says_there_is_nothing_to_resume(tmp_path):
+    from tiny import qdpo
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "recipe.yaml").write_text("my own notes: true\n")
+    res = qdpo("train", QUICKSTART_RECIPE, "-o", mine, "--resume")
+    assert res.returncode != 0 and "Nothing to resume" in res.stderr
+    assert "recipe.yaml" in res.stderr and "--resume to continue" not in res.stderr
+    assert (mine / "recipe.yaml").read_text() == "my own notes: true\n"

@@ -146,7 +146,7 @@ def _read_json_document(f: Path, text: str) -> list[dict[str, Any]] | None:
     return None
 
 
-def _read_json_file(f: Path) -> list[dict[str, Any]]:
+def _read_json_file(f: Path) -> list[Any]:
     text = f.read_text(encoding="utf-8-sig")
     if f.suffix == ".json" and text.lstrip().startswith(("[", "{")):
         rows = _read_json_document(f, text)
@@ -161,9 +161,8 @@ def _read_json_file(f: Path) -> list[dict[str, Any]]:
             continue
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise DataError(f"'{f}' line {i} is not valid JSON ({e.msg}). Fix or remove that "
-                            "line.") from None
+        except json.JSONDecodeError as e:  # one bad line is one bad row, as in CSV files
+            rows.append(BadLine(f"not valid JSON ({e.msg})", i))
     return rows
 
 
