@@ -433,18 +433,21 @@ def test_a_cut_prompt_keeps_its_template_head_and_the_newest_content(qs_tok):
     assert q.prompt_ids[0] == qs_tok.bos_token_id and len(q.prompt_ids) == 30
 
 
-def test_a_head_too_long_to_keep_keeps_bos_and_says_so(qs_tok):
-    # the Orca shape: a long system turn, so the head is over half of max_prompt_length
+def test_a_system_turn_too_long_to_keep_keeps_its_role_header(qs_tok):
+    # the Orca shape: a system turn longer than the room a cut leaves; the prompt still starts
+    # as a conversation does (it used to keep BOS alone, then a fragment of the system text)
     sys_text = "You are an AI assistant. You will be given a task. Answer in detail. " * 3
     long = "Rinse the rice under running water until it runs clear. " * 20
     rows = [{"prompt": [system(sys_text), user(long)], "chosen": [asst("Yes.")],
              "rejected": [asst("No.")]}]
+    (full,), _, _, _ = tokenize(qs_tok, rows, max_prompt_length=4096, max_length=4200)
     (p,), report, _, _ = tokenize(qs_tok, rows, max_prompt_length=40, max_length=80)
-    assert len(p.prompt_ids) == 40 and p.prompt_ids[0] == qs_tok.bos_token_id
-    assert report.prompt_truncated == 1 and report.prompt_head_lost == 1
-    assert "1 prompt cut from the start, only BOS kept" in report.summary()
-    assert "head kept" not in report.summary()
-    assert report.cuts[0]["head_kept"] is False
+    head = report.cuts[0]["head"]
+    assert len(p.prompt_ids) == 40 and 1 < head < 10
+    assert dec(qs_tok, p.prompt_ids[:head]).endswith("<|im_start|>system\n")
+    assert p.prompt_ids[:head] == full.prompt_ids[:head]
+    assert p.prompt_ids[-10:] == full.prompt_ids[-10:]  # the newest content
+    assert report.prompt_truncated == 1 and report.prompt_head_lost == 0
 
 
 def test_a_long_head_is_kept_when_the_newest_content_still_fits_beside_it(qs_tok):
@@ -464,3 +467,12 @@ def test_a_long_head_is_kept_when_the_newest_content_still_fits_beside_it(qs_tok
     assert head > (n - 5) // 2  # the case the old rule cut (a head over half the room)
     assert p.prompt_ids[:head] == full.prompt_ids[:head]  # the system turn, headers and all
     assert p.prompt_ids[-10:] == full.prompt_ids[-10:]  # the newest content
+
+
+def test_a_head_that_cannot_fit_at_all_keeps_bos_and_says_so(qs_tok):
+    rows = [{"prompt": [user("Rinse the rice under running water until it runs clear.")],
+             "chosen": [asst("Yes.")], "rejected": [asst("No.")]}]
+    (p,), report, _, _ = tokenize(qs_tok, rows, max_prompt_length=4, max_length=40)
+    assert len(p.prompt_ids) == 4 and p.prompt_ids[0] == qs_tok.bos_token_id
+    assert report.prompt_head_lost == 1 and report.cuts[0]["head_kept"] is False
+    assert "1 prompt cut from the start, only BOS kept" in report.summary()

@@ -236,8 +236,23 @@ class Tokenizer:
         msgs = self.prompt_messages(pair.prompt, pair.system)
         first = next((m["content"] for m in msgs if m["role"] != "system" and m["content"]),
                      None)
+        return self._tokens_before(msgs, first, p)
+
+    def _system_header_len(self, pair: Pair, p: list[int]) -> int:
+        """Tokens before the system message's content (BOS and the system turn's role header):
+        what a cut keeps when the whole system turn is too long to, so that the prompt still
+        starts as a conversation does. 0 without a system message."""
+        if self.template is None:
+            return 0
+        msgs = self.prompt_messages(pair.prompt, pair.system)
+        system = next((m["content"] for m in msgs if m["role"] == "system" and m["content"]),
+                      None)
+        return self._tokens_before(msgs, system, p)
+
+    def _tokens_before(self, msgs: list[dict[str, str]], content: str | None,
+                       p: list[int]) -> int:
         text = self._render(msgs, True)
-        at = text.find(first) if first else -1
+        at = text.find(content) if content else -1
         if at <= 0:
             return 0
         head = self.encode_prompt(text[:at], templated=True)
@@ -255,7 +270,10 @@ class Tokenizer:
             head = self._head_len(pair, p)
             # the head stays whenever some of the newest content still fits beside it: a
             # conversation without its role headers is not one the model was trained to read
-            if not 0 < head <= max_prompt - max(1, max_prompt // 8):  # else BOS at least
+            room = max_prompt - max(1, max_prompt // 8)
+            if not 0 < head <= room:  # a system turn too long: its header at least
+                head = self._system_header_len(pair, p)
+            if not 0 < head <= room:  # else BOS at least
                 head = 1 if p and p[0] == self.tok.bos_token_id else 0
                 head_kept = False
                 report.prompt_head_lost += 1

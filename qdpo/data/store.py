@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 # 6 = a prompt whose template head is too long to keep still keeps its BOS; 7 = null prompts
 # beside message lists skipped, "Prompt" used for message lists, NUL texts and ragged CSV
 # lines skipped; 8 = a template head over half of max_prompt_length is kept when some of the
-# newest content still fits beside it.
-DATA_CACHE_VERSION = 8
+# newest content still fits beside it; 9 = a system turn too long to keep keeps its role
+# header.
+DATA_CACHE_VERSION = 9
 _COUNTERS = ("skipped", "formats", "origins")
 
 
