@@ -143,13 +143,14 @@ def broadcast(obj: Any) -> Any:
 # Sharded weights (train.fsdp): for models that do not fit one device
 # ---------------------------------------------------------------------------------------
 #
-# FSDP2 (`fully_shard`) splits every parameter along its first dimension across the ranks:
-# the 4-bit base (bitsandbytes keeps each packed weight as a [n, 1] tensor and its
-# quantization state on the module, where the layer finds it again after each gather), the
-# LoRA tensors and their optimizer state. A decoder layer's weights are gathered just before it
-# runs and freed after, so each rank holds 1/N of the model plus one layer. The gradients are
-# reduce-scattered, summed (not averaged: a pair's loss is already divided by the step's total
-# pair count, as in the data-parallel path).
+# FSDP2 (`fully_shard`) splits each decoder layer's parameters along their first dimension
+# across the ranks: the 4-bit base (bitsandbytes keeps each packed weight as a [n, 1] tensor and
+# its quantization state on the module, where the layer finds it again after each gather), the
+# LoRA tensors and their optimizer state (the embeddings and the head stay whole, see shard).
+# A decoder layer's weights are gathered just before it runs and freed after, so each rank
+# holds 1/N of the layers plus one whole layer. The gradients are reduce-scattered, summed (not
+# averaged: a pair's loss is already divided by the step's total pair count, as in the
+# data-parallel path).
 #
 # What sharding asks of the rest of qdpo:
 # - every rank runs the same number of forward and backward passes, since each one gathers
@@ -276,7 +277,7 @@ def load_adapter_state(model: Any, weights: dict[str, torch.Tensor]) -> None:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = name.replace(".default.", ".")
+        key = name.replace(".default.", ".")  # peft's names leave out the adapter's name
         full = weights[key].to(p.device, p.dtype)
         part = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
         with torch.no_grad():
