@@ -10,7 +10,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 
@@ -762,20 +762,18 @@ def main() -> None:
         rc = app(args=_optional_resume_value(_expand_home(sys.argv[1:])), prog_name="qdpo",
                  standalone_mode=False)
         if rc == 130 and not _state["interrupt_reported"]:  # typer's silent Ctrl-C exit
-            ui.error("interrupted" + _continue_hint(sys.argv[1:]))
+            _say_interrupted()
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except QdpoError as e:
         if _state["signalled"]:  # the error is how a library reported the interrupt
-            ui.error("interrupted" + _continue_hint(sys.argv[1:]))
-            sys.exit(130)
+            _say_interrupted()
         if _state["debug"]:
             raise
         ui.error(_clipped(str(e)))
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        ui.error("interrupted" + _continue_hint(sys.argv[1:]))
-        sys.exit(130)
+        _say_interrupted()
     except SystemExit:
         raise
     except Exception as e:  # click's own usage errors come here in non-standalone mode
@@ -793,8 +791,7 @@ def main() -> None:
             ui.error("aborted")
             sys.exit(130)
         if _state["signalled"]:
-            ui.error("interrupted" + _continue_hint(sys.argv[1:]))
-            sys.exit(130)
+            _say_interrupted()
         if _state["debug"]:
             raise
         if _another_rank_failed(e):
@@ -807,6 +804,14 @@ def main() -> None:
         ui.error(f"{type(e).__name__}: {_clipped(str(e))}\n(this is a bug in qdpo or an unexpected "
                  "environment; run with --debug for the traceback and report it)")
         sys.exit(1)
+
+
+def _say_interrupted() -> NoReturn:
+    """An interrupted command, however it reached main(): what was kept, how to go on."""
+    from qdpo import console as ui
+
+    ui.error("interrupted" + _continue_hint(sys.argv[1:]))
+    sys.exit(130)
 
 
 def _show_usage_error(e: Any, click_exc: Any) -> None:

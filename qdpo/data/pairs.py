@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 @dataclass
 class BadLine:
     """A line of a file that the reader could not turn into a row (a CSV line with more fields
-    than its header): it stands in the rows where the line was, so that normalising counts it
-    as a skip with its reason, like any bad row, instead of ending the whole file."""
+    than its header, a JSONL line that is not JSON): it stands in the rows where the line was,
+    so that normalising counts it as a skip with its reason, like any bad row, instead of
+    ending the whole file."""
 
     reason: str
     line: int
