@@ -356,6 +356,10 @@ def bench(
     against: Optional[str] = typer.Option(
         None, "--against", help="trl: first run TRL's DPOTrainer on the same pairs, model and "
                                 "settings, then print the ratios (pip install 'qdpo\\[compare]')."),
+    match_memory: bool = typer.Option(
+        False, "--match-memory", help="With --against trl: give qdpo the largest token budget "
+                                      "per micro-batch that qdpo plan predicts to stay within "
+                                      "TRL's measured peak memory (a CUDA device)."),
 ) -> None:
     """Time real training steps on synthetic pairs: tokens/s, step time, reference pass, memory,
     MFU."""
@@ -370,6 +374,8 @@ def bench(
     base = load_recipe(recipe, list(overrides or []))  # checked before anything loads
     if steps <= warmup:
         raise QdpoError(f"--steps ({steps}) must be larger than --warmup ({warmup}).")
+    if match_memory and not against:
+        raise QdpoError("--match-memory matches TRL's memory: use it with --against trl.")
     if shape:
         from qdpo.bench import cpu_warning
 
@@ -388,6 +394,15 @@ def bench(
         trl_row, pairs = trl_baseline(base, shape, steps, warmup, plen, rlen)
         results.append(trl_row)
         random_weights = True
+        if match_memory:
+            from qdpo.compare import budget_within
+
+            # shared-prefix rows cost prompt + both responses; other layouts cost more
+            longest = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+                          for p in pairs)
+            tokens = budget_within(base, shape, trl_row, longest)
+            overrides = list(overrides or []) + [f"train.max_tokens={tokens}"]
+            base = load_recipe(recipe, overrides)
     for lay in (layouts.split(",") if layouts else [None]):
         r = load_recipe(recipe, list(overrides or []) + [f"train.layout={lay.strip()}"]) \
             if lay else base

@@ -219,6 +219,35 @@ def trl_baseline(recipe: Recipe, shape: str | None, steps: int, warmup: int,
     return trl_result(recipe, shape, run, warmup), pairs
 
 
+def budget_within(recipe: Recipe, shape: str | None, trl_row: Any,
+                  longest_pair: int) -> int:
+    """`--match-memory`: the largest token budget per micro-batch that `qdpo plan`'s
+    arithmetic keeps within TRL's measured peak allocated memory (the planner predicts 0-8%
+    above what a GPU measures, so the budget errs on the safe side)."""
+    from qdpo import console as ui
+    from qdpo.bench import bench_config
+    from qdpo.memory import GIB, Settings, Shape, estimate, tokens_under
+
+    peak = trl_row.peak_alloc_gib
+    if not peak:
+        raise QdpoError("--match-memory needs TRL's peak memory, which only a CUDA device "
+                        "measures. On the CPU, set train.max_tokens yourself.")
+    shape_, settings = Shape.from_config(bench_config(recipe, shape)), Settings.from_recipe(recipe)
+    tokens = tokens_under(shape_, settings, peak * GIB)
+    if tokens == 0:
+        fixed = estimate(shape_, settings, 128).peak / GIB
+        raise QdpoError(f"--match-memory: TRL peaked at {peak:.2f} GiB, and qdpo with this "
+                        f"recipe is predicted at {fixed:.2f} GiB before any activation. Try "
+                        f"model.offload_activations=true or a smaller lora.r.")
+    ui.info(f"--match-memory: train.max_tokens {tokens:,}, predicted peak "
+            f"{estimate(shape_, settings, tokens).peak / GIB:.2f} GiB, within TRL's measured "
+            f"{peak:.2f} GiB")
+    if tokens < longest_pair:
+        ui.warn(f"--match-memory: the longest pair takes {longest_pair:,} tokens, more than the "
+                f"budget; it trains alone in its micro-batch, and may go above TRL's memory.")
+    return tokens
+
+
 def ratio_lines(results: list[Any]) -> list[str]:
     """qdpo against TRL, row by row: how many times faster, and the memory it used."""
     base = next((r for r in results if r.extra.get("tool", "").startswith("trl")), None)

@@ -187,8 +187,13 @@ def usable_bytes(gpu_gib: float) -> float:
 
 def fit_tokens(shape: Shape, s: Settings, gpu_gib: float, multiple: int = 128) -> int:
     """The largest token budget per micro-batch (a multiple of `multiple`, at most
-    MAX_BUDGET) that fits, or 0 when not even `multiple` tokens do."""
-    budget = usable_bytes(gpu_gib)
+    MAX_BUDGET) that fits a card of `gpu_gib`, or 0 when not even `multiple` tokens do."""
+    return tokens_under(shape, s, usable_bytes(gpu_gib), multiple)
+
+
+def tokens_under(shape: Shape, s: Settings, budget: float, multiple: int = 128) -> int:
+    """The largest token budget (a multiple of `multiple`) whose predicted peak allocated
+    memory is at most `budget` bytes, or 0."""
     lo, hi = 0, MAX_BUDGET // multiple  # in units of `multiple`; lo fits (or is 0)
     while lo < hi:
         mid = (lo + hi + 1) // 2

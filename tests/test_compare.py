@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -33,4 +34,44 @@ def test_against_another_tool_or_without_trl_says_what_to_do(monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)  # import trl -> ImportError
     res = qdpo("bench", QUICKSTART_RECIPE, "--against", "trl")
     assert res.returncode != 0 and "pip install 'qdpo[compare]'" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_match_memory_gives_qdpo_the_budget_the_planner_keeps_within_trls_peak(
+        tmp_path, monkeypatch):
+    """On a GPU TRL's peak is measured; here it is set, and qdpo must run on the budget
+    `qdpo plan`'s arithmetic keeps under it."""
+    pytest.importorskip("trl")
+    import qdpo.compare as compare
+    from qdpo.bench import bench_config
+    from qdpo.memory import GIB, Settings, Shape, tokens_under
+    from qdpo.recipe import load_recipe
+
+    measured = 0.01  # GiB: the quickstart model's static part is ~0.004
+    real = compare.trl_result
+    monkeypatch.setattr(compare, "trl_result", lambda *a, **k: dataclasses.replace(
+        real(*a, **k), peak_alloc_gib=measured))
+    args = ("train.pairs_per_step=4", "train.micro_batch_pairs=2")
+    out = tmp_path / "cmp.json"
+    res = qdpo("bench", QUICKSTART_RECIPE, "--against", "trl", "--match-memory", "--steps", "2",
+               "--warmup", "1", "--prompt-len", "8-16", "--response-len", "4-12", *args,
+               "--json", out)
+    assert res.returncode == 0, res.stderr
+    recipe = load_recipe(QUICKSTART_RECIPE, list(args))
+    expected = tokens_under(Shape.from_config(bench_config(recipe, None)),
+                            Settings.from_recipe(recipe), measured * GIB)
+    assert 0 < expected < 4096
+    trl_row, qdpo_row = json.loads(out.read_text())
+    assert qdpo_row["extra"]["max_tokens"] == expected
+    assert f"train.max_tokens {expected:,}" in res.stdout and "within TRL's" in res.stdout
+
+
+def test_match_memory_needs_trls_measured_peak(monkeypatch):
+    res = qdpo("bench", QUICKSTART_RECIPE, "--match-memory")
+    assert res.returncode != 0 and "use it with --against trl" in res.stderr
+    pytest.importorskip("trl")
+    res = qdpo("bench", QUICKSTART_RECIPE, "--against", "trl", "--match-memory", "--steps", "2",
+               "--warmup", "1", "--prompt-len", "8-16", "--response-len", "4-12",
+               "train.pairs_per_step=2", "train.micro_batch_pairs=2")
+    assert res.returncode != 0 and "only a CUDA device measures" in res.stderr
     assert "Traceback" not in res.stderr
