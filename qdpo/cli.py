@@ -504,8 +504,10 @@ def plan(
         table.add_row(part, f"{value:.2f}")
     ui.console.print(table)
     if p.max_tokens:
-        ui.info(f"train.max_tokens up to {p.max_tokens:,} fits (auto picks it); the longest pair "
-                f"data.max_length {r.data.max_length} allows takes {p.longest_pair:,} tokens.")
+        ui.info(f"train.max_tokens up to {p.max_tokens:,} fits (auto picks it), so the longest "
+                f"pair that fits has {p.max_tokens:,} tokens (prompt and both responses); the "
+                f"longest pair data.max_length {r.data.max_length} allows takes "
+                f"{p.longest_pair:,} tokens.")
     if p.fits:
         ui.info("fits.")
         return

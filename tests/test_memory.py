@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -62,8 +63,9 @@ def test_plan_command_says_what_fits_and_what_to_change():
     ok = qdpo("plan", RECIPE_8B, "--gpu-memory", "24GiB")
     assert ok.returncode == 0, ok.stderr
     assert "peak allocated" in ok.stdout and "fits." in ok.stdout
-    budget = fit_tokens(shape("llama-3.1-8b"), Settings(), 24)
+    budget = fit_tokens(shape("llama-3.1-8b"), Settings.from_recipe(load_recipe(RECIPE_8B)), 24)
     assert f"train.max_tokens up to {budget:,}" in ok.stdout
+    assert f"longest pair that fits has {budget:,} tokens" in ok.stdout
 
     small = qdpo("plan", RECIPE_8B, "--gpu-memory", "7GiB")
     assert small.returncode == 1 and "use a card with more memory" in small.stderr
@@ -94,8 +96,9 @@ def test_max_tokens_auto_is_the_plan_on_a_gpu_and_pairs_on_the_cpu(monkeypatch):
 
 def test_parse_gib():
     assert parse_gib("24GiB") == parse_gib("24 GB") == parse_gib("24") == 24.0
-    with pytest.raises(ValueError):
-        parse_gib("-1G")
+    for bad in ("-1G", "nan", "inf GiB", "0"):
+        with pytest.raises(ValueError):
+            parse_gib(bad)
 
 
 def test_quickstart_trains_with_max_tokens_auto_on_the_cpu(tmp_path):
@@ -147,3 +150,44 @@ def test_sharded_weights_share_the_layers_and_the_plan_says_when_it_takes_more_c
     assert two.returncode == 1 and "paged_adamw_8bit" not in two.stderr  # refused with fsdp
     assert four.returncode == 0, four.stderr
     assert "each of 4 24 GiB cards, weights sharded (train.fsdp)" in four.stdout
+
+
+def _saved_bytes(recipe: object, tokens: int) -> tuple[int, int]:
+    """Bytes autograd keeps for backward over a forward of `tokens` tokens (each storage
+    once), and the activation dtype's size."""
+    from qdpo.model import attach_lora, load_base
+
+    torch.manual_seed(0)
+    model = attach_lora(load_base(recipe, torch.device("cpu")), recipe)
+    model.train()
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(10, 100, (1, tokens))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    return sum(seen.values()), hidden.element_size()
+
+
+def test_lora_dropout_costs_what_the_planner_adds(tmp_path):
+    """Dropout on the LoRA paths keeps a dropped copy of each path's input and its mask: the
+    planner's extra bytes per token must be what autograd really keeps (a 4-bit model with
+    LoRA on all linear layers, no checkpointing so every layer's share is counted)."""
+    from qdpo.bench import bench_config
+    from tiny import quickstart_recipe
+
+    args = ("lora.target_modules=all-linear", "model.gradient_checkpointing=false")
+    tokens = 64
+    without, b = _saved_bytes(quickstart_recipe(tmp_path, *args, "lora.dropout=0"), tokens)
+    recipe = quickstart_recipe(tmp_path, *args, "lora.dropout=0.1")
+    with_dropout, _ = _saved_bytes(recipe, tokens)
+    shape_ = Shape.from_config(bench_config(recipe, None))
+    s = replace(Settings.from_recipe(recipe), dtype_bytes=b)  # the CPU computes in fp32
+    assert s.lora_dropout == 0.1
+    planned = (estimate(shape_, s, tokens).activations
+               - estimate(shape_, replace(s, lora_dropout=0.0), tokens).activations) / tokens
+    measured = (with_dropout - without) / tokens
+    assert measured == pytest.approx(planned, rel=0.1)
