@@ -74,16 +74,25 @@ def _rows(pairs: list[PairTokens]) -> list[dict[str, str]]:
 
 
 class _StepClock(TrainerCallback):
-    """The wall time at the end of every optimizer step."""
+    """The wall time when the training loop starts and at the end of every optimizer step.
+
+    TRL's time starts at the loop, after the trainer has built its optimizer and data loader,
+    as qdpo's starts after its own set-up (`step_context`), so neither side's set-up counts."""
 
     def __init__(self, device: torch.device):
-        self.device, self.ends = device, []
+        self.device, self.begin, self.ends = device, 0.0, []
 
-    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+    def _now(self) -> float:
         from qdpo.device import synchronize
 
         synchronize(self.device)
-        self.ends.append(time.monotonic())
+        return time.monotonic()
+
+    def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+        self.begin = self._now()
+
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        self.ends.append(self._now())
 
 
 class _SlotCounter:
@@ -100,20 +109,50 @@ class _SlotCounter:
         return batch
 
 
-def _config(recipe: Recipe, pairs: list[PairTokens], steps: int, cuda: bool,
-            dtype: torch.dtype, out_dir: str) -> Any:
-    from trl import DPOConfig
+# DPOTrainer's losses (TRL 1.16), under the names qdpo uses too
+TRL_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+              "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
+              "sigmoid_norm")
+
+
+def _loss_types(recipe: Recipe) -> tuple[str, ...]:
+    kind = recipe.loss.type
+    return (kind,) if isinstance(kind, str) else tuple(kind)
+
+
+def check_comparable(recipe: Recipe) -> None:
+    """Refuse, before either tool builds a model, a recipe TRL's DPOTrainer would run
+    differently: another loss (a ratio of two different computations says nothing), or
+    micro-batches that do not divide a step."""
+    from qdpo.losses import Objective
 
     t = recipe.train
     if t.pairs_per_step % t.micro_batch_pairs:
         raise QdpoError("--against trl needs train.pairs_per_step to be a multiple of "
                         "train.micro_batch_pairs (TRL accumulates whole micro-batches).")
+    missing = [k for k in _loss_types(recipe) if k not in TRL_LOSSES]
+    if missing:
+        raise QdpoError(f"--against trl: TRL's DPOTrainer has no '{missing[0]}' loss. Compare a "
+                        f"loss both have ({', '.join(TRL_LOSSES)}), e.g. loss.type=sigmoid.")
+    if not Objective.from_config(recipe.loss).needs_reference:
+        raise QdpoError("--against trl: this loss needs no reference, so qdpo skips the "
+                        "reference pass that TRL's DPOTrainer always runs. Compare a loss with "
+                        "a reference, e.g. loss.type=sigmoid.")
+
+
+def _config(recipe: Recipe, pairs: list[PairTokens], steps: int, cuda: bool,
+            dtype: torch.dtype, out_dir: str) -> Any:
+    from trl import DPOConfig
+
+    t, loss = recipe.train, recipe.loss
     longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
                   for p in pairs)
     return DPOConfig(
         output_dir=out_dir, per_device_train_batch_size=t.micro_batch_pairs,
         gradient_accumulation_steps=t.pairs_per_step // t.micro_batch_pairs, max_steps=steps,
-        learning_rate=t.learning_rate, beta=recipe.loss.beta, max_length=longest + 1,
+        learning_rate=t.learning_rate, beta=loss.beta, max_length=longest + 1,
+        loss_type=list(_loss_types(recipe)), loss_weights=loss.weights, ld_alpha=loss.ld_alpha,
+        label_smoothing=loss.label_smoothing, discopop_tau=loss.discopop_tau,
         bf16=cuda and dtype == torch.bfloat16, fp16=cuda and dtype == torch.float16,
         gradient_checkpointing=recipe.model.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -152,11 +191,10 @@ def run_trl(recipe: Recipe, config: Any, pairs: list[PairTokens], steps: int, wa
         counter = _SlotCounter(trainer.data_collator)
         trainer.data_collator = counter
         reset_peak_memory(device)
-        start = time.monotonic()
         trainer.train()
-        total = time.monotonic() - start
     mem = memory_stats(device)
-    times = [b - a for a, b in zip([start] + clock.ends[:-1], clock.ends)]
+    times = [b - a for a, b in zip([clock.begin] + clock.ends[:-1], clock.ends)]
+    total = clock.ends[-1] - clock.begin if clock.ends else 0.0
     del trainer, model
     _free(device)
     accum = recipe.train.pairs_per_step // recipe.train.micro_batch_pairs
@@ -207,6 +245,7 @@ def trl_baseline(recipe: Recipe, shape: str | None, steps: int, warmup: int,
     from qdpo.device import compute_dtype, default_device
 
     require_trl()
+    check_comparable(recipe)
     config = bench_config(recipe, shape)
     device = default_device()
     dtype = compute_dtype(recipe.model.compute_dtype, device)

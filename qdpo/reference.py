@@ -61,7 +61,9 @@ class ReferenceTable:
 
     def get(self, ids: Sequence[int], device: torch.device) -> SequenceLogps:
         """The rows of `ids` on `device` (a table kept there, `on`, copies nothing per call)."""
-        idx = torch.tensor(list(ids), dtype=torch.long, device=self.chosen.device)
+        idx = torch.tensor(list(ids), dtype=torch.long)
+        if self.chosen.device.type == "cuda":  # a pageable copy would wait for the GPU
+            idx = idx.pin_memory().to(self.chosen.device, non_blocking=True)
         return SequenceLogps(*(getattr(self, n)[idx].to(device, non_blocking=True) for n in
                                ("chosen", "rejected", "chosen_public", "rejected_public")))
 

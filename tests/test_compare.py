@@ -75,3 +75,33 @@ def test_match_memory_needs_trls_measured_peak(monkeypatch):
                "train.pairs_per_step=2", "train.micro_batch_pairs=2")
     assert res.returncode != 0 and "only a CUDA device measures" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("loss.type=simpo", "TRL's DPOTrainer has no 'simpo' loss"),
+    ("loss.type=sft", "needs no reference"),
+    ("train.micro_batch_pairs=3", "multiple of train.micro_batch_pairs"),
+])
+def test_a_recipe_trl_would_run_differently_is_refused_before_anything_runs(setting, message):
+    pytest.importorskip("trl")
+    res = qdpo("bench", QUICKSTART_RECIPE, "--against", "trl", "train.pairs_per_step=4",
+               "train.micro_batch_pairs=2", setting)
+    assert res.returncode != 0 and message in res.stderr, res.stderr
+    assert "bench: TRL DPOTrainer" not in res.stdout + res.stderr  # refused before it ran
+
+
+def test_trl_gets_the_recipes_loss(tmp_path, monkeypatch):
+    pytest.importorskip("trl")
+    import qdpo.compare as compare
+
+    seen = {}
+    real = compare._config
+    monkeypatch.setattr(compare, "_config", lambda *a, **k: seen.setdefault("c", real(*a, **k)))
+    res = qdpo("bench", QUICKSTART_RECIPE, "--against", "trl", "--steps", "2", "--warmup", "1",
+               "--prompt-len", "8-16", "--response-len", "4-12", "train.pairs_per_step=2",
+               "train.micro_batch_pairs=2", "loss.type=[ipo,sft]", "loss.weights=[1.0,0.5]",
+               "loss.beta=0.3")
+    assert res.returncode == 0, res.stderr
+    c = seen["c"]
+    assert list(c.loss_type) == ["ipo", "sft"] and list(c.loss_weights) == [1.0, 0.5]
+    assert c.beta == 0.3
