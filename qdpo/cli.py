@@ -339,8 +339,9 @@ def bench(
         False, "--random-weights", help="Build the architecture from its config with random "
                                         "weights (quantized as usual): nothing to download."),
     shape: Optional[str] = typer.Option(None, "--shape", help="Built-in architecture: "
-                                        "llama-3.1-8b, llama-3.2-1b, llama-3.2-3b, qwen2.5-7b, "
-                                        "qwen2.5-1.5b, mistral-7b (implies random weights)."),
+                                        "llama-3.1-8b, llama-3.2-1b, llama-3.2-3b, llama-3.1-70b, "
+                                        "qwen2.5-7b, qwen2.5-1.5b, mistral-7b (implies random "
+                                        "weights)."),
     steps: int = typer.Option(8, "--steps", help="Optimizer steps to run."),
     warmup: int = typer.Option(2, "--warmup", help="First steps not timed."),
     prompt_len: str = typer.Option("128-512", "--prompt-len", help="Prompt tokens, MIN-MAX."),

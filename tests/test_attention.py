@@ -130,3 +130,40 @@ def test_flex_attention_refuses_to_train_on_the_cpu():
         check_can_train("flex_attention", CPU)
     check_can_train("sdpa", CPU)
     check_can_train("flex_attention", torch.device("cuda"))
+
+
+def test_flex_block_mask_scores_like_padded_sdpa_on_the_cpu():
+    """The hand-built BlockMask (skipped, full and partial 128-token blocks from segment
+    ranges) against the padded layout: rows here hold several pairs, with segment edges off
+    the block edges, so every kind of block occurs. FlexAttention has no CPU backward, so this
+    checks the forward; tests/test_gpu.py trains with it on CUDA."""
+    from qdpo.attention import _block_mask
+    from qdpo.batching import plan_batches
+    from qdpo.logps import sequence_logps
+
+    g = torch.Generator().manual_seed(3)
+
+    def rand(lo, hi):
+        n = int(torch.randint(lo, hi, (1,), generator=g))
+        return torch.randint(3, 250, (n,), generator=g).tolist()
+
+    # prompts of 2-3 blocks, so some blocks lie inside one segment's prompt (full ones)
+    pairs = [PairTokens(rand(260, 400), rand(20, 150), rand(20, 150)) for _ in range(4)]
+    sdpa = tiny_lora_model("llama")
+    flex = tiny_lora_model("llama", "flex_attention")
+    flex.load_state_dict(sdpa.state_dict())
+    padded = make_batch(pairs, range(4), 0, "padded")
+    for layout in ("shared_prefix", "packed"):
+        plan = plan_batches(layout, "flex_attention", 64, 0, 8, None)
+        (batch,) = plan.micro_batches(range(4), pairs)
+        mask = _block_mask(batch.segments, batch.sides)
+        partial, full = mask.kv_num_blocks.sum(), mask.full_kv_num_blocks.sum()
+        blocks = batch.input_ids.shape[1] // 128
+        assert partial > 0 and full > 0  # and fewer than all: some blocks are skipped
+        assert partial + full < batch.input_ids.shape[0] * blocks * (blocks + 1) // 2
+        with torch.no_grad():
+            got = sequence_logps(flex, batch)
+            want = sequence_logps(sdpa, padded)
+        order = torch.tensor(batch.pair_ids)
+        torch.testing.assert_close(got.chosen, want.chosen[order], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got.rejected, want.rejected[order], atol=1e-4, rtol=1e-4)

@@ -191,3 +191,12 @@ def test_lora_dropout_costs_what_the_planner_adds(tmp_path):
                - estimate(shape_, replace(s, lora_dropout=0.0), tokens).activations) / tokens
     measured = (with_dropout - without) / tokens
     assert measured == pytest.approx(planned, rel=0.1)
+
+
+def test_the_planners_copies_of_other_rooms_constants_agree():
+    """memory.py runs without torch, so it keeps copies of two constants; they must not
+    drift from the ones the code uses."""
+    from qdpo import batching, logps, memory
+
+    assert memory.HEAD_CHUNK_BYTES == logps.CHUNK_BYTES
+    assert memory.REFERENCE_SCALE == batching.REFERENCE_SCALE
