@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 import torch
@@ -48,6 +48,10 @@ class PackedBatch:
     pair_ids: list[int]  # indices into the data set (reference cache keys)
     num_tokens: int  # prompt+chosen + prompt+rejected: the field's count, whatever the layout
     layout: str
+    # input_ids as they were in host memory before `to(device)` (pinned for CUDA): a model whose
+    # input embedding lives in host memory (model.embeddings_on_host) looks them up there
+    # without waiting for the GPU
+    host_input_ids: torch.Tensor | None = field(default=None, repr=False)
 
     _TENSORS = ("input_ids", "position_ids", "segments", "sides", "pred_index", "targets",
                 "seq_index", "token_offset", "chosen_lengths", "rejected_lengths", "weights")
@@ -57,8 +61,11 @@ class PackedBatch:
         pin = torch.device(device).type == "cuda"
         for name in self._TENSORS:
             t = getattr(self, name)
-            setattr(self, name, (t.pin_memory() if pin and t.device.type == "cpu" else t)
-                    .to(device, non_blocking=True))
+            if t.device.type == "cpu":
+                t = t.pin_memory() if pin else t
+                if name == "input_ids":
+                    self.host_input_ids = t
+            setattr(self, name, t.to(device, non_blocking=True))
         return self
 
     @property

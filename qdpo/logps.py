@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from qdpo import attention
 from qdpo.batching import PackedBatch
+from qdpo.offload import host_embedding
 
 # Bytes of fp32 logits one chunk may hold (the peak of the head's part of a step).
 CHUNK_BYTES = 256 * 2**20
@@ -96,9 +97,18 @@ def batch_mask(model: Any, batch: PackedBatch) -> Any:
 
 
 def decoder_hidden(lm: Any, input_ids: torch.Tensor, mask: Any = None,
-                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """The decoder's last hidden states [B, T, H]: what the causal LM feeds its output head."""
-    out = lm.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                   position_ids: torch.Tensor | None = None,
+                   host_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoder's last hidden states [B, T, H]: what the causal LM feeds its output head.
+
+    `host_ids`: the same ids in host memory. A model whose input embedding lives there
+    (`offload.HostEmbedding`) looks them up without first copying `input_ids` back from the
+    GPU; the embedding module itself is called, so its hooks (enable_input_require_grads) fire.
+    """
+    kw: dict[str, Any] = {"input_ids": input_ids}
+    if host_ids is not None and host_embedding(lm) is not None:
+        kw = {"inputs_embeds": lm.get_input_embeddings()(host_ids)}
+    out = lm.get_decoder()(**kw, attention_mask=mask, position_ids=position_ids,
                            use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
@@ -128,7 +138,8 @@ def token_logps(model: Any, batch: PackedBatch, mask: Any = None) -> torch.Tenso
     lm = causal_lm(model)
     if mask is None:
         mask = batch_mask(model, batch)
-    hidden = decoder_hidden(lm, batch.input_ids, mask, batch.position_ids)
+    hidden = decoder_hidden(lm, batch.input_ids, mask, batch.position_ids,
+                            batch.host_input_ids)
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.pred_index)
     return head_logps(lm, hidden, batch.targets)
 

@@ -4,7 +4,8 @@
 card; `train.max_tokens: auto` uses the same arithmetic. The parts, in bytes:
 
 - base weights: linear layers in 4-bit (half a byte per weight plus the block scales), the
-  embedding and an untied output head in the compute dtype;
+  embedding (unless `model.embeddings_on_host` keeps an untied one in host memory) and an
+  untied output head in the compute dtype;
 - LoRA: fp32 weights and gradients plus the optimizer's two moments (fp32, or 1 byte each
   with the 8-bit optimizers);
 - activations, per token of the micro-batch: with gradient checkpointing, every layer's input
@@ -87,6 +88,7 @@ class Settings:
     optimizer: str = "paged_adamw_8bit"
     checkpointing: bool = True
     offload: bool = False  # checkpointed layer inputs in host memory (model.offload_activations)
+    host_embeddings: bool = False  # the input embedding table in host memory (untied models)
     precompute_reference: bool = True
     shards: int = 1  # train.fsdp over this many GPUs (1: each GPU holds the whole model)
 
@@ -100,6 +102,7 @@ class Settings:
                    target_modules=targets if isinstance(targets, str) else tuple(targets),
                    optimizer=t.optimizer, checkpointing=m.gradient_checkpointing,
                    offload=m.gradient_checkpointing and m.offload_activations,
+                   host_embeddings=m.embeddings_on_host,
                    precompute_reference=t.reference in ("auto", "precompute"),
                    shards=gpus if t.fsdp else 1)
 
@@ -147,7 +150,9 @@ def static_bytes(shape: Shape, s: Settings) -> tuple[float, float]:
     per_weight = weight_bytes(s.quantization, s.double_quant, s.dtype_bytes)
     lins = shape.linears()
     linear = shape.layers * sum(i * o for i, o in lins.values())
-    embed = shape.vocab * shape.hidden * s.dtype_bytes * (1 if shape.tied else 2)
+    # the input table and an untied head; a tied head keeps the one table on the card
+    tables = 1 if shape.tied else (1 if s.host_embeddings else 2)
+    embed = shape.vocab * shape.hidden * s.dtype_bytes * tables
     lora_params = shape.layers * sum(s.lora_r * (i + o) for n, (i, o) in lins.items()
                                      if s.targeted(n))
     moments = 2 if "8bit" in s.optimizer else 8
@@ -239,6 +244,7 @@ class Plan:
     longest_pair: int
     floor_gib: float  # the peak with the smallest micro-batch (128 tokens)
     budget: str  # how the recipe sizes micro-batches, in words
+    untied: bool = False  # the input embedding is a table of its own (it can go to the host)
 
     @property
     def fits(self) -> bool:
@@ -269,6 +275,9 @@ class Plan:
             tips.append("set model.gradient_checkpointing: true")
         elif not recipe.model.offload_activations and not recipe.train.fsdp:
             tips.append("set model.offload_activations: true (layer inputs in CPU memory)")
+        if self.untied and not recipe.model.embeddings_on_host and not recipe.train.fsdp:
+            tips.append("set model.embeddings_on_host: true (the input embedding table in CPU "
+                        "memory)")
         if "8bit" not in recipe.train.optimizer and not recipe.train.fsdp:
             tips.append("set train.optimizer: paged_adamw_8bit")
         if not recipe.train.fsdp:
@@ -294,7 +303,7 @@ def plan_for(recipe: Any, config: Any, gpu_gib: float, gpus: int = 1) -> Plan:
         pairs = recipe.train.micro_batch_pairs
         peak, budget = pairs * longest, f"{pairs} pairs of up to {longest:,} tokens"
     return Plan(gpu_gib, fitted, peak, estimate(shape, s, peak), longest,
-                estimate(shape, s, 128).peak / GIB, budget)
+                estimate(shape, s, 128).peak / GIB, budget, untied=not shape.tied)
 
 
 def auto_max_tokens(recipe: Any, config: Any, gpu_gib: float, gpus: int = 1) -> int:

@@ -23,7 +23,8 @@ from qdpo.device import compute_dtype, default_device
 from qdpo.errors import ModelError
 from qdpo.files import atomic_dir, short_error
 from qdpo.lora_forward import use_lean_lora
-from qdpo.offload import use_offloaded_checkpointing
+from qdpo.offload import (embeddings_stay_because, embeddings_to_host, host_embedding,
+                          use_offloaded_checkpointing)
 from qdpo.recipe import Recipe
 
 REFERENCE_ADAPTER = "reference"
@@ -257,6 +258,8 @@ def attach_lora(model: Any, recipe: Recipe) -> Any:
     """Wrap the base with trainable LoRA (fresh, or from `lora.init_adapter`)."""
     from peft import PeftModel, get_peft_model
 
+    if recipe.model.embeddings_on_host:
+        _embeddings_to_host(model)
     if recipe.model.gradient_checkpointing:
         with warnings.catch_warnings():  # renamed activation_checkpointing_* in transformers 5.2x
             warnings.simplefilter("ignore", FutureWarning)
@@ -295,6 +298,22 @@ def attach_lora(model: Any, recipe: Recipe) -> Any:
     return peft_model
 
 
+def _embeddings_to_host(model: Any) -> None:
+    """model.embeddings_on_host: the input embedding table to host memory, or say why not."""
+    from qdpo import console as ui
+
+    why = embeddings_stay_because(model)
+    if why is None and embeddings_to_host(model):
+        emb = host_embedding(model)
+        size = emb.table.numel() * emb.table.element_size()
+        ui.info(f"model.embeddings_on_host: the input embedding table "
+                f"({size / 2**20:,.0f} MiB) is in host memory; only looked-up rows go to "
+                f"{emb.device.type}")
+    else:
+        ui.warn(f"model.embeddings_on_host has no effect: "
+                f"{why or 'the decoder does not use the embedding the model exposes'}")
+
+
 def compile_decoder_layers(model: Any) -> int:
     """torch.compile every decoder layer; returns how many.
 
@@ -323,7 +342,10 @@ def decoder_layers(model: Any) -> list[torch.nn.Module]:
 
 
 def _device_of(model: Any) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    """Where the model computes: its input embedding's device, or, for an embedding table in
+    host memory (model.embeddings_on_host), the device its rows are sent to."""
+    host = host_embedding(model)
+    return host.device if host is not None else model.get_input_embeddings().weight.device
 
 
 @dataclass
@@ -360,7 +382,7 @@ def check_lean_head(model: Any, dtype: torch.dtype | None = None) -> None:
     lm = logps.causal_lm(model)
     model_type = getattr(lm.config, "model_type", None) or type(lm).__name__
     emb = lm.get_input_embeddings().weight
-    device = emb.device
+    device = _device_of(lm)
     vocab = int(emb.shape[0])
     ids = torch.tensor([[(1 + 7919 * i) % vocab for i in range(CHECK_TOKENS)]], device=device)
     positions = torch.arange(CHECK_TOKENS, device=device)[None]
@@ -381,7 +403,9 @@ def check_lean_head(model: Any, dtype: torch.dtype | None = None) -> None:
                     _CheckRow(segments=seg, sides=seg), "flex_attention")
             full = lm(input_ids=ids, attention_mask=mask, position_ids=positions,
                       use_cache=False).logits[0, :-1]
-            hidden = logps.decoder_hidden(lm, ids, mask, positions)[0, :-1]
+            # with the host ids: a table in host memory (model.embeddings_on_host) is checked on
+            # the inputs_embeds path that training takes
+            hidden = logps.decoder_hidden(lm, ids, mask, positions, ids.cpu())[0, :-1]
             targets = torch.stack([ids[0, 1:], full.argmax(-1), full.argmin(-1)], -1)
             lean = logps.head_logps(lm, hidden.repeat_interleave(3, 0), targets.reshape(-1))
             ref = full.float().log_softmax(-1).gather(-1, targets).reshape(-1)
@@ -425,6 +449,8 @@ def load_model(recipe: Recipe, device: torch.device | None = None,
     nq = sum(1 for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    host = host_embedding(model)  # no parameter any more, still part of the model
+    total += host.table.numel() if host is not None else 0
     info = ModelInfo(device, dtype or compute_dtype(recipe.model.compute_dtype, device),
                      base_weights_path(recipe), trainable, total, nq,
                      "frozen initial adapter" if recipe.lora.init_adapter else

@@ -13,6 +13,9 @@ hidden_states, ...)`; `offloaded_checkpoint` takes that place. The LoRA weights 
 layer get their gradients from the recompute's backward, as with torch's reentrant checkpoint,
 so the first layer's input must require gradients (`enable_input_require_grads`, which
 qdpo turns on with checkpointing).
+
+The frozen input embedding table can wait in host memory too (`model.embeddings_on_host`):
+`HostEmbedding`, below.
 """
 
 from __future__ import annotations
@@ -76,3 +79,151 @@ def use_offloaded_checkpointing(model: Any) -> int:
     for layer in layers:
         layer._gradient_checkpointing_func = offloaded_checkpoint
     return len(layers)
+
+
+# ---------------------------------------------------------------------------------------
+# The input embedding table in host memory (`model.embeddings_on_host`)
+# ---------------------------------------------------------------------------------------
+
+# the module state that holds hooks on a module's forward: shared with the replacement, so a
+# hook registered on the device embedding (enable_input_require_grads) fires on the host one,
+# and its handle still removes it
+_FORWARD_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                       "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+class HostEmbedding(torch.nn.Module):
+    """A frozen input embedding whose table stays in host memory; only looked-up rows travel.
+
+    On an untied model the input embedding table sits on the GPU for nothing but a row lookup
+    (1 GiB in bf16 on Llama-3.1-8B). LoRA never trains it, so here it waits in (pinned) host
+    memory, the lookup runs on the CPU into a pinned buffer, and only tokens x hidden values
+    are copied, asynchronously, to the compute `device`. The table is a plain attribute, no
+    parameter or buffer: `model.to(...)`, `model.parameters()`, state dicts and transformers'
+    `model.device` do not see it, so nothing moves it back or saves it. `.to()` on the module
+    moves its compute `device` (and casts the table on the host).
+
+    Ids already on the GPU (generation, transformers' own forward) are copied to the host
+    first, a synchronisation; qdpo's log-prob passes hand over the batch's host copy of the
+    ids instead (`PackedBatch.host_input_ids`), so training does not wait for the GPU.
+    """
+
+    def __init__(self, table: torch.Tensor, device: torch.device | str):
+        super().__init__()
+        self.device = torch.device(device)
+        self._set_table(table)
+
+    def _set_table(self, table: torch.Tensor) -> None:
+        table = table.detach()
+        if self.device.type != "cuda":
+            table = table.to("cpu")
+        elif table.device.type != "cpu" or not table.is_pinned():
+            pinned = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
+            table = pinned.copy_(table)  # straight into pinned memory: one host copy, not two
+        self.table = table  # a plain tensor attribute: not registered, never moved
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The host table (read-only use: shape, dtype), as code that reads
+        `get_input_embeddings().weight` expects."""
+        return self.table
+
+    @property
+    def num_embeddings(self) -> int:
+        return int(self.table.shape[0])
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.table.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.table.dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        host = ids if ids.device.type == "cpu" else ids.to("cpu")
+        if self.device.type != "cuda":
+            out = torch.nn.functional.embedding(host, self.table)
+            return out if self.device.type == "cpu" else out.to(self.device)
+        # gathered straight into pinned memory, so the copy to the GPU is asynchronous
+        flat = host.reshape(-1)
+        out = torch.empty((flat.numel(), self.embedding_dim), dtype=self.table.dtype,
+                          pin_memory=True)
+        torch.index_select(self.table, 0, flat, out=out)
+        return out.view(*host.shape, self.embedding_dim).to(self.device, non_blocking=True)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> "HostEmbedding":
+        # what `fn` would do to a tensor of this module: the compute device follows, the
+        # table only takes a new dtype, and stays on the host
+        probe = fn(torch.empty(0, dtype=self.table.dtype, device=self.device))
+        self.device = probe.device
+        self._set_table(self.table.to(probe.dtype) if probe.dtype != self.table.dtype
+                        else self.table)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, table in host memory "
+                f"({self.table.dtype}), output on {self.device}")
+
+
+def _causal_lm(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def embeddings_stay_because(model: Any) -> str | None:
+    """Why the input embedding of `model` (a causal LM, or peft's wrapper of one) cannot move
+    to host memory, or None when it can (or already has)."""
+    lm = _causal_lm(model)
+    emb = lm.get_input_embeddings()
+    if isinstance(emb, HostEmbedding):
+        return None
+    if type(emb) is not torch.nn.Embedding:
+        # a subclass may scale or otherwise change the lookup (Gemma's scaled embeddings)
+        return (f"the input embedding is a {type(emb).__name__}, not a plain "
+                "torch.nn.Embedding")
+    if hasattr(emb, "_hf_hook"):
+        return "the input embedding is dispatched by accelerate (device_map)"
+    head = lm.get_output_embeddings()
+    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    if getattr(head, "weight", None) is emb.weight or \
+            getattr(cfg, "tie_word_embeddings", False) or \
+            getattr(lm.config, "tie_word_embeddings", False):
+        return "the output head shares its table (tied embeddings) and needs it on the device"
+    if emb.weight.device.type == "meta":
+        return "the input embedding has no weights yet (meta device)"
+    return None
+
+
+def host_embedding(model: Any) -> HostEmbedding | None:
+    """The model's input embedding when it lives in host memory, else None."""
+    emb = _causal_lm(model).get_input_embeddings()
+    return emb if isinstance(emb, HostEmbedding) else None
+
+
+def embeddings_to_host(model: Any) -> bool:
+    """Move the input embedding table of `model` (a causal LM, or peft's wrapper of one) to host
+    memory behind a `HostEmbedding`; the device copy is freed. False, with the model untouched,
+    where that cannot be done (see `embeddings_stay_because`). Hooks on the old module's
+    forward carry over, so this works before or after peft wraps the model and
+    `enable_input_require_grads` registers its hook."""
+    if host_embedding(model) is not None:
+        return True
+    if embeddings_stay_because(model) is not None:
+        return False
+    lm = _causal_lm(model)
+    emb = lm.get_input_embeddings()
+    device = emb.weight.device
+    host = HostEmbedding(emb.weight, device)
+    host.train(emb.training)
+    for name in _FORWARD_HOOK_DICTS:
+        if hasattr(emb, name):
+            setattr(host, name, getattr(emb, name))
+    lm.set_input_embeddings(host)
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm
+    if lm.get_input_embeddings() is not host or decoder.get_input_embeddings() is not host:
+        lm.set_input_embeddings(emb)  # the decoder looks its embedding up some other way
+        return False
+    del emb
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return True

@@ -5,9 +5,12 @@
 
 Each variant is NAME[:SETTING,SETTING...], a setting being a recipe override or one of
 `lean=0` (peft's own LoRA forward), `profile=DIR` (profile the last step, print its
-table), `compile=1` (torch.compile each decoder layer from then on).
+table), `compile=1` (torch.compile each decoder layer from then on), `host_embed=1` (the
+input embedding table to host memory from then on, as `model.embeddings_on_host: true` does;
+a variant whose recipe sets that key gets the same).
 The model is built once (random weights, quantized as the recipe says) from the first
-variant's recipe, so variants must not change the model or the LoRA shape.
+variant's recipe, so variants must not change the model or the LoRA shape; put the variants
+with the table on the host last (it does not come back to the GPU).
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from pathlib import Path
 from qdpo.bench import _bench_model, run_bench
 from qdpo.device import default_device
 from qdpo.lora_forward import use_lean_lora
+from qdpo.offload import embeddings_stay_because, embeddings_to_host, host_embedding
 from qdpo.recipe import load_recipe
 
-SPECIAL = ("lean", "profile", "compile")
+SPECIAL = ("lean", "profile", "compile", "host_embed")
 
 
 def main() -> None:
@@ -51,9 +55,14 @@ def main() -> None:
         if special.get("compile") == "1":  # every decoder layer, one graph for all of them
             for layer in built[0].get_base_model().model.layers:
                 layer.compile(dynamic=True)
+        if special.get("host_embed") == "1" or recipe.model.embeddings_on_host:
+            if not embeddings_to_host(built[0]):
+                why = embeddings_stay_because(built[0]) or "the decoder does not use it"
+                print(f"   host_embed: no effect, {why}", flush=True)
         profile = Path(special["profile"]) if "profile" in special else None
+        on_host = int(host_embedding(built[0]) is not None)
         print(f"== variant {name}: {' '.join(overrides) or '(recipe)'} "
-              f"lean={special.get('lean', '1')}", flush=True)
+              f"lean={special.get('lean', '1')} host_embed={on_host}", flush=True)
         try:
             r = run_bench(recipe, steps=a.steps, warmup=a.warmup, shape=a.shape,
                           profile=profile, built=built)

@@ -124,3 +124,71 @@ def test_offloaded_checkpointing_on_cuda(tmp_path):
     res = qdpo("train", QUICKSTART_RECIPE, "train.max_steps=4", "model.offload_activations=true",
                "train.compile=true", "-o", tmp_path / "run")
     assert res.returncode == 0, res.stderr
+
+
+def test_embeddings_on_host_on_cuda(tmp_path):
+    """model.embeddings_on_host on a GPU: the same loss and LoRA gradients (pinned table,
+    asynchronous copies, offloaded checkpointing), the same greedy generation (ids on the GPU),
+    and the table's bytes off the card."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from qdpo.batching import make_batch
+    from qdpo.forward import forward_pair_batch
+    from qdpo.losses import Objective
+    from qdpo.model import load_model
+    from qdpo.offload import embeddings_to_host, host_embedding
+    from tiny import make_pairs, quickstart_recipe
+
+    recipe = quickstart_recipe(tmp_path, "model.offload_activations=true")
+    objective = Objective.from_config(recipe.loss)
+
+    def step(model):
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():  # the same LoRA B, away from zero, in every model
+            for n, p in sorted(model.named_parameters()):
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        model.zero_grad(set_to_none=True)
+        model.train()
+        batch = make_batch(make_pairs(), range(5), 2, "packed").to("cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = forward_pair_batch(model, batch, objective)[2].losses.sum()
+        loss.backward()
+        torch.cuda.synchronize()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
+                             if p.requires_grad}
+
+    model, _ = load_model(recipe)
+    loss, grads = step(model)
+    hosted, _ = load_model(quickstart_recipe(tmp_path, "model.offload_activations=true",
+                                             "model.embeddings_on_host=true"))
+    emb = host_embedding(hosted)
+    assert emb is not None and emb.table.is_pinned() and emb.device.type == "cuda"
+    assert all(p.device.type == "cuda" for p in hosted.parameters())
+    host_loss, host_grads = step(hosted)
+    assert host_loss == pytest.approx(loss, rel=1e-4)
+    assert host_grads.keys() == grads.keys()
+    for name, grad in host_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, grads[name], rtol=1e-3, atol=1e-5)
+
+    # memory: an untied model with a table big enough to see (32000 x 256 bf16 = 15.6 MiB)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=512,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
+    ids = torch.randint(0, 32000, (2, 12), device="cuda")
+    with torch.no_grad():
+        logits = plain(input_ids=ids).logits
+        text = plain.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+    table_bytes = 32000 * 256 * 2
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    assert embeddings_to_host(plain)
+    after = torch.cuda.memory_allocated()
+    assert before - after == pytest.approx(table_bytes, abs=2**16)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, logits, rtol=0, atol=0)
+        assert torch.equal(plain.generate(input_ids=ids, max_new_tokens=6, do_sample=False),
+                           text)

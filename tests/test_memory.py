@@ -200,3 +200,16 @@ def test_the_planners_copies_of_other_rooms_constants_agree():
 
     assert memory.HEAD_CHUNK_BYTES == logps.CHUNK_BYTES
     assert memory.REFERENCE_SCALE == batching.REFERENCE_SCALE
+
+
+def test_the_embedding_table_on_the_host_leaves_the_card_only_when_untied():
+    s8b, s1b = shape("llama-3.1-8b"), shape("llama-3.2-1b")
+    assert not s8b.tied and s1b.tied
+    host = Settings(host_embeddings=True)
+    assert estimate(s8b, Settings(), 4096).base - estimate(s8b, host, 4096).base == \
+        128256 * 4096 * 2  # 1 GiB less on the card
+    assert estimate(s1b, host, 4096).base == estimate(s1b, Settings(), 4096).base
+    small = qdpo("plan", RECIPE_8B, "--gpu-memory", "9GiB")
+    assert small.returncode == 1 and "model.embeddings_on_host: true" in small.stderr
+    hosted = qdpo("plan", RECIPE_8B, "--gpu-memory", "9GiB", "model.embeddings_on_host=true")
+    assert "model.embeddings_on_host" not in hosted.stderr
