@@ -192,3 +192,48 @@ def test_embeddings_on_host_on_cuda(tmp_path):
         torch.testing.assert_close(plain(input_ids=ids).logits, logits, rtol=0, atol=0)
         assert torch.equal(plain.generate(input_ids=ids, max_new_tokens=6, do_sample=False),
                            text)
+
+
+@pytest.mark.parametrize("reference", ["online", "precompute"])
+def test_micro_batches_are_queued_without_waiting_for_the_gpu(tmp_path, reference):
+    """Host work (building and copying the next micro-batch) overlaps the GPU only while the
+    CPU never waits for it inside a step: one `.item()`, boolean index or blocking copy per
+    micro-batch leaves the GPU idle while the CPU catches up. torch's sync debug mode turns
+    every such wait into an error; the step's one wait, for its metrics, is outside."""
+    from qdpo import reference as ref_mod
+    from qdpo.bench import synthetic_pairs
+    from qdpo.device import autocast_for
+    from qdpo.forward import forward_pair_batch
+    from qdpo.logps import causal_lm
+    from qdpo.model import load_model
+    from qdpo.train import step_context
+    from tiny import quickstart_recipe
+
+    recipe = quickstart_recipe(tmp_path, "train.max_tokens=256", "model.offload_activations=true",
+                               "model.embeddings_on_host=true", f"train.reference={reference}")
+    model, info = load_model(recipe)
+    ctx = step_context(recipe, model, 0, info.device, info.dtype, steps=4)
+    data = synthetic_pairs(8, causal_lm(model).config.vocab_size, (8, 40), (4, 30), 0)
+    if reference == "precompute":
+        ctx.reference, _ = ref_mod.ensure(model, data, range(8), ctx.plan, info.device,
+                                          info.dtype, key=None, what="test")
+
+    def one_pass():
+        batches = list(ctx.plan.micro_batches(range(8), data))
+        assert len(batches) > 1
+        for batch in batches:
+            batch.to(ctx.device)
+            got = ctx.reference.get(batch.pair_ids, ctx.device) if ctx.reference else None
+            with autocast_for(ctx.device, ctx.dtype):
+                out = forward_pair_batch(model, batch, ctx.objective, got)[2]
+            out.losses.sum().backward()
+
+    model.train()
+    one_pass()  # lazy set-up (cuBLAS handles, allocator pools) may wait once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        one_pass()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
