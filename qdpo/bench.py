@@ -76,10 +76,12 @@ HUB_SHAPES = {
     "mistralai/Mistral-7B-v0.3": "mistral-7b", "mistralai/Mistral-7B-Instruct-v0.3": "mistral-7b",
 }
 
-# Dense bf16 tensor-core peak, for model-FLOPs utilisation.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-              "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12, "4090": 165e12,
-              "3090": 71e12, "4080": 97e12, "A6000": 155e12, "5090": 209e12}
+# Dense bf16 tensor-core peak, for model-FLOPs utilisation; the first name found in the device's
+# name wins, so the more specific names come first.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+              "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12,
+              "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "4080": 97e12,
+              "A6000": 155e12, "5090": 209e12}
 
 
 def bench_config(recipe: Recipe, shape: str | None) -> Any:

@@ -212,10 +212,12 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def trl_result(recipe: Recipe, shape: str | None, run: dict[str, Any], warmup: int) -> Any:
+def trl_result(recipe: Recipe, shape: str | None, run: dict[str, Any], warmup: int,
+               config: Any = None, pairs: list[PairTokens] | None = None) -> Any:
     """TRL's run as a BenchResult row: real tokens of its micro-batches (the attention mask),
-    which are prompt+chosen plus prompt+rejected, as qdpo counts its own."""
-    from qdpo.bench import HUB_SHAPES, BenchResult
+    which are prompt+chosen plus prompt+rejected, as qdpo counts its own. Its model-FLOPs
+    utilisation counts those tokens with the reference forward (online), as qdpo's does."""
+    from qdpo.bench import HUB_SHAPES, BenchResult, flops_per_token, peak_flops
 
     pps = recipe.train.pairs_per_step
     times, tokens = run["times"], run["tokens"]
@@ -224,6 +226,12 @@ def trl_result(recipe: Recipe, shape: str | None, run: dict[str, Any], warmup: i
     steady_t, steady_tok = sum(times[warmup:]), sum(tokens[warmup:])
     real = sum(tokens)
     device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0)
+    peak = peak_flops(torch.device("cuda", 0)) if torch.cuda.is_available() else None
+    mfu = None
+    if peak and config is not None and pairs:
+        seq = sum(len(p.prompt_ids) + (len(p.chosen_ids) + len(p.rejected_ids)) / 2
+                  for p in pairs) / len(pairs)
+        mfu = flops_per_token(config, seq / 2, True) * steady_tok / steady_t / peak
     return BenchResult(
         shape=shape or HUB_SHAPES.get(recipe.model.name_or_path, recipe.model.name_or_path),
         layout="padded", reference="online", device=device, steps_timed=len(times) - warmup,
@@ -231,7 +239,7 @@ def trl_result(recipe: Recipe, shape: str | None, run: dict[str, Any], warmup: i
         e2e_tokens_per_s=sum(tokens) / run["total_s"],
         step_time_s=statistics.mean(times[warmup:]), reference_s=0.0,
         peak_alloc_gib=run["peak_alloc_gib"], peak_reserved_gib=run["peak_reserved_gib"],
-        mfu=None, padding_fraction=max(0.0, 1 - real / run["slots"]) if run["slots"] else 0.0,
+        mfu=mfu, padding_fraction=max(0.0, 1 - real / run["slots"]) if run["slots"] else 0.0,
         extra={"tool": f"trl {run['version']}", "attn": "sdpa", "tokens": real,
                "micro_batch_pairs": recipe.train.micro_batch_pairs})
 
@@ -255,7 +263,7 @@ def trl_baseline(recipe: Recipe, shape: str | None, steps: int, warmup: int,
     ui.info(f"bench: TRL DPOTrainer, {steps} steps of {pps} pairs, "
             f"{recipe.train.micro_batch_pairs} per micro-batch, reference online")
     run = run_trl(recipe, config, pairs, steps, warmup, device, dtype)
-    return trl_result(recipe, shape, run, warmup), pairs
+    return trl_result(recipe, shape, run, warmup, config, pairs), pairs
 
 
 def budget_within(recipe: Recipe, shape: str | None, trl_row: Any,

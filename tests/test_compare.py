@@ -105,3 +105,25 @@ def test_trl_gets_the_recipes_loss(tmp_path, monkeypatch):
     c = seen["c"]
     assert list(c.loss_type) == ["ipo", "sft"] and list(c.loss_weights) == [1.0, 0.5]
     assert c.beta == 0.3
+
+
+def test_trls_row_reports_model_flops_utilisation_on_a_known_gpu(monkeypatch):
+    """TRL's MFU counts its real tokens with the reference forward, as qdpo's does; and a
+    PCIe H100 is not taken for the faster SXM one."""
+    import torch
+
+    from qdpo.bench import bench_config, flops_per_token, peak_flops, synthetic_pairs
+    from qdpo.compare import trl_result
+    from qdpo.recipe import load_recipe
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 PCIe")
+    assert peak_flops(torch.device("cuda")) == 756e12
+    recipe = load_recipe(QUICKSTART_RECIPE, ["train.pairs_per_step=2", "train.micro_batch_pairs=2"])
+    config = bench_config(recipe, None)
+    pairs = synthetic_pairs(4, config.vocab_size, (10, 10), (5, 5), 0)  # 30 tokens a pair
+    run = {"times": [2.0, 1.0], "tokens": [60, 60], "total_s": 3.0, "slots": 120,
+           "peak_alloc_gib": None, "peak_reserved_gib": None, "version": "1.16.0"}
+    row = trl_result(recipe, None, run, 1, config, pairs)
+    assert row.mfu == pytest.approx(flops_per_token(config, 7.5, True) * 60 / 1.0 / 756e12)
+    assert trl_result(recipe, None, run, 1).mfu is None  # no config: not claimed
