@@ -9,8 +9,9 @@ table), `compile=1` (torch.compile each decoder layer from then on), `host_embed
 input embedding table to host memory from then on, as `model.embeddings_on_host: true` does;
 a variant whose recipe sets that key gets the same).
 The model is built once (random weights, quantized as the recipe says) from the first
-variant's recipe, so variants must not change the model or the LoRA shape; put the variants
-with the table on the host last (it does not come back to the GPU).
+variant's recipe, so variants must not change the model or the LoRA shape (each variant's
+`model.offload_activations` is applied to the build; `train.compile` needs `compile=1`);
+put the variants with the table on the host last (it does not come back to the GPU).
 """
 
 from __future__ import annotations
@@ -25,10 +26,25 @@ from pathlib import Path
 from qdpo.bench import _bench_model, run_bench
 from qdpo.device import default_device
 from qdpo.lora_forward import use_lean_lora
-from qdpo.offload import embeddings_stay_because, embeddings_to_host, host_embedding
+from qdpo.offload import (embeddings_stay_because, embeddings_to_host, host_embedding,
+                          offloaded_checkpoint)
 from qdpo.recipe import load_recipe
 
 SPECIAL = ("lean", "profile", "compile", "host_embed")
+
+
+def _offload(model, on: bool) -> None:
+    """model.offload_activations follows each variant's recipe on the one build: the layers'
+    checkpoint function swapped for the offloading one, or back."""
+    for layer in model.modules():
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        if func is None or not getattr(layer, "gradient_checkpointing", False) or \
+                not type(layer).__name__.endswith("DecoderLayer"):  # as offload.py picks them
+            continue
+        if not hasattr(layer, "_plain_checkpoint"):
+            layer._plain_checkpoint = func
+        layer._gradient_checkpointing_func = offloaded_checkpoint if on else \
+            layer._plain_checkpoint
 
 
 def main() -> None:
@@ -52,6 +68,10 @@ def main() -> None:
         if built is None:
             built = _bench_model(recipe, a.shape, True, default_device())
         use_lean_lora(built[0], special.get("lean", "1") != "0")
+        _offload(built[0], recipe.model.offload_activations)
+        if recipe.train.compile and special.get("compile") != "1":
+            print("   train.compile in a variant's recipe does nothing here: use compile=1",
+                  flush=True)
         if special.get("compile") == "1":  # every decoder layer, one graph for all of them
             for layer in built[0].get_base_model().model.layers:
                 layer.compile(dynamic=True)
@@ -62,7 +82,8 @@ def main() -> None:
         profile = Path(special["profile"]) if "profile" in special else None
         on_host = int(host_embedding(built[0]) is not None)
         print(f"== variant {name}: {' '.join(overrides) or '(recipe)'} "
-              f"lean={special.get('lean', '1')} host_embed={on_host}", flush=True)
+              f"lean={special.get('lean', '1')} host_embed={on_host} "
+              f"offload={int(recipe.model.offload_activations)}", flush=True)
         try:
             r = run_bench(recipe, steps=a.steps, warmup=a.warmup, shape=a.shape,
                           profile=profile, built=built)
