@@ -330,6 +330,8 @@ def _result(recipe: Recipe, shape: str | None, config: Any, ctx: Any, data: list
                   for p in data) / len(data)
         online_ref = ctx.objective.needs_reference and ctx.reference is None
         mfu = flops_per_token(config, seq / 2, online_ref) * processed / steady_t / peak
+    planned = _planned_peak_gib(recipe, config, ctx, data, world) \
+        if device.type == "cuda" else None
     return BenchResult(
         shape=shape or HUB_SHAPES.get(recipe.model.name_or_path, recipe.model.name_or_path),
         layout=layout, reference=("precompute" if ctx.reference is not None else
@@ -345,7 +347,22 @@ def _result(recipe: Recipe, shape: str | None, config: Any, ctx: Any, data: list
                "micro_batch_pairs": recipe.train.micro_batch_pairs,
                "prompt_len": list(prompt_len), "response_len": list(response_len),
                **({"ranks": world, "tokens_per_s_per_rank": steady_tok / steady_t / world}
-                  if world > 1 else {})})
+                  if world > 1 else {}),
+               **({"plan_peak_gib": planned} if planned is not None else {})})
+
+
+def _planned_peak_gib(recipe: Recipe, config: Any, ctx: Any, data: list[PairTokens],
+                      world: int) -> float | None:
+    """What `qdpo plan` predicts for the largest micro-batch this run made (the budget, or a
+    longer pair alone), to set beside the measured peak."""
+    from qdpo.batching import segment_cost
+    from qdpo.memory import GIB, Settings, Shape, estimate
+
+    if not ctx.plan.max_tokens:
+        return None
+    tokens = max([ctx.plan.max_tokens] + [segment_cost(p, ctx.plan.layout) for p in data])
+    return estimate(Shape.from_config(config), Settings.from_recipe(recipe, world),
+                    tokens).peak / GIB
 
 
 def results_table(results: list[BenchResult]) -> Any:
@@ -354,7 +371,7 @@ def results_table(results: list[BenchResult]) -> Any:
     t = Table(title="qdpo bench", title_justify="left")
     left = ("tool", "shape", "layout", "reference")
     for col in left + ("tokens/s", "e2e tokens/s", "step s", "ref s", "peak alloc GiB",
-                       "peak reserved GiB", "MFU", "padding"):
+                       "plan GiB", "peak reserved GiB", "MFU", "padding"):
         t.add_column(col, justify="left" if col in left else "right")
 
     def g(v: float | None, f: str) -> str:
@@ -367,7 +384,8 @@ def results_table(results: list[BenchResult]) -> Any:
         tool = r.extra.get("tool", "qdpo") + (f" x{ranks} ranks" if ranks > 1 else "")
         t.add_row(tool, r.shape, r.layout, r.reference, tokens,
                   f"{r.e2e_tokens_per_s:,.0f}", f"{r.step_time_s:.2f}", f"{r.reference_s:.1f}",
-                  g(r.peak_alloc_gib, ".2f"), g(r.peak_reserved_gib, ".2f"),
+                  g(r.peak_alloc_gib, ".2f"), g(r.extra.get("plan_peak_gib"), ".2f"),
+                  g(r.peak_reserved_gib, ".2f"),
                   g(r.mfu, ".1%"), f"{r.padding_fraction:.0%}")
     return t
 

@@ -213,3 +213,21 @@ def test_the_embedding_table_on_the_host_leaves_the_card_only_when_untied():
     assert small.returncode == 1 and "model.embeddings_on_host: true" in small.stderr
     hosted = qdpo("plan", RECIPE_8B, "--gpu-memory", "9GiB", "model.embeddings_on_host=true")
     assert "model.embeddings_on_host" not in hosted.stderr
+
+
+def test_bench_sets_the_plans_prediction_beside_its_measured_peak():
+    """The GPU row's "plan GiB": the planner's peak for the largest micro-batch the run made,
+    the budget or a pair longer than it."""
+    from qdpo.bench import _planned_peak_gib, bench_config
+    from qdpo.data import PairTokens
+
+    recipe = load_recipe(RECIPE_8B, ["train.max_tokens=2048"])
+    config = bench_config(recipe, "llama-3.1-8b")
+    ctx = SimpleNamespace(plan=SimpleNamespace(max_tokens=2048, layout="shared_prefix"))
+    s8b, s = shape("llama-3.1-8b"), Settings.from_recipe(recipe)
+    short = [PairTokens([5] * 100, [6] * 50, [7] * 50)]
+    assert _planned_peak_gib(recipe, config, ctx, short, 1) == estimate(s8b, s, 2048).peak / GIB
+    long = short + [PairTokens([5] * 3000, [6] * 500, [7] * 500)]  # 4,000 tokens, alone
+    assert _planned_peak_gib(recipe, config, ctx, long, 1) == estimate(s8b, s, 4000).peak / GIB
+    ctx.plan.max_tokens = None  # pairs per micro-batch: no token count to plan for
+    assert _planned_peak_gib(recipe, config, ctx, short, 1) is None
