@@ -7,7 +7,8 @@ Each variant is NAME[:SETTING,SETTING...], a setting being a recipe override or 
 `lean=0` (peft's own LoRA forward), `profile=DIR` (profile the last step, print its
 table), `compile=1` (torch.compile each decoder layer from then on), `host_embed=1` (the
 input embedding table to host memory from then on, as `model.embeddings_on_host: true` does;
-a variant whose recipe sets that key gets the same).
+a variant whose recipe sets that key gets the same), `steps=N` (this variant's step count,
+for slow settings).
 The model is built once (random weights, quantized as the recipe says) from the first
 variant's recipe, so variants must not change the model or the LoRA shape (each variant's
 `model.offload_activations` is applied to the build; `train.compile` needs `compile=1`);
@@ -30,7 +31,7 @@ from qdpo.offload import (embeddings_stay_because, embeddings_to_host, host_embe
                           offloaded_checkpoint)
 from qdpo.recipe import load_recipe
 
-SPECIAL = ("lean", "profile", "compile", "host_embed")
+SPECIAL = ("lean", "profile", "compile", "host_embed", "steps")
 
 
 def _offload(model, on: bool) -> None:
@@ -85,7 +86,8 @@ def main() -> None:
               f"lean={special.get('lean', '1')} host_embed={on_host} "
               f"offload={int(recipe.model.offload_activations)}", flush=True)
         try:
-            r = run_bench(recipe, steps=a.steps, warmup=a.warmup, shape=a.shape,
+            steps = int(special.get("steps", a.steps))
+            r = run_bench(recipe, steps=steps, warmup=min(a.warmup, steps - 1), shape=a.shape,
                           profile=profile, built=built)
         except Exception as e:  # one failing variant must not cost the others
             print(f"   {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)

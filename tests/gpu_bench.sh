@@ -84,10 +84,12 @@ qbench 8b-long 150 "${BIG[@]}" "${LEAN[@]}" train.pairs_per_step=2 train.micro_b
 # 3. the CUDA-only tests (paged 8-bit AdamW, fp16 with scaling, FlexAttention, the OOM
 #    message, offload, the host table, no GPU waits in a step); pytest comes in .gpu-site
 piece test-gpu 180 python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider
-# 4. the levers one by one on one 8B build (plan GiB beside each peak): the default 8k budget,
+# 4. the levers one by one on one 8B build (plan GiB beside each peak): a 1k budget (the
+#    planner's check), the default 8k budget,
 #    offload alone, the host table alone, both at 4k and 6k, compiled layers (compiled stays
 #    compiled, so last)
 [[ -n ${SKIP_AB:-} ]] || ab 8b-ab 200 "${BIG[@]}" -- \
+  plan1k:steps=3,train.max_tokens=1024 \
   8k off4k:model.offload_activations=true,train.max_tokens=4096 \
   "host8k:host_embed=1" \
   both4k:model.offload_activations=true,train.max_tokens=4096 \
@@ -95,7 +97,10 @@ piece test-gpu 180 python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider
   "comp-both4k:compile=1,model.offload_activations=true,train.max_tokens=4096"
 # 5. the 1B shape within TRL's memory (its head shares the table: offload only)
 qbench 1b-vs-trl 100 "${SMALL[@]}" model.offload_activations=true --against trl "${MATCH[@]}"
-# 6. one 16k-token pair (measured at 14.33 GiB before: within 22 GiB)
+# 6. the planner against the 1B shape at 1k and 8k tokens (the check; 8B is in 4.)
+ab 1b-plan 90 "${SMALL[@]}" -- "1b-1k:steps=3,train.max_tokens=1024" \
+  "1b-8k:steps=3,train.max_tokens=8192"
+# 7. one 16k-token pair (measured at 14.33 GiB before: within 22 GiB)
 qbench 8b-16k 100 "${BIG[@]}" "${LEAN[@]}" train.pairs_per_step=1 train.micro_batch_pairs=1 \
     train.max_tokens=16384 --prompt-len "$HUGE_P" --response-len "$HUGE_R" --steps 3 --warmup 1
 
