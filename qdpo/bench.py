@@ -22,6 +22,7 @@ from qdpo import console as ui
 from qdpo import distributed
 from qdpo.data import PairTokens
 from qdpo.errors import ModelError, QdpoError
+from qdpo.memory import GIB
 from qdpo.recipe import Recipe
 
 # Architecture shapes of common models (from their config.json), for offline benchmarks.
@@ -216,6 +217,9 @@ def run_bench(recipe: Recipe, *, steps: int = 8, warmup: int = 2, shape: str | N
         raise QdpoError(f"--steps ({steps}) must be larger than --warmup ({warmup}).")
     distributed.init()  # under torchrun each rank times its share of every step
     device = default_device()
+    # what the process already held (what TRL's run left, with --against): not this run's
+    held_before = torch.cuda.memory_allocated(device) / GIB \
+        if device.type == "cuda" and built is None else 0.0
     if built is None:
         with out_of_memory_message(recipe, device, lambda: "while building the model"):
             built = _bench_model(recipe, shape, random_weights, device)
@@ -232,8 +236,14 @@ def run_bench(recipe: Recipe, *, steps: int = 8, warmup: int = 2, shape: str | N
             ctx.reference, ref_s = reference.ensure(model, data, range(len(data)), ctx.plan,
                                                     device, dtype, key=None, what="bench")
     times, tokens, slots = _time_steps(recipe, ctx, data, steps, warmup, quiet, profile)
-    return _result(recipe, shape, config, ctx, data, times, tokens, slots, warmup, ref_s,
-                   prompt_len, response_len)
+    result = _result(recipe, shape, config, ctx, data, times, tokens, slots, warmup, ref_s,
+                     prompt_len, response_len)
+    if held_before > 0.01 and result.peak_alloc_gib is not None:
+        ui.info(f"  {held_before:.2f} GiB was allocated before this run started (what an "
+                f"earlier run in this process left): not counted in its peak")
+        result.peak_alloc_gib -= held_before
+        result.extra["held_before_gib"] = held_before
+    return result
 
 
 def _bench_model(recipe: Recipe, shape: str | None, random_weights: bool,
@@ -356,7 +366,7 @@ def _planned_peak_gib(recipe: Recipe, config: Any, ctx: Any, data: list[PairToke
     """What `qdpo plan` predicts for the largest micro-batch this run made (the budget, or a
     longer pair alone), to set beside the measured peak."""
     from qdpo.batching import segment_cost
-    from qdpo.memory import GIB, Settings, Shape, estimate
+    from qdpo.memory import Settings, Shape, estimate
 
     if not ctx.plan.max_tokens:
         return None

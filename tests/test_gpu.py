@@ -237,3 +237,19 @@ def test_micro_batches_are_queued_without_waiting_for_the_gpu(tmp_path, referenc
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def test_bench_does_not_count_what_the_process_held_before():
+    """With --against trl, TRL runs first in the same process; what it leaves allocated is
+    not qdpo's peak."""
+    from qdpo.bench import run_bench
+    from qdpo.recipe import load_recipe
+
+    recipe = load_recipe(QUICKSTART_RECIPE, ["train.pairs_per_step=4",
+                                             "train.micro_batch_pairs=2"])
+    alone = run_bench(recipe, steps=2, warmup=1, quiet=True)
+    leftover = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")  # 0.25 GiB
+    after = run_bench(recipe, steps=2, warmup=1, quiet=True)
+    assert after.extra["held_before_gib"] >= 0.25
+    assert after.peak_alloc_gib == pytest.approx(alone.peak_alloc_gib, abs=0.05)
+    del leftover
