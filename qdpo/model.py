@@ -544,14 +544,11 @@ def load_trained(source: Any, device: torch.device | None = None,
 def _verify_source(source: Any) -> None:
     """The adapter's files against their record (a checkpoint's checkpoint.json, a run's final
     adapter manifest) before the base is loaded: a damaged file is one message naming it, not
-    numbers computed with it. Sources from `open_trained` are verified once, there."""
+    numbers computed with it. The source (rundir.TrainedSource, from `open_trained`) knows
+    its record and verifies itself, once."""
     verify = getattr(source, "verify", None)
     if verify is not None:
         verify()
-    elif getattr(source, "adapter_dir", None) is not None:
-        from qdpo.rundir import verify_adapter_dir
-
-        verify_adapter_dir(Path(source.adapter_dir))
 
 
 def _with_trained_adapter(base: Any, source: Any) -> Any:

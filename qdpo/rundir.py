@@ -439,21 +439,6 @@ class RunDir:
                    "tokens_per_s_average": ui.average_tokens_per_s(result.history),
                    "eval": result.final_eval, "loss": recipe.loss_types}
         write_text_atomically(self.path / "summary.json", json.dumps(summary, indent=2))
-        if not result.interrupted and (self.path / "adapter_config.json").exists():
-            self.write_card(recipe)
-
-    def write_card(self, recipe: Recipe) -> None:
-        """README.md: the model card of the final adapter (replacing peft's empty template),
-        from the summary just written. A run is not lost for want of its card."""
-        from qdpo import console as ui
-        from qdpo.errors import QdpoError
-        from qdpo.export.card import run_card
-        from qdpo.files import short_error
-
-        try:
-            write_text_atomically(self.path / "README.md", run_card(self, recipe))
-        except (QdpoError, OSError) as e:
-            ui.warn(f"could not write the model card README.md ({short_error(e)})")
 
 
 # ---------------------------------------------------------------------------------------

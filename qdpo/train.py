@@ -30,6 +30,7 @@ from qdpo.device import (autocast_for, compute_dtype, default_device, memory_sta
                          reset_peak_memory)
 from qdpo.errors import QdpoError
 from qdpo.evaluate import eval_plan, evaluate_pairs_with_margins, write_training_fingerprints
+from qdpo.export.card import write_run_card
 from qdpo.files import short_error
 from qdpo.forward import MetricAccumulator, forward_pair_batch
 from qdpo.guards import Interrupt, nonfinite_error, out_of_memory_message
@@ -416,6 +417,8 @@ def finish(s: Setup, done: int, final_eval: dict[str, float], last: dict[str, fl
         distributed.shutdown()
         return result
     s.run.write_summary(result, seconds, s.recipe)
+    if not result.interrupted:
+        write_run_card(s.run, s.recipe)
     write_report(s.run.path)
     s.run.unlock()
     distributed.shutdown()

@@ -55,6 +55,21 @@ def model_card(src: TrainedSource, extra: str = "", library: str = "peft") -> st
     return "\n".join(lines)
 
 
+def write_run_card(run: RunDir, recipe: Recipe) -> None:
+    """README.md of a finished run: the model card of its final adapter (replacing peft's empty
+    template), from the summary just written. A run is not lost for want of its card."""
+    from qdpo import console as ui
+    from qdpo.errors import QdpoError
+    from qdpo.files import short_error, write_text_atomically
+
+    if not (run.path / "adapter_config.json").exists():  # interrupted: no final adapter
+        return
+    try:
+        write_text_atomically(run.path / "README.md", run_card(run, recipe))
+    except (QdpoError, OSError) as e:
+        ui.warn(f"could not write the model card README.md ({short_error(e)})")
+
+
 def run_card(run: RunDir, recipe: Recipe) -> str:
     """README.md of a run directory, which is itself a peft adapter directory: written after
     the final adapter (replacing peft's empty template) and the summary, whose held-out
