@@ -217,6 +217,7 @@ def trl_result(recipe: Recipe, shape: str | None, run: dict[str, Any], warmup: i
     """TRL's run as a BenchResult row: real tokens of its micro-batches (the attention mask),
     which are prompt+chosen plus prompt+rejected, as qdpo counts its own. Its model-FLOPs
     utilisation counts those tokens with the reference forward (online), as qdpo's does."""
+    from qdpo.attention import kernel_for
     from qdpo.bench import HUB_SHAPES, BenchResult, flops_per_token, peak_flops
 
     pps = recipe.train.pairs_per_step
@@ -240,7 +241,9 @@ def trl_result(recipe: Recipe, shape: str | None, run: dict[str, Any], warmup: i
         step_time_s=statistics.mean(times[warmup:]), reference_s=0.0,
         peak_alloc_gib=run["peak_alloc_gib"], peak_reserved_gib=run["peak_reserved_gib"],
         mfu=mfu, padding_fraction=max(0.0, 1 - real / run["slots"]) if run["slots"] else 0.0,
-        extra={"tool": f"trl {run['version']}", "attn": "sdpa", "tokens": real,
+        extra={"tool": f"trl {run['version']}", "tokens": real,
+               "attn": kernel_for(recipe.model.attn_implementation,  # as its model was built
+                                  torch.device("cuda" if torch.cuda.is_available() else "cpu")),
                "micro_batch_pairs": recipe.train.micro_batch_pairs})
 
 
