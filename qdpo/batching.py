@@ -210,6 +210,8 @@ def pack_rows(costs: list[int], capacity: int, multiple: int = 1) -> list[list[i
     of these is taken. On the benchmark's pairs (8B shape, 2048-token rows, 8k-token
     micro-batches) padding fell from 15% to 9% of the positions.
     """
+    # a sequence longer than a row makes every row that wide anyway: fill rows to it
+    capacity = max(capacity, max(costs))
     best = _rows_first_fit(costs, capacity)
     for n in range(len(best), min(len(best) + 2, len(costs)) + 1):
         rows = _rows_even(costs, n, capacity)

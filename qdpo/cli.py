@@ -377,6 +377,11 @@ def bench(
         raise QdpoError(f"--steps ({steps}) must be larger than --warmup ({warmup}).")
     if match_memory and not against:
         raise QdpoError("--match-memory matches TRL's memory: use it with --against trl.")
+    if match_memory:
+        from qdpo import compare
+
+        if not compare.measures_memory():  # before minutes of TRL
+            raise QdpoError(compare.NO_PEAK)
     if shape:
         from qdpo.bench import cpu_warning
 
@@ -506,7 +511,8 @@ def plan(
     ui.console.print(table)
     if p.max_tokens:
         ui.info(f"train.max_tokens up to {p.max_tokens:,} fits (auto picks it), so the longest "
-                f"pair that fits has {p.max_tokens:,} tokens (prompt and both responses); the "
+                f"pair that fits has {p.max_tokens:,} tokens as train.layout counts them "
+                f"(shared-prefix rows, the GPU default: prompt and both responses); the "
                 f"longest pair data.max_length {r.data.max_length} allows takes "
                 f"{p.longest_pair:,} tokens.")
     if p.fits:

@@ -109,6 +109,9 @@ class _SlotCounter:
         return batch
 
 
+NO_PEAK = ("--match-memory needs TRL's peak memory, which only a CUDA device measures. On the "
+           "CPU, set train.max_tokens yourself.")
+
 # DPOTrainer's losses (TRL 1.16), under the names qdpo uses too
 TRL_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
               "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
@@ -118,6 +121,17 @@ TRL_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
 def _loss_types(recipe: Recipe) -> tuple[str, ...]:
     kind = recipe.loss.type
     return (kind,) if isinstance(kind, str) else tuple(kind)
+
+
+def _label_smoothing(recipe: Recipe) -> float:
+    """The recipe's epsilon; exo_pair reads 0 as 1e-3 in qdpo, which TRL refuses as 0."""
+    eps = recipe.loss.label_smoothing
+    return eps or (1e-3 if "exo_pair" in _loss_types(recipe) else 0.0)
+
+
+def measures_memory() -> bool:
+    """--match-memory needs TRL's peak memory, which only CUDA measures."""
+    return torch.cuda.is_available()
 
 
 def check_comparable(recipe: Recipe) -> None:
@@ -134,6 +148,11 @@ def check_comparable(recipe: Recipe) -> None:
     if missing:
         raise QdpoError(f"--against trl: TRL's DPOTrainer has no '{missing[0]}' loss. Compare a "
                         f"loss both have ({', '.join(TRL_LOSSES)}), e.g. loss.type=sigmoid.")
+    smoothed = [k for k in _loss_types(recipe) if k not in ("robust", "exo_pair")]
+    if recipe.loss.label_smoothing and smoothed:
+        raise QdpoError(f"--against trl: TRL's DPOTrainer applies label smoothing only to the "
+                        f"robust and exo_pair losses, not to '{smoothed[0]}'. Set "
+                        f"loss.label_smoothing=0 to compare.")
     if not Objective.from_config(recipe.loss).needs_reference:
         raise QdpoError("--against trl: this loss needs no reference, so qdpo skips the "
                         "reference pass that TRL's DPOTrainer always runs. Compare a loss with "
@@ -152,7 +171,7 @@ def _config(recipe: Recipe, pairs: list[PairTokens], steps: int, cuda: bool,
         gradient_accumulation_steps=t.pairs_per_step // t.micro_batch_pairs, max_steps=steps,
         learning_rate=t.learning_rate, beta=loss.beta, max_length=longest + 1,
         loss_type=list(_loss_types(recipe)), loss_weights=loss.weights, ld_alpha=loss.ld_alpha,
-        label_smoothing=loss.label_smoothing, discopop_tau=loss.discopop_tau,
+        label_smoothing=_label_smoothing(recipe), discopop_tau=loss.discopop_tau,
         bf16=cuda and dtype == torch.bfloat16, fp16=cuda and dtype == torch.float16,
         gradient_checkpointing=recipe.model.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -280,8 +299,7 @@ def budget_within(recipe: Recipe, shape: str | None, trl_row: Any,
 
     peak = trl_row.peak_alloc_gib
     if not peak:
-        raise QdpoError("--match-memory needs TRL's peak memory, which only a CUDA device "
-                        "measures. On the CPU, set train.max_tokens yourself.")
+        raise QdpoError(NO_PEAK)
     shape_, settings = Shape.from_config(bench_config(recipe, shape)), Settings.from_recipe(recipe)
     tokens = tokens_under(shape_, settings, peak * GIB)
     if tokens == 0:

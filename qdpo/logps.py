@@ -107,6 +107,7 @@ def decoder_hidden(lm: Any, input_ids: torch.Tensor, mask: Any = None,
     """
     kw: dict[str, Any] = {"input_ids": input_ids}
     if host_ids is not None and host_embedding(lm) is not None:
+        assert host_ids.shape == input_ids.shape, "host ids of another batch"
         kw = {"inputs_embeds": lm.get_input_embeddings()(host_ids)}
     out = lm.get_decoder()(**kw, attention_mask=mask, position_ids=position_ids,
                            use_cache=False)

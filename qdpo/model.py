@@ -311,7 +311,9 @@ def _embeddings_to_host(model: Any) -> None:
                 f"{emb.device.type}")
     else:
         ui.warn(f"model.embeddings_on_host has no effect: "
-                f"{why or 'the decoder does not use the embedding the model exposes'}")
+                f"{why or 'the decoder does not use the embedding the model exposes'}; qdpo "
+                "plan and train.max_tokens: auto counted the table off the card, so set the "
+                "key false for them to count it right")
 
 
 def compile_decoder_layers(model: Any) -> int:

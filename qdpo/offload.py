@@ -96,8 +96,8 @@ class HostEmbedding(torch.nn.Module):
     """A frozen input embedding whose table stays in host memory; only looked-up rows travel.
 
     On an untied model the input embedding table sits on the GPU for nothing but a row lookup
-    (1 GiB in bf16 on Llama-3.1-8B). LoRA never trains it, so here it waits in (pinned) host
-    memory, the lookup runs on the CPU into a pinned buffer, and only tokens x hidden values
+    (1 GiB in bf16 on Llama-3.1-8B). LoRA never trains it, so here it waits in host memory,
+    the lookup runs on the CPU into a pinned buffer, and only tokens x hidden values
     are copied, asynchronously, to the compute `device`. The table is a plain attribute, no
     parameter or buffer: `model.to(...)`, `model.parameters()`, state dicts and transformers'
     `model.device` do not see it, so nothing moves it back or saves it. `.to()` on the module
@@ -114,13 +114,10 @@ class HostEmbedding(torch.nn.Module):
         self._set_table(table)
 
     def _set_table(self, table: torch.Tensor) -> None:
-        table = table.detach()
-        if self.device.type != "cuda":
-            table = table.to("cpu")
-        elif table.device.type != "cpu" or not table.is_pinned():
-            pinned = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
-            table = pinned.copy_(table)  # straight into pinned memory: one host copy, not two
-        self.table = table  # a plain tensor attribute: not registered, never moved
+        # ordinary host memory: the copy to the GPU reads the pinned buffer of looked-up rows,
+        # never the table, and pinning it would lock up to twice its size (torch's pinned
+        # allocator rounds to a power of two) for nothing
+        self.table = table.detach().to("cpu")  # a plain attribute: not registered, never moved
 
     @property
     def weight(self) -> torch.Tensor:

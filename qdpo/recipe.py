@@ -82,8 +82,8 @@ class ModelConfig:
     offload_activations: bool = _f(False, help="With checkpointing, keep each layer's saved "
                                                "input in pinned CPU memory: 256 KiB less GPU "
                                                "memory per token on an 8B model")
-    embeddings_on_host: bool = _f(False, help="Keep the frozen input embedding table in pinned "
-                                              "CPU memory; only the looked-up rows go to the "
+    embeddings_on_host: bool = _f(False, help="Keep the frozen input embedding table in CPU "
+                                              "memory; only the looked-up rows go to the "
                                               "GPU: 1 GiB less on Llama-3.1-8B (no effect on "
                                               "models whose head shares the table)")
     random_init: bool = _f(False, help="Build the model from its config with random weights "

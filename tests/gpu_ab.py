@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import shlex
 from pathlib import Path
+
+import torch
+import torch.utils.checkpoint
 
 from qdpo.bench import _bench_model, run_bench
 from qdpo.device import default_device
@@ -42,8 +46,9 @@ def _offload(model, on: bool) -> None:
         if func is None or not getattr(layer, "gradient_checkpointing", False) or \
                 not type(layer).__name__.endswith("DecoderLayer"):  # as offload.py picks them
             continue
-        if not hasattr(layer, "_plain_checkpoint"):
-            layer._plain_checkpoint = func
+        if not hasattr(layer, "_plain_checkpoint"):  # built offloaded: torch's, as qdpo sets it
+            layer._plain_checkpoint = func if func is not offloaded_checkpoint else \
+                functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
         layer._gradient_checkpointing_func = offloaded_checkpoint if on else \
             layer._plain_checkpoint
 

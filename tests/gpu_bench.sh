@@ -91,10 +91,10 @@ piece test-gpu 180 python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider
 [[ -n ${SKIP_AB:-} ]] || ab 8b-ab 200 "${BIG[@]}" -- \
   plan1k:steps=3,train.max_tokens=1024 \
   8k off4k:model.offload_activations=true,train.max_tokens=4096 \
-  "host8k:host_embed=1" \
-  both4k:model.offload_activations=true,train.max_tokens=4096 \
-  both6k:model.offload_activations=true,train.max_tokens=6144 \
-  "comp-both4k:compile=1,model.offload_activations=true,train.max_tokens=4096"
+  host8k:model.embeddings_on_host=true \
+  both4k:model.embeddings_on_host=true,model.offload_activations=true,train.max_tokens=4096 \
+  both6k:model.embeddings_on_host=true,model.offload_activations=true,train.max_tokens=6144 \
+  "comp-both4k:compile=1,model.embeddings_on_host=true,model.offload_activations=true,train.max_tokens=4096"
 # 5. the 1B shape within TRL's memory (its head shares the table: offload only)
 qbench 1b-vs-trl 100 "${SMALL[@]}" model.offload_activations=true --against trl "${MATCH[@]}"
 # 6. the planner against the 1B shape at 1k and 8k tokens (the check; 8B is in 4.)

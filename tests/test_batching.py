@@ -123,6 +123,9 @@ def test_rows_are_packed_for_the_fewest_padded_positions():
     assert sorted(i for row in rows for i in row) == list(range(5))
     assert all(sum(costs[i] for i in row) <= 2048 for row in rows)
     assert _row_slots(rows, costs, 1) == 4 * 1200
+    # a pair longer than a row sets the width: the others fill rows up to it
+    rows = pack_rows([3000, 1000, 1000, 900], 2048)
+    assert len(rows) == 2 and _row_slots(rows, [3000, 1000, 1000, 900], 1) == 2 * 3000
     # never worse than first fit, never over the cap, every item once (random cases)
     rng = random.Random(0)
     for _ in range(300):
@@ -131,6 +134,6 @@ def test_rows_are_packed_for_the_fewest_padded_positions():
         rows = pack_rows(costs, cap, multiple)
         assert sorted(i for row in rows for i in row) == list(range(len(costs)))
         assert all(row for row in rows)
-        assert all(sum(costs[i] for i in row) <= cap for row in rows)
+        assert all(sum(costs[i] for i in row) <= max(cap, max(costs)) for row in rows)
         assert _row_slots(rows, costs, multiple) <= \
             _row_slots(_rows_first_fit(costs, cap), costs, multiple)

@@ -48,6 +48,7 @@ def test_match_memory_gives_qdpo_the_budget_the_planner_keeps_within_trls_peak(
     from qdpo.recipe import load_recipe
 
     measured = 0.01  # GiB: the quickstart model's static part is ~0.004
+    monkeypatch.setattr(compare, "measures_memory", lambda: True)
     real = compare.trl_result
     monkeypatch.setattr(compare, "trl_result", lambda *a, **k: dataclasses.replace(
         real(*a, **k), peak_alloc_gib=measured))
@@ -74,6 +75,7 @@ def test_match_memory_needs_trls_measured_peak(monkeypatch):
                "--warmup", "1", "--prompt-len", "8-16", "--response-len", "4-12",
                "train.pairs_per_step=2", "train.micro_batch_pairs=2")
     assert res.returncode != 0 and "only a CUDA device measures" in res.stderr
+    assert "bench: TRL DPOTrainer" not in res.stdout + res.stderr  # refused before TRL ran
     assert "Traceback" not in res.stderr
 
 
@@ -81,6 +83,7 @@ def test_match_memory_needs_trls_measured_peak(monkeypatch):
     ("loss.type=simpo", "TRL's DPOTrainer has no 'simpo' loss"),
     ("loss.type=sft", "needs no reference"),
     ("train.micro_batch_pairs=3", "multiple of train.micro_batch_pairs"),
+    ("loss.label_smoothing=0.1", "label smoothing only to the robust and exo_pair"),
 ])
 def test_a_recipe_trl_would_run_differently_is_refused_before_anything_runs(setting, message):
     pytest.importorskip("trl")
@@ -127,3 +130,15 @@ def test_trls_row_reports_model_flops_utilisation_on_a_known_gpu(monkeypatch):
     row = trl_result(recipe, None, run, 1, config, pairs)
     assert row.mfu == pytest.approx(flops_per_token(config, 7.5, True) * 60 / 1.0 / 756e12)
     assert trl_result(recipe, None, run, 1).mfu is None  # no config: not claimed
+
+
+def test_exo_pairs_zero_smoothing_reaches_trl_as_qdpo_reads_it():
+    """qdpo's exo_pair reads label_smoothing 0 as 1e-3; TRL refuses 0 after building its
+    model, so it gets the 1e-3 qdpo computes with."""
+    from qdpo.compare import _label_smoothing
+    from qdpo.recipe import load_recipe
+
+    assert _label_smoothing(load_recipe(QUICKSTART_RECIPE, ["loss.type=exo_pair"])) == 1e-3
+    assert _label_smoothing(load_recipe(QUICKSTART_RECIPE, ["loss.type=exo_pair",
+                                                            "loss.label_smoothing=0.01"])) == 0.01
+    assert _label_smoothing(load_recipe(QUICKSTART_RECIPE, [])) == 0.0

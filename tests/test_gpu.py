@@ -127,9 +127,9 @@ def test_offloaded_checkpointing_on_cuda(tmp_path):
 
 
 def test_embeddings_on_host_on_cuda(tmp_path):
-    """model.embeddings_on_host on a GPU: the same loss and LoRA gradients (pinned table,
-    asynchronous copies, offloaded checkpointing), the same greedy generation (ids on the GPU),
-    and the table's bytes off the card."""
+    """model.embeddings_on_host on a GPU: the same loss and LoRA gradients (looked-up rows
+    through a pinned buffer, asynchronous copies, offloaded checkpointing), the same greedy
+    generation (ids on the GPU), and the table's bytes off the card."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from qdpo.batching import make_batch
@@ -163,7 +163,7 @@ def test_embeddings_on_host_on_cuda(tmp_path):
     hosted, _ = load_model(quickstart_recipe(tmp_path, "model.offload_activations=true",
                                              "model.embeddings_on_host=true"))
     emb = host_embedding(hosted)
-    assert emb is not None and emb.table.is_pinned() and emb.device.type == "cuda"
+    assert emb is not None and emb.table.device.type == "cpu" and emb.device.type == "cuda"
     assert all(p.device.type == "cuda" for p in hosted.parameters())
     host_loss, host_grads = step(hosted)
     assert host_loss == pytest.approx(loss, rel=1e-4)
