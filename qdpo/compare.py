@@ -305,8 +305,9 @@ def budget_within(recipe: Recipe, shape: str | None, trl_row: Any,
     if tokens == 0:
         fixed = estimate(shape_, settings, 128).peak / GIB
         raise QdpoError(f"--match-memory: TRL peaked at {peak:.2f} GiB, and qdpo with this "
-                        f"recipe is predicted at {fixed:.2f} GiB before any activation. Try "
-                        f"model.offload_activations=true or a smaller lora.r.")
+                        f"recipe is predicted at {fixed:.2f} GiB with its smallest micro-batch. "
+                        f"Try model.offload_activations=true, model.embeddings_on_host=true or "
+                        f"a smaller lora.r.")
     ui.info(f"--match-memory: train.max_tokens {tokens:,}, predicted peak "
             f"{estimate(shape_, settings, tokens).peak / GIB:.2f} GiB, within TRL's measured "
             f"{peak:.2f} GiB")
