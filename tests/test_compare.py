@@ -66,6 +66,12 @@ def test_match_memory_gives_qdpo_the_budget_the_planner_keeps_within_trls_peak(
     assert qdpo_row["extra"]["max_tokens"] == expected
     assert f"train.max_tokens {expected:,}" in res.stdout and "within TRL's" in res.stdout
 
+    measured = 0.001  # below what the model alone takes: no budget fits
+    res = qdpo("bench", QUICKSTART_RECIPE, "--against", "trl", "--match-memory", "--steps", "2",
+               "--warmup", "1", "--prompt-len", "8-16", "--response-len", "4-12", *args)
+    assert res.returncode != 0 and "with its smallest micro-batch" in res.stderr
+    assert "model.offload_activations=true" in res.stderr and "Traceback" not in res.stderr
+
 
 def test_match_memory_needs_trls_measured_peak(monkeypatch):
     res = qdpo("bench", QUICKSTART_RECIPE, "--match-memory")
