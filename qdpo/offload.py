@@ -20,9 +20,11 @@ The frozen input embedding table can wait in host memory too (`model.embeddings_
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
+import torch.utils.checkpoint
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -71,13 +73,17 @@ def offloaded_checkpoint(fn: Callable[..., Any], hidden: torch.Tensor, *rest: An
     return _OffloadedLayer.apply(fn, hidden, *rest)
 
 
-def use_offloaded_checkpointing(model: Any) -> int:
-    """Make every checkpointed decoder layer offload its input; returns how many."""
+def use_offloaded_checkpointing(model: Any, enabled: bool = True) -> int:
+    """Make every checkpointed decoder layer offload its input, or (`enabled` False) keep it on
+    the card again with torch's non-reentrant checkpoint, as qdpo turns checkpointing on;
+    returns how many layers."""
     layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
               and hasattr(m, "_gradient_checkpointing_func")
               and type(m).__name__.endswith("DecoderLayer")]
+    func = offloaded_checkpoint if enabled else \
+        functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
     for layer in layers:
-        layer._gradient_checkpointing_func = offloaded_checkpoint
+        layer._gradient_checkpointing_func = func
     return len(layers)
 
 

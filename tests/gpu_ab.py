@@ -19,38 +19,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import gc
 import json
 import shlex
 from pathlib import Path
 
-import torch
-import torch.utils.checkpoint
-
 from qdpo.bench import _bench_model, run_bench
 from qdpo.device import default_device
 from qdpo.lora_forward import use_lean_lora
 from qdpo.offload import (embeddings_stay_because, embeddings_to_host, host_embedding,
-                          offloaded_checkpoint)
+                          use_offloaded_checkpointing)
 from qdpo.recipe import load_recipe
 
 SPECIAL = ("lean", "profile", "compile", "host_embed", "steps")
-
-
-def _offload(model, on: bool) -> None:
-    """model.offload_activations follows each variant's recipe on the one build: the layers'
-    checkpoint function swapped for the offloading one, or back."""
-    for layer in model.modules():
-        func = getattr(layer, "_gradient_checkpointing_func", None)
-        if func is None or not getattr(layer, "gradient_checkpointing", False) or \
-                not type(layer).__name__.endswith("DecoderLayer"):  # as offload.py picks them
-            continue
-        if not hasattr(layer, "_plain_checkpoint"):  # built offloaded: torch's, as qdpo sets it
-            layer._plain_checkpoint = func if func is not offloaded_checkpoint else \
-                functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-        layer._gradient_checkpointing_func = offloaded_checkpoint if on else \
-            layer._plain_checkpoint
 
 
 def main() -> None:
@@ -74,7 +55,8 @@ def main() -> None:
         if built is None:
             built = _bench_model(recipe, a.shape, True, default_device())
         use_lean_lora(built[0], special.get("lean", "1") != "0")
-        _offload(built[0], recipe.model.offload_activations)
+        # model.offload_activations follows each variant's recipe on the one build
+        use_offloaded_checkpointing(built[0], recipe.model.offload_activations)
         if recipe.train.compile and special.get("compile") != "1":
             print("   train.compile in a variant's recipe does nothing here: use compile=1",
                   flush=True)

@@ -41,6 +41,12 @@ def test_offloaded_checkpointing_gives_the_same_gradients(tmp_path, autocast):
     assert got[1].keys() == expected[1].keys() and len(got[1]) == 2 * 7 * 2
     for name in got[1]:
         torch.testing.assert_close(got[1][name], expected[1][name])
+    # and back on the card, as a benchmark switching settings on one model does
+    assert use_offloaded_checkpointing(model, enabled=False) == 2
+    assert layer._gradient_checkpointing_func is not offloaded_checkpoint
+    back = _grads(model, ids, autocast)
+    for name in back[1]:
+        torch.testing.assert_close(back[1][name], expected[1][name])
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
