@@ -401,11 +401,11 @@ def bench(
         results.append(trl_row)
         random_weights = True
         if match_memory:
+            from qdpo.batching import segment_cost
             from qdpo.compare import budget_within
 
-            # shared-prefix rows cost prompt + both responses; other layouts cost more
-            longest = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
-                          for p in pairs)
+            # the cheapest layout's cost (shared-prefix rows); other layouts cost more
+            longest = max(segment_cost(p, "shared_prefix") for p in pairs)
             tokens = budget_within(base, shape, trl_row, longest)
             overrides = list(overrides or []) + [f"train.max_tokens={tokens}"]
             base = load_recipe(recipe, overrides)

@@ -302,14 +302,14 @@ def _embeddings_to_host(model: Any) -> None:
     """model.embeddings_on_host: the input embedding table to host memory, or say why not."""
     from qdpo import console as ui
 
-    why = embeddings_stay_because(model)
-    if why is None and embeddings_to_host(model):
+    if embeddings_to_host(model):  # says False, model untouched, where it cannot
         emb = host_embedding(model)
         size = emb.table.numel() * emb.table.element_size()
         ui.info(f"model.embeddings_on_host: the input embedding table "
                 f"({size / 2**20:,.0f} MiB) is in host memory; only looked-up rows go to "
                 f"{emb.device.type}")
     else:
+        why = embeddings_stay_because(model)
         ui.warn(f"model.embeddings_on_host has no effect: "
                 f"{why or 'the decoder does not use the embedding the model exposes'}; qdpo "
                 "plan and train.max_tokens: auto counted the table off the card, so set the "
